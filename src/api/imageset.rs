@@ -1,0 +1,129 @@
+//! `ImageSet`: images to keep on the nodes a selector picks.
+
+use k8s_openapi::api::core::v1::LocalObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Images to prefetch onto every node that the node selector picks.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "coral.dev",
+    version = "v1alpha1",
+    kind = "ImageSet",
+    plural = "imagesets",
+    shortname = "imgset",
+    category = "coral",
+    namespaced,
+    status = "ImageSetStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    doc = "ImageSet lists container images that Coral keeps present on the nodes its node selector picks.",
+    printcolumn(
+        name = "Images",
+        type_ = "integer",
+        json_path = ".status.imageCount",
+        description = "Images in the set"
+    ),
+    printcolumn(
+        name = "Nodes",
+        type_ = "integer",
+        json_path = ".status.nodesTargeted",
+        description = "Nodes the selector picks"
+    ),
+    printcolumn(
+        name = "Complete",
+        type_ = "integer",
+        json_path = ".status.imagesComplete",
+        description = "Images present on every targeted node"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Every image is present on every targeted node"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSetSpec {
+    /// Image references to keep on the selected nodes, by tag or digest, for example
+    /// `nginx:1.27`, `ghcr.io/org/app@sha256:…`. References are normalized the way container
+    /// runtimes do (`nginx` is `docker.io/library/nginx:latest`).
+    #[schemars(length(min = 1, max = 512), inner(length(min = 1, max = 512)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub images: Vec<String>,
+
+    /// Nodes that should hold the images. An empty or missing selector selects every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+
+    /// Secrets in the ImageSet's namespace, of type `kubernetes.io/dockerconfigjson` or
+    /// `kubernetes.io/dockercfg`, holding credentials for private registries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+}
+
+/// Observed state of an ImageSet, aggregated over the targeted nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSetStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Ready` (every image on every targeted node), `Progressing` (pulls under way) and
+    /// `Degraded` (pulls failing, or a referenced secret missing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// Number of images in the set.
+    #[serde(default)]
+    pub image_count: i32,
+
+    /// Number of nodes the node selector picks.
+    #[serde(default)]
+    pub nodes_targeted: i32,
+
+    /// Number of images present on every targeted node.
+    #[serde(default)]
+    pub images_complete: i32,
+
+    /// Per-image availability.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ImageSetImageStatus>,
+}
+
+/// Availability of one image of an ImageSet.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSetImageStatus {
+    /// The reference as written in the spec.
+    pub image: String,
+    /// The normalized reference.
+    pub normalized: String,
+    /// The node label that marks nodes holding the image.
+    pub label: String,
+    /// Digest the nodes resolved the reference to, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Nodes the selector picks.
+    #[serde(default)]
+    pub nodes_targeted: i32,
+    /// Targeted nodes holding the image.
+    #[serde(default)]
+    pub nodes_available: i32,
+    /// Targeted nodes pulling the image.
+    #[serde(default)]
+    pub nodes_pulling: i32,
+    /// Targeted nodes where pulling the image failed.
+    #[serde(default)]
+    pub nodes_failed: i32,
+}

@@ -1,0 +1,239 @@
+//! The cluster state Coral's policies see: ImageSets, nodes and their labels, namespaces.
+//!
+//! Pure and synchronous: watchers (or a state file) feed it with `apply_*` and `delete_*`, and
+//! readers ask it for image availability. It holds no client.
+
+mod selector;
+mod state_file;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use thiserror::Error;
+
+pub use selector::{Selector, SelectorError};
+pub use state_file::{StateError, StateFile, StateNamespace, StateNode};
+
+use crate::api::{ImageSet, ImageSetSpec};
+use crate::image::{ImageReference, LABEL_AVAILABLE, ReferenceError, is_image_label, label_key};
+
+/// Why an ImageSet cannot be used as written.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ImageSetError {
+    #[error("spec.images[{index}]: {source}")]
+    Reference {
+        index: usize,
+        source: ReferenceError,
+    },
+    #[error(
+        "spec.images[{index}] {image:?} is the same image as spec.images[{first}] ({normalized})"
+    )]
+    Duplicate {
+        index: usize,
+        first: usize,
+        image: String,
+        normalized: String,
+    },
+    #[error("spec.images is empty")]
+    NoImages,
+    #[error("spec.nodeSelector.{0}")]
+    Selector(SelectorError),
+}
+
+/// An ImageSet's images, normalized, and its compiled selector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidImageSet {
+    pub images: Vec<ImageReference>,
+    pub selector: Selector,
+}
+
+/// Checks an ImageSet spec: every reference parses, no image appears twice after
+/// normalization, the node selector is valid.
+pub fn validate_image_set(spec: &ImageSetSpec) -> Result<ValidImageSet, ImageSetError> {
+    if spec.images.is_empty() {
+        return Err(ImageSetError::NoImages);
+    }
+    let selector = Selector::new(spec.node_selector.as_ref()).map_err(ImageSetError::Selector)?;
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut images = Vec::with_capacity(spec.images.len());
+    for (index, raw) in spec.images.iter().enumerate() {
+        let reference = ImageReference::parse(raw)
+            .map_err(|source| ImageSetError::Reference { index, source })?;
+        let normalized = reference.to_string();
+        if let Some(&first) = seen.get(&normalized) {
+            return Err(ImageSetError::Duplicate {
+                index,
+                first,
+                image: raw.clone(),
+                normalized,
+            });
+        }
+        seen.insert(normalized, index);
+        images.push(reference);
+    }
+    Ok(ValidImageSet { images, selector })
+}
+
+/// What the index holds of one ImageSet.
+#[derive(Debug, Clone)]
+struct IndexedImageSet {
+    /// Valid references; invalid ones are skipped (the validating webhook rejects them).
+    images: Vec<ImageReference>,
+    /// `None` when the selector is invalid: such a set targets no node.
+    selector: Option<Selector>,
+}
+
+/// What the index holds of one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct IndexedNode {
+    labels: BTreeMap<String, String>,
+    /// Normalized references whose pulls failed on the node (from its NodeImage).
+    failed: BTreeSet<String>,
+}
+
+/// Availability of one managed image across the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageAvailability {
+    /// Node label key of the image.
+    pub label: String,
+    /// ImageSets managing it, as `namespace/name`.
+    pub image_sets: Vec<String>,
+    /// Nodes selected by at least one of those ImageSets.
+    pub nodes_targeted: usize,
+    /// Nodes labelled as holding the image.
+    pub nodes_available: usize,
+    /// Nodes where pulling it failed.
+    pub nodes_failed: usize,
+}
+
+/// The cluster state, keyed for cheap updates.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterIndex {
+    image_sets: BTreeMap<(String, String), IndexedImageSet>,
+    nodes: BTreeMap<String, IndexedNode>,
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl ClusterIndex {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces an ImageSet. Invalid references and selectors are kept out, never fatal.
+    pub fn apply_image_set(&mut self, set: &ImageSet) {
+        let namespace = set.metadata.namespace.clone().unwrap_or_default();
+        let name = set.metadata.name.clone().unwrap_or_default();
+        let images = set
+            .spec
+            .images
+            .iter()
+            .filter_map(|raw| ImageReference::parse(raw).ok())
+            .collect();
+        let selector = Selector::new(set.spec.node_selector.as_ref()).ok();
+        self.image_sets
+            .insert((namespace, name), IndexedImageSet { images, selector });
+    }
+
+    pub fn delete_image_set(&mut self, namespace: &str, name: &str) {
+        self.image_sets
+            .remove(&(namespace.to_string(), name.to_string()));
+    }
+
+    /// Adds or replaces a node's labels, keeping what its NodeImage said.
+    pub fn apply_node(&mut self, name: &str, labels: BTreeMap<String, String>) {
+        self.nodes.entry(name.to_string()).or_default().labels = labels;
+    }
+
+    /// Records the images whose pulls failed on a node.
+    pub fn set_node_failures(&mut self, name: &str, failed: BTreeSet<String>) {
+        self.nodes.entry(name.to_string()).or_default().failed = failed;
+    }
+
+    pub fn delete_node(&mut self, name: &str) {
+        self.nodes.remove(name);
+    }
+
+    pub fn apply_namespace(&mut self, name: &str, labels: BTreeMap<String, String>) {
+        self.namespaces.insert(name.to_string(), labels);
+    }
+
+    pub fn delete_namespace(&mut self, name: &str) {
+        self.namespaces.remove(name);
+    }
+
+    /// Labels of a namespace, when the index knows it.
+    pub fn namespace_labels(&self, name: &str) -> Option<&BTreeMap<String, String>> {
+        self.namespaces.get(name)
+    }
+
+    /// Number of nodes.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// For each Coral image label key, the number of nodes labelled as holding the image.
+    pub fn label_counts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for node in self.nodes.values() {
+            for (key, value) in &node.labels {
+                if value == LABEL_AVAILABLE && is_image_label(key) {
+                    *counts.entry(key.clone()).or_insert(0) += 1;
+                }
+            }
+        }
+        counts
+    }
+
+    /// Availability of every managed image, by normalized reference.
+    pub fn image_availability(&self) -> BTreeMap<String, ImageAvailability> {
+        let nodes: Vec<&IndexedNode> = self.nodes.values().collect();
+        let label_counts = self.label_counts();
+
+        // Which nodes each ImageSet targets, computed once per set.
+        let mut targets: Vec<Vec<bool>> = Vec::with_capacity(self.image_sets.len());
+        let mut managed: BTreeMap<String, (ImageAvailability, Vec<usize>)> = BTreeMap::new();
+        for ((namespace, name), set) in &self.image_sets {
+            let set_index = targets.len();
+            targets.push(
+                nodes
+                    .iter()
+                    .map(|node| {
+                        set.selector
+                            .as_ref()
+                            .is_some_and(|s| s.matches(&node.labels))
+                    })
+                    .collect(),
+            );
+            for image in &set.images {
+                let (entry, sets) = managed.entry(image.to_string()).or_insert_with(|| {
+                    (
+                        ImageAvailability {
+                            label: label_key(image),
+                            ..ImageAvailability::default()
+                        },
+                        Vec::new(),
+                    )
+                });
+                entry.image_sets.push(format!("{namespace}/{name}"));
+                sets.push(set_index);
+            }
+        }
+
+        managed
+            .into_iter()
+            .map(|(normalized, (mut entry, sets))| {
+                entry.nodes_targeted = (0..nodes.len())
+                    .filter(|&n| sets.iter().any(|&s| targets[s][n]))
+                    .count();
+                entry.nodes_available = label_counts.get(&entry.label).copied().unwrap_or(0);
+                entry.nodes_failed = nodes
+                    .iter()
+                    .filter(|node| node.failed.contains(&normalized))
+                    .count();
+                (normalized, entry)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

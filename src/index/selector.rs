@@ -1,0 +1,87 @@
+//! Matching Kubernetes label selectors against node labels.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use thiserror::Error;
+
+/// A label selector that cannot be evaluated.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SelectorError {
+    #[error(
+        "matchExpressions[{index}]: unknown operator {operator:?} (use In, NotIn, Exists or DoesNotExist)"
+    )]
+    UnknownOperator { index: usize, operator: String },
+    #[error("matchExpressions[{index}]: operator {operator} needs at least one value")]
+    MissingValues { index: usize, operator: String },
+    #[error("matchExpressions[{index}]: operator {operator} takes no values")]
+    UnexpectedValues { index: usize, operator: String },
+    #[error("matchExpressions[{index}]: the key is empty")]
+    EmptyKey { index: usize },
+}
+
+/// A validated label selector. `None` or an empty selector matches every node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selector {
+    requirements: Vec<Requirement>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Requirement {
+    Equals(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+impl Selector {
+    /// Checks a Kubernetes `LabelSelector` and compiles it.
+    pub fn new(selector: Option<&LabelSelector>) -> Result<Self, SelectorError> {
+        let Some(selector) = selector else {
+            return Ok(Self::default());
+        };
+        let mut requirements: Vec<Requirement> = selector
+            .match_labels
+            .iter()
+            .flatten()
+            .map(|(k, v)| Requirement::Equals(k.clone(), v.clone()))
+            .collect();
+        for (index, expression) in selector.match_expressions.iter().flatten().enumerate() {
+            let key = expression.key.clone();
+            if key.is_empty() {
+                return Err(SelectorError::EmptyKey { index });
+            }
+            let values = expression.values.clone().unwrap_or_default();
+            let operator = expression.operator.clone();
+            let requirement = match operator.as_str() {
+                "In" | "NotIn" if values.is_empty() => {
+                    return Err(SelectorError::MissingValues { index, operator });
+                }
+                "Exists" | "DoesNotExist" if !values.is_empty() => {
+                    return Err(SelectorError::UnexpectedValues { index, operator });
+                }
+                "In" => Requirement::In(key, values),
+                "NotIn" => Requirement::NotIn(key, values),
+                "Exists" => Requirement::Exists(key),
+                "DoesNotExist" => Requirement::DoesNotExist(key),
+                _ => return Err(SelectorError::UnknownOperator { index, operator }),
+            };
+            requirements.push(requirement);
+        }
+        Ok(Self { requirements })
+    }
+
+    /// Whether a node with these labels is selected.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.requirements
+            .iter()
+            .all(|requirement| match requirement {
+                Requirement::Equals(k, v) => labels.get(k) == Some(v),
+                Requirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
+                Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
+                Requirement::Exists(k) => labels.contains_key(k),
+                Requirement::DoesNotExist(k) => !labels.contains_key(k),
+            })
+    }
+}

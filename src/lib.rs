@@ -1,0 +1,11 @@
+//! Coral keeps container images on the Kubernetes nodes that need them, and steers workloads to
+//! those nodes with Rego policies.
+//!
+//! The core is pure: [`image`] (reference parsing, label keys), [`api`] (the custom resources),
+//! [`index`] (cluster state) and [`policy`] (the Rego engine, its input and data documents, the
+//! safety rails and the policy test runner) take values and return values.
+
+pub mod api;
+pub mod image;
+pub mod index;
+pub mod policy;

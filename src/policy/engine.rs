@@ -1,0 +1,308 @@
+//! The Rego engine: a policy set compiled once, an evaluator prepared once per cluster state
+//! and cloned per decision, and the decision with its safety rails.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use json_patch::Patch;
+use regorus::utils::limits::ExecutionTimerConfig;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::rails::checked_patch;
+use super::{AllowedPaths, PolicyError, PolicyRequest, PolicySet, Settings, build_input};
+
+/// Package whose `patch`, `warn` and `deny` rules make the decision.
+pub const DECISION_PACKAGE: &str = "data.coral.mutate";
+
+/// What regorus answers when asked to evaluate a rule that no policy defines.
+const UNDEFINED_RULE_PATH: &str = "not a valid rule path";
+
+/// Default bound on one evaluation of the policies.
+pub const DEFAULT_EVAL_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// The rules of [`DECISION_PACKAGE`] that make a decision.
+const DECISION_RULES: [&str; 3] = ["patch", "warn", "deny"];
+
+/// A policy set parsed and checked, without cluster data.
+#[derive(Debug, Clone)]
+pub struct CompiledPolicies {
+    engine: regorus::Engine,
+    settings: Settings,
+    origin: String,
+    /// The decision rules the set defines; an absent rule decides nothing.
+    rules: Vec<&'static str>,
+}
+
+impl CompiledPolicies {
+    /// Parses every file and checks that the set compiles and defines `package coral.mutate`.
+    /// A syntax error names the file and line.
+    pub fn compile(set: &PolicySet) -> Result<Self, PolicyError> {
+        let mut engine = regorus::Engine::new();
+        let mut packages = Vec::new();
+        for file in &set.files {
+            let package = engine
+                .add_policy(file.name.clone(), file.source.clone())
+                .map_err(|e| PolicyError::Compile {
+                    origin: set.origin.clone(),
+                    message: e.to_string(),
+                })?;
+            packages.push(package);
+        }
+        if !packages.iter().any(|p| p == DECISION_PACKAGE) {
+            return Err(PolicyError::Compile {
+                origin: set.origin.clone(),
+                message: format!(
+                    "no file declares `package {}`, whose patch, warn and deny rules make the decision",
+                    DECISION_PACKAGE.trim_start_matches("data.")
+                ),
+            });
+        }
+        let mut compiled = Self {
+            engine,
+            settings: set.settings.clone(),
+            origin: set.origin.clone(),
+            rules: Vec::new(),
+        };
+        // Preparing the engine runs the static analysis (unknown functions, recursion, …), so
+        // a set that cannot evaluate is rejected here rather than on the first request. The
+        // engine refuses to evaluate a rule no file defines; that is how absent rules show.
+        let mut probe = compiled.engine.clone();
+        probe
+            .add_data(regorus::Value::from(empty_data(&compiled.settings)))
+            .map_err(|e| compiled.compile_error(e))?;
+        probe.set_input(regorus::Value::new_object());
+        for rule in DECISION_RULES {
+            match probe.eval_rule(format!("{DECISION_PACKAGE}.{rule}")) {
+                Ok(_) => compiled.rules.push(rule),
+                Err(e) if e.to_string() == UNDEFINED_RULE_PATH => {}
+                Err(e) => return Err(compiled.compile_error(e)),
+            }
+        }
+        Ok(compiled)
+    }
+
+    fn compile_error(&self, error: anyhow::Error) -> PolicyError {
+        PolicyError::Compile {
+            origin: self.origin.clone(),
+            message: error.to_string(),
+        }
+    }
+
+    /// The settings that came with the policy set.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+}
+
+/// `data` with no images and no nodes.
+fn empty_data(settings: &Settings) -> Value {
+    json!({"coral": {"images": {}, "nodes": {"total": 0, "labels": {}}, "settings": settings}})
+}
+
+/// Options of an evaluator, fixed at start-up.
+#[derive(Debug, Clone)]
+pub struct EvaluatorOptions {
+    pub allowed_paths: AllowedPaths,
+    pub timeout: Duration,
+}
+
+impl Default for EvaluatorOptions {
+    fn default() -> Self {
+        Self {
+            allowed_paths: AllowedPaths::default(),
+            timeout: DEFAULT_EVAL_TIMEOUT,
+        }
+    }
+}
+
+/// Policies with one snapshot of `data`, prepared once and shared by every decision.
+#[derive(Debug, Clone)]
+pub struct Evaluator {
+    engine: Arc<regorus::Engine>,
+    rules: Vec<&'static str>,
+    options: EvaluatorOptions,
+}
+
+/// The raw output of the policies for one input.
+#[derive(Debug, Default)]
+struct RuleOutput {
+    patch: Vec<Value>,
+    warn: Vec<String>,
+    deny: Vec<String>,
+}
+
+/// What the policies decided for one object, after the rails.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The difference between the original and the patched object.
+    pub patch: Patch,
+    pub warnings: Vec<String>,
+    pub denials: Vec<String>,
+    /// The object with the patch applied.
+    pub object: Value,
+}
+
+impl Evaluator {
+    /// Prepares the policies with `data` (from [`super::coral_data`]).
+    pub fn new(
+        policies: &CompiledPolicies,
+        data: Value,
+        options: EvaluatorOptions,
+    ) -> Result<Self, PolicyError> {
+        let mut engine = policies.engine.clone();
+        engine
+            .add_data(regorus::Value::from(data))
+            .map_err(|e| PolicyError::Data(e.to_string()))?;
+        let limit = options.timeout;
+        engine.set_execution_timer_config(ExecutionTimerConfig {
+            limit,
+            check_interval: NonZeroU32::MIN.saturating_add(63),
+        });
+        // Evaluate once so that every clone starts prepared.
+        engine.set_input(regorus::Value::new_object());
+        for rule in &policies.rules {
+            engine
+                .eval_rule(format!("{DECISION_PACKAGE}.{rule}"))
+                .map_err(|e| PolicyError::Evaluation(e.to_string()))?;
+        }
+        Ok(Self {
+            engine: Arc::new(engine),
+            rules: policies.rules.clone(),
+            options,
+        })
+    }
+
+    /// Decides one request: evaluates the policies, applies the rails, checks convergence and
+    /// returns the patch as the diff of the original and the patched object.
+    pub fn decide(
+        &self,
+        request: &PolicyRequest,
+        namespace_labels: &BTreeMap<String, String>,
+    ) -> Result<Decision, PolicyError> {
+        let started = Instant::now();
+        let kind = request.workload_kind()?;
+        let original = &request.object;
+        let first = self.evaluate(&build_input(request, kind, original, namespace_labels))?;
+        if !first.deny.is_empty() {
+            return Ok(Decision {
+                allowed: false,
+                patch: Patch(Vec::new()),
+                warnings: first.warn,
+                denials: first.deny,
+                object: original.clone(),
+            });
+        }
+
+        let patch = checked_patch(first.patch, kind, &self.options.allowed_paths)?;
+        let mut patched = original.clone();
+        if !patch.0.is_empty() {
+            json_patch::patch(&mut patched, &patch).map_err(|e| PolicyError::Rail {
+                rule: "patch does not apply",
+                message: e.to_string(),
+            })?;
+            kind.check_typed(&patched).map_err(|e| PolicyError::Rail {
+                rule: "patched object is not a valid Kubernetes object",
+                message: format!("{} does not deserialize: {e}", kind.name()),
+            })?;
+            self.check_convergence(request, kind, &patched, namespace_labels)?;
+        }
+        if started.elapsed() > self.options.timeout {
+            return Err(PolicyError::Timeout(self.options.timeout));
+        }
+        Ok(Decision {
+            allowed: true,
+            patch: json_patch::diff(original, &patched),
+            warnings: first.warn,
+            denials: Vec::new(),
+            object: patched,
+        })
+    }
+
+    /// Evaluating the policies on the patched object must change nothing more.
+    fn check_convergence(
+        &self,
+        request: &PolicyRequest,
+        kind: crate::policy::WorkloadKind,
+        patched: &Value,
+        namespace_labels: &BTreeMap<String, String>,
+    ) -> Result<(), PolicyError> {
+        let second = self.evaluate(&build_input(request, kind, patched, namespace_labels))?;
+        if second.patch.is_empty() {
+            return Ok(());
+        }
+        let not_converged = |detail: String| PolicyError::Rail {
+            rule: "policies do not converge",
+            message: format!("evaluating the patched object changes it again: {detail}"),
+        };
+        let again = checked_patch(second.patch, kind, &self.options.allowed_paths)?;
+        let mut twice = patched.clone();
+        json_patch::patch(&mut twice, &again).map_err(|e| not_converged(e.to_string()))?;
+        if &twice != patched {
+            let ops = serde_json::to_string(&json_patch::diff(patched, &twice))
+                .unwrap_or_else(|e| e.to_string());
+            return Err(not_converged(ops));
+        }
+        Ok(())
+    }
+
+    fn evaluate(&self, input: &Value) -> Result<RuleOutput, PolicyError> {
+        let mut engine = (*self.engine).clone();
+        engine.set_input(regorus::Value::from(input.clone()));
+        let mut output = RuleOutput::default();
+        for rule in &self.rules {
+            let value = engine
+                .eval_rule(format!("{DECISION_PACKAGE}.{rule}"))
+                .map_err(|e| classify_eval_error(&e, self.options.timeout))?;
+            let items = set_items(rule, value)?;
+            match *rule {
+                "patch" => output.patch = items,
+                "warn" => output.warn = strings(rule, items)?,
+                _ => output.deny = strings(rule, items)?,
+            }
+        }
+        Ok(output)
+    }
+}
+
+fn classify_eval_error(error: &anyhow::Error, limit: Duration) -> PolicyError {
+    let message = error.to_string();
+    if message.contains("time limit") || message.contains("execution exceeded") {
+        PolicyError::Timeout(limit)
+    } else {
+        PolicyError::Evaluation(message)
+    }
+}
+
+/// The members of a partial-set rule; an undefined rule is an empty set.
+fn set_items(rule: &str, value: regorus::Value) -> Result<Vec<Value>, PolicyError> {
+    if value == regorus::Value::Undefined {
+        return Ok(Vec::new());
+    }
+    let json = serde_json::to_value(&value).map_err(|e| PolicyError::Evaluation(e.to_string()))?;
+    match json {
+        Value::Array(items) => Ok(items),
+        other => Err(PolicyError::Evaluation(format!(
+            "{DECISION_PACKAGE}.{rule} must be a set (`{rule} contains …`), got {other}"
+        ))),
+    }
+}
+
+fn strings(rule: &str, items: Vec<Value>) -> Result<Vec<String>, PolicyError> {
+    items
+        .into_iter()
+        .map(|item| match item {
+            Value::String(s) => Ok(s),
+            other => Err(PolicyError::Evaluation(format!(
+                "{DECISION_PACKAGE}.{rule} must hold strings, got {other}"
+            ))),
+        })
+        .collect()
+}
