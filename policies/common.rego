@@ -22,6 +22,9 @@ requested_injections := annotation_list("coral.dev/inject") if {
 
 known_injections := {"selectors", "pull-policy"}
 
+# "none" opts an object out of a cluster-wide defaultInject.
+opt_out := "none"
+
 inject(name) if name in requested_injections
 
 injecting if count(requested_injections & known_injections) > 0
@@ -60,7 +63,8 @@ pointer_segment(s) := replace(replace(s, "~", "~0"), "/", "~1")
 warn contains msg if {
 	some name in requested_injections
 	not name in known_injections
-	msg := sprintf("coral.dev/inject: unknown injection %q ignored (known: pull-policy, selectors)", [name])
+	name != opt_out
+	msg := sprintf("coral.dev/inject: unknown injection %q ignored (known: none, pull-policy, selectors)", [name])
 }
 
 warn contains msg if {

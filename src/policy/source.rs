@@ -168,7 +168,7 @@ impl PolicySet {
     }
 }
 
-fn read(path: &Path) -> Result<String, PolicyError> {
+pub(super) fn read(path: &Path) -> Result<String, PolicyError> {
     std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
         path: path.display().to_string(),
         source,

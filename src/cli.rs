@@ -1,0 +1,366 @@
+//! The `coral` command line. Every flag has a long name and a `CORAL_…` environment variable.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+use coral::image::{ImageReference, label_key};
+use coral::index::StateFile;
+use coral::policy::testing::{TestOptions, run_tests};
+use coral::policy::{
+    AllowedPaths, CompiledPolicies, Decision, Evaluator, EvaluatorOptions, PolicyRequest,
+    PolicySet, coral_data,
+};
+
+/// Keeps container images on the nodes that need them, and steers workloads to those nodes.
+#[derive(Debug, Parser)]
+#[command(name = "coral", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Image references and their node label keys.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Print the CustomResourceDefinitions (all of them, as one YAML stream).
+    Crd(CrdArgs),
+    /// Test and try out policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Print the normalized form and the node label key of each reference.
+    Key(ImageKeyArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ListFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct ImageKeyArgs {
+    /// Image references, such as nginx:1.27 or ghcr.io/org/app@sha256:….
+    #[arg(required = true, value_name = "REF")]
+    references: Vec<String>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "text", env = "CORAL_OUTPUT")]
+    output: ListFormat,
+}
+
+#[derive(Debug, Args)]
+struct CrdArgs {
+    /// Write one file per CRD into this directory instead of printing them.
+    #[arg(long, value_name = "DIR", env = "CORAL_CRD_OUTPUT_DIR")]
+    output_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Run the test_* rules of every *_test.rego file under the paths, like `opa test`.
+    Test(PolicyTestArgs),
+    /// Show what the policies do to one object against a cluster-state file.
+    Eval(PolicyEvalArgs),
+}
+
+#[derive(Debug, Args)]
+struct PolicyTestArgs {
+    /// Files or directories holding policies and tests (searched recursively).
+    #[arg(value_name = "PATH", default_value = ".")]
+    paths: Vec<PathBuf>,
+    /// Print every test, not only failures.
+    #[arg(short, long, env = "CORAL_VERBOSE")]
+    verbose: bool,
+    /// Run only tests whose full name (data.<package>.<test>) matches this regular expression.
+    #[arg(long, value_name = "REGEX", env = "CORAL_RUN")]
+    run: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text", env = "CORAL_FORMAT")]
+    format: ListFormat,
+    /// Report per-file line coverage of the policies.
+    #[arg(long, env = "CORAL_COVERAGE")]
+    coverage: bool,
+    /// With --coverage, fail when total coverage is below this percentage.
+    #[arg(long, value_name = "PERCENT", env = "CORAL_THRESHOLD")]
+    threshold: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EvalFormat {
+    Json,
+    Yaml,
+    Diff,
+}
+
+#[derive(Debug, Args)]
+struct PolicyEvalArgs {
+    /// The object (YAML or JSON; a bare workload or an AdmissionReview), or - for stdin.
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE",
+        env = "CORAL_FILENAME"
+    )]
+    file: String,
+    /// Cluster-state file: imageSets, nodes (with the images they hold), namespaces, settings.
+    #[arg(long, value_name = "STATE.yaml", env = "CORAL_STATE")]
+    state: PathBuf,
+    /// Policies: a directory of *.rego (and settings.json), or a ConfigMap manifest.
+    /// Default: the embedded policies.
+    #[arg(long, value_name = "DIR|FILE", env = "CORAL_POLICIES")]
+    policies: Option<PathBuf>,
+    /// Output: json, yaml, or a readable diff (the default on a terminal).
+    #[arg(short, long, value_enum, env = "CORAL_OUTPUT")]
+    output: Option<EvalFormat>,
+    /// Namespace of an object that names none.
+    #[arg(short, long, default_value = "default", env = "CORAL_NAMESPACE")]
+    namespace: String,
+    /// Paths policies may change ({podSpec} is the kind's pod spec). Repeat to allow several;
+    /// replaces the default list.
+    #[arg(
+        long = "allowed-path",
+        value_name = "POINTER",
+        env = "CORAL_ALLOWED_PATHS",
+        value_delimiter = ','
+    )]
+    allowed_paths: Vec<String>,
+    /// Bound on one policy evaluation.
+    #[arg(
+        long,
+        value_name = "MILLISECONDS",
+        default_value = "250",
+        env = "CORAL_EVAL_TIMEOUT_MS"
+    )]
+    eval_timeout_ms: u64,
+}
+
+impl Cli {
+    pub fn run(self) -> Result<ExitCode> {
+        match self.command {
+            Command::Image(ImageCommand::Key(args)) => image_key(args),
+            Command::Crd(args) => crd(args),
+            Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
+            Command::Policy(PolicyCommand::Eval(args)) => policy_eval(args),
+            Command::Version => {
+                println!("coral {}", env!("CARGO_PKG_VERSION"));
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+}
+
+fn image_key(args: ImageKeyArgs) -> Result<ExitCode> {
+    let ImageKeyArgs { references, output } = args;
+    let mut rows = Vec::new();
+    let mut errors = Vec::new();
+    for reference in &references {
+        match ImageReference::parse(reference) {
+            Ok(parsed) => rows.push((reference, parsed.to_string(), label_key(&parsed))),
+            Err(error) => errors.push(error),
+        }
+    }
+    if !errors.is_empty() {
+        for error in &errors {
+            eprintln!("error: {error}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    let mut out = std::io::stdout().lock();
+    match output {
+        ListFormat::Text => {
+            for (_, normalized, label) in &rows {
+                writeln!(out, "{normalized}\t{label}")?;
+            }
+        }
+        ListFormat::Json => {
+            let array: Vec<Value> = rows
+                .iter()
+                .map(|(reference, normalized, label)| {
+                    json!({"reference": reference, "normalized": normalized, "label": label})
+                })
+                .collect();
+            writeln!(out, "{}", serde_json::to_string_pretty(&array)?)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn crd(args: CrdArgs) -> Result<ExitCode> {
+    let CrdArgs { output_dir } = args;
+    match output_dir {
+        Some(dir) => {
+            for path in coral::api::write_crds(&dir)? {
+                eprintln!("wrote {}", path.display());
+            }
+        }
+        None => print!("{}", coral::api::crd_stream()?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn policy_test(args: PolicyTestArgs) -> Result<ExitCode> {
+    let PolicyTestArgs {
+        paths,
+        verbose,
+        run,
+        format,
+        coverage,
+        threshold,
+    } = args;
+    if threshold.is_some() && !coverage {
+        bail!("--threshold needs --coverage");
+    }
+    let run = run
+        .map(|re| {
+            regex::Regex::new(&re)
+                .with_context(|| format!("--run {re:?} is not a valid regular expression"))
+        })
+        .transpose()?;
+    let report = run_tests(&paths, &TestOptions { run, coverage })?;
+    if report.results.is_empty() {
+        eprintln!("error: no tests found (test_* rules in *_test.rego files)");
+        return Ok(ExitCode::FAILURE);
+    }
+    match format {
+        ListFormat::Text => print!("{}", report.render_text(verbose)),
+        ListFormat::Json => println!("{}", serde_json::to_string_pretty(&report.render_json())?),
+    }
+    let mut ok = report.success();
+    if let (Some(threshold), Some(total)) = (threshold, report.total_coverage()) {
+        if total < threshold {
+            eprintln!("error: coverage {total:.1}% is below the threshold of {threshold:.1}%");
+            ok = false;
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn policy_eval(args: PolicyEvalArgs) -> Result<ExitCode> {
+    let PolicyEvalArgs {
+        file,
+        state,
+        policies,
+        output,
+        namespace,
+        allowed_paths,
+        eval_timeout_ms,
+    } = args;
+    let text = read_input(&file)?;
+    let object: Value =
+        serde_yaml::from_str(&text).with_context(|| format!("{file} is not valid YAML or JSON"))?;
+    let request = request_from(object, &namespace).with_context(|| format!("reading {file}"))?;
+
+    let set = match &policies {
+        Some(path) => PolicySet::load(path)?,
+        None => PolicySet::embedded(),
+    };
+    let compiled = CompiledPolicies::compile(&set)?;
+    let state = StateFile::load(&state)?;
+    let settings = state
+        .settings
+        .clone()
+        .unwrap_or_else(|| compiled.settings().clone());
+    let index = state.to_index();
+    let allowed_paths = if allowed_paths.is_empty() {
+        AllowedPaths::default()
+    } else {
+        AllowedPaths::new(allowed_paths)?
+    };
+    let options = EvaluatorOptions {
+        allowed_paths,
+        timeout: Duration::from_millis(eval_timeout_ms),
+    };
+    let evaluator = Evaluator::new(&compiled, coral_data(&index, &settings), options)?;
+    let namespace_labels = index
+        .namespace_labels(&request.namespace)
+        .cloned()
+        .unwrap_or_default();
+    let decision = evaluator.decide(&request, &namespace_labels)?;
+
+    let output = output.unwrap_or(if std::io::stdout().is_terminal() {
+        EvalFormat::Diff
+    } else {
+        EvalFormat::Json
+    });
+    let mut out = std::io::stdout().lock();
+    match output {
+        EvalFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&decision)?)?,
+        EvalFormat::Yaml => write!(out, "{}", serde_yaml::to_string(&decision)?)?,
+        EvalFormat::Diff => write!(out, "{}", render_diff(&request, &decision)?)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A bare object becomes a CREATE request; an AdmissionReview is used as the API server sent it.
+fn request_from(object: Value, namespace: &str) -> Result<PolicyRequest> {
+    if object["kind"] == "AdmissionReview" {
+        let request = object
+            .get("request")
+            .context("the AdmissionReview has no request")?;
+        return serde_json::from_value(request.clone())
+            .context("the AdmissionReview request is not valid");
+    }
+    Ok(PolicyRequest::create(object, namespace)?)
+}
+
+fn read_input(file: &str) -> Result<String> {
+    if file == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the object from stdin")?;
+        Ok(text)
+    } else {
+        std::fs::read_to_string(Path::new(file)).with_context(|| format!("cannot read {file}"))
+    }
+}
+
+/// What changed, as a unified diff of the object's YAML, then the warnings and denials.
+pub fn render_diff(request: &PolicyRequest, decision: &Decision) -> Result<String> {
+    let mut out = String::new();
+    let target = format!(
+        "{} {}/{}",
+        request.kind.kind, request.namespace, request.name
+    );
+    if !decision.allowed {
+        out.push_str(&format!("{target}: denied\n"));
+    } else if decision.patch.0.is_empty() {
+        out.push_str(&format!("{target}: unchanged\n"));
+    } else {
+        let before = serde_yaml::to_string(&request.object)?;
+        let after = serde_yaml::to_string(&decision.object)?;
+        let diff = similar::TextDiff::from_lines(&before, &after);
+        out.push_str(&format!("{target}: {} change(s)\n", decision.patch.0.len()));
+        out.push_str(
+            &diff
+                .unified_diff()
+                .context_radius(3)
+                .header("original", "patched")
+                .to_string(),
+        );
+    }
+    for warning in &decision.warnings {
+        out.push_str(&format!("warning: {warning}\n"));
+    }
+    for denial in &decision.denials {
+        out.push_str(&format!("denied: {denial}\n"));
+    }
+    Ok(out)
+}
