@@ -25,7 +25,9 @@ known_injections := {"selectors", "pull-policy"}
 # "none" opts an object out of a cluster-wide defaultInject.
 opt_out := "none"
 
-inject(name) if name in requested_injections
+inject_selectors if "selectors" in requested_injections
+
+inject_pull_policy if "pull-policy" in requested_injections
 
 injecting if count(requested_injections & known_injections) > 0
 
@@ -38,21 +40,29 @@ selected contains c if {
 	container_selected(c.name)
 }
 
+has_include if is_string(annotations["coral.dev/include-containers"])
+
+include_containers := annotation_list("coral.dev/include-containers")
+
+exclude_containers := annotation_list("coral.dev/exclude-containers")
+
 container_selected(name) if {
-	is_string(annotations["coral.dev/include-containers"])
-	name in annotation_list("coral.dev/include-containers")
+	has_include
+	name in include_containers
 }
 
 container_selected(name) if {
-	not is_string(annotations["coral.dev/include-containers"])
-	not name in annotation_list("coral.dev/exclude-containers")
+	not has_include
+	not name in exclude_containers
 }
 
-# What data.coral knows of a container's image; undefined when no ImageSet manages it.
-image_info(c) := data.coral.images[c.normalized]
-
-# Managed, and held by at least settings.minAvailableNodes nodes.
-available(c) if image_info(c).nodes.available >= settings.minAvailableNodes
+# Selected containers whose image is managed and held by at least
+# settings.minAvailableNodes nodes.
+available contains c if {
+	injecting
+	some c in selected
+	data.coral.images[c.normalized].nodes.available >= settings.minAvailableNodes
+}
 
 # The pod spec of the object, wherever its kind keeps it.
 pod_spec := object.get(input.object, split(trim_prefix(input.pod_spec_path, "/"), "/"), {})
@@ -72,14 +82,14 @@ warn contains msg if {
 	settings.warnUnmanaged
 	some c in selected
 	is_string(c.normalized)
-	not image_info(c)
+	not data.coral.images[c.normalized]
 	msg := sprintf("container %q: image %q is not managed by any ImageSet; left unchanged", [c.name, c.image])
 }
 
 warn contains msg if {
 	injecting
 	some c in selected
-	info := image_info(c)
+	info := data.coral.images[c.normalized]
 	info.nodes.available < settings.minAvailableNodes
 	msg := sprintf(
 		"container %q: image %q is on %d node(s), fewer than the %d required (minAvailableNodes); left unchanged",

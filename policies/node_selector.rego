@@ -7,26 +7,24 @@
 package coral.mutate
 
 # Label keys of the images the pod is steered to.
-selector_labels contains image_info(c).label if {
-	inject("selectors")
-	some c in selected
-	available(c)
+selector_labels contains data.coral.images[c.normalized].label if {
+	inject_selectors
+	some c in available
 }
 
 ## Required scheduling: nodeSelector.
 
 current_node_selector := object.get(pod_spec, "nodeSelector", null)
 
+node_selector_entries := current_node_selector if {
+	is_object(current_node_selector)
+} else := {}
+
 missing_node_selector contains key if {
 	settings.scheduling == "required"
 	some key in selector_labels
-	object.get(to_object(current_node_selector), key, null) != "available"
+	object.get(node_selector_entries, key, null) != "available"
 }
-
-# x when it is an object, else an empty object.
-to_object(x) := x if {
-	is_object(x)
-} else := {}
 
 # No nodeSelector yet: add it whole.
 patch contains {
@@ -52,9 +50,9 @@ patch contains {
 
 affinity := object.get(pod_spec, "affinity", null)
 
-node_affinity := object.get(to_object(affinity), "nodeAffinity", null)
+node_affinity := object.get(pod_spec, ["affinity", "nodeAffinity"], null)
 
-preferred_terms := object.get(to_object(node_affinity), "preferredDuringSchedulingIgnoredDuringExecution", null)
+preferred_terms := object.get(pod_spec, ["affinity", "nodeAffinity", "preferredDuringSchedulingIgnoredDuringExecution"], null)
 
 preferred_present(key) if {
 	is_array(preferred_terms)

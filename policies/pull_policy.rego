@@ -7,18 +7,16 @@ patch contains {
 	"path": concat("", [c.path, "/imagePullPolicy"]),
 	"value": settings.pullPolicy,
 } if {
-	inject("pull-policy")
-	some c in selected
-	available(c)
+	inject_pull_policy
+	some c in available
 	object.get(c, "imagePullPolicy", "") != settings.pullPolicy
 }
 
 warn contains msg if {
-	inject("pull-policy")
-	not inject("selectors")
+	inject_pull_policy
+	not inject_selectors
 	settings.pullPolicy == "Never"
-	some c in selected
-	available(c)
+	some c in available
 	msg := sprintf(
 		"container %q: imagePullPolicy Never without selectors injection; the pod may land on a node without %q and fail to start",
 		[c.name, c.image],

@@ -16,10 +16,12 @@ const HASH_HEX_DIGITS: usize = 40;
 /// reference is not, hence the hash.
 pub fn label_key(reference: &ImageReference) -> String {
     let digest = Sha256::digest(reference.to_string().as_bytes());
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut key = String::with_capacity(LABEL_PREFIX.len() + HASH_HEX_DIGITS);
     key.push_str(LABEL_PREFIX);
     for byte in digest.iter().take(HASH_HEX_DIGITS / 2) {
-        key.push_str(&format!("{byte:02x}"));
+        key.push(char::from(HEX[usize::from(byte >> 4)]));
+        key.push(char::from(HEX[usize::from(byte & 0x0f)]));
     }
     key
 }

@@ -30,7 +30,7 @@ pub enum StateError {
         path: String,
         namespace: String,
         name: String,
-        source: ImageSetError,
+        source: Box<ImageSetError>,
     },
     #[error("state file {path}: ImageSet #{index} has no metadata.name")]
     UnnamedImageSet { path: String, index: usize },
@@ -113,7 +113,7 @@ impl StateFile {
                 path: origin.to_string(),
                 namespace: set.metadata.namespace.clone().unwrap_or_default(),
                 name,
-                source,
+                source: Box::new(source),
             })?;
         }
         for node in &state.nodes {

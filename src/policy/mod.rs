@@ -42,7 +42,7 @@ pub enum PolicyError {
         origin: String,
         source: SettingsError,
     },
-    #[error("policies from {origin} do not compile: {message}")]
+    #[error("policies from {origin} do not compile:\n{}", message.trim())]
     Compile { origin: String, message: String },
     #[error("cluster data rejected by the policy engine: {0}")]
     Data(String),

@@ -28,7 +28,13 @@ fn evaluator_with(settings: Settings) -> Evaluator {
     let state = StateFile::parse(STATE, "test").expect("state");
     let policies = CompiledPolicies::compile(&PolicySet::embedded()).expect("compile");
     let data = coral_data(&state.to_index(), &settings);
-    Evaluator::new(&policies, data, EvaluatorOptions::default()).expect("evaluator")
+    let evaluator =
+        Evaluator::new(&policies, data, EvaluatorOptions::default()).expect("evaluator");
+    assert!(
+        evaluator.uses_vm(),
+        "the default policies run on the compiled VM"
+    );
+    evaluator
 }
 
 fn decide(evaluator: &Evaluator, object: Value) -> Decision {
@@ -67,4 +73,453 @@ fn deployment_without_annotation_is_left_unchanged() {
     assert!(decision.patch.0.is_empty());
     assert_eq!(decision.object, object);
     assert!(decision.warnings.is_empty(), "{:?}", decision.warnings);
+}
+
+fn compile(files: &[(&str, &str)]) -> Result<CompiledPolicies, PolicyError> {
+    CompiledPolicies::compile(&PolicySet {
+        files: files
+            .iter()
+            .map(|(name, source)| PolicyFile {
+                name: (*name).to_string(),
+                source: (*source).to_string(),
+            })
+            .collect(),
+        settings: Settings::default(),
+        origin: "test".to_string(),
+    })
+}
+
+fn custom_evaluator(rego: &str) -> Evaluator {
+    let policies = compile(&[("custom.rego", rego)]).expect("compile");
+    let data = coral_data(&crate::index::ClusterIndex::new(), &Settings::default());
+    Evaluator::new(&policies, data, EvaluatorOptions::default()).expect("evaluator")
+}
+
+fn custom_error(rego: &str) -> PolicyError {
+    let request = PolicyRequest::create(fixture("deployment-web.json"), "shop").expect("request");
+    custom_evaluator(rego)
+        .decide(&request, &BTreeMap::new())
+        .expect_err("the rails must reject this decision")
+}
+
+#[test]
+fn pod_with_init_container_gets_selectors_for_all_available_images() {
+    let evaluator = evaluator_with(Settings::default());
+    let decision = decide(&evaluator, fixture("pod-api.json"));
+    let spec = &decision.object["spec"];
+    let selector = spec["nodeSelector"].as_object().expect("nodeSelector");
+    assert_eq!(
+        selector.len(),
+        4,
+        "os label kept, three images added: {selector:?}"
+    );
+    assert_eq!(selector["kubernetes.io/os"], "linux");
+    assert_eq!(spec["initContainers"][0]["imagePullPolicy"], "IfNotPresent");
+    assert_eq!(spec["containers"][0]["imagePullPolicy"], "IfNotPresent");
+    assert_eq!(spec["containers"][1]["imagePullPolicy"], "IfNotPresent");
+}
+
+#[test]
+fn cronjob_is_patched_at_its_nested_pod_spec() {
+    let evaluator = evaluator_with(Settings::default());
+    let object = annotate(fixture("cronjob-report.json"), "pull-policy");
+    let decision = decide(&evaluator, object);
+    // report:3 is not managed in this state: left alone, with a warning.
+    assert!(decision.patch.0.is_empty());
+    assert_eq!(decision.warnings.len(), 1, "{:?}", decision.warnings);
+    assert!(decision.warnings[0].contains("not managed by any ImageSet"));
+}
+
+#[test]
+fn preferred_scheduling_setting_adds_node_affinity() {
+    let settings = Settings {
+        scheduling: Scheduling::Preferred,
+        ..Settings::default()
+    };
+    let evaluator = evaluator_with(settings);
+    let decision = decide(
+        &evaluator,
+        annotate(fixture("deployment-web.json"), "selectors"),
+    );
+    let terms = &decision.object["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"];
+    assert_eq!(terms[0]["weight"], 100);
+    assert_eq!(
+        terms[0]["preference"]["matchExpressions"][0]["key"],
+        NGINX_LABEL
+    );
+    assert!(decision.object["spec"]["template"]["spec"]["nodeSelector"].is_null());
+}
+
+#[test]
+fn final_patch_is_the_diff_and_applies_to_the_original() {
+    let evaluator = evaluator_with(Settings::default());
+    let original = annotate(fixture("pod-api.json"), "selectors,pull-policy");
+    let decision = decide(&evaluator, original.clone());
+    let mut applied = original;
+    json_patch::patch(&mut applied, &decision.patch).expect("patch applies");
+    assert_eq!(applied, decision.object);
+}
+
+#[test]
+fn patch_outside_the_allowed_paths_is_rejected() {
+    let error = custom_error(
+        r#"package coral.mutate
+patch contains {"op": "add", "path": "/spec/replicas", "value": 5}"#,
+    );
+    assert!(error.to_string().contains("path not allowed"), "{error}");
+    assert!(error.to_string().contains("/spec/replicas"), "{error}");
+    assert_eq!(error.metric_label(), "rail");
+}
+
+#[test]
+fn two_operations_on_one_path_are_rejected() {
+    let error = custom_error(
+        r#"package coral.mutate
+patch contains {"op": "add", "path": "/spec/template/spec/nodeSelector", "value": {"a": "1"}}
+patch contains {"op": "add", "path": "/spec/template/spec/nodeSelector/b", "value": "2"}"#,
+    );
+    assert!(
+        error.to_string().contains("conflicting operations"),
+        "{error}"
+    );
+}
+
+#[test]
+fn patch_that_breaks_the_kubernetes_type_is_rejected() {
+    let error = custom_error(
+        r#"package coral.mutate
+patch contains {"op": "add", "path": "/spec/template/spec/nodeSelector", "value": ["not", "a", "map"]}"#,
+    );
+    assert!(
+        error.to_string().contains("not a valid Kubernetes object"),
+        "{error}"
+    );
+}
+
+#[test]
+fn patch_that_does_not_apply_is_rejected() {
+    let error = custom_error(
+        r#"package coral.mutate
+patch contains {"op": "remove", "path": "/spec/template/spec/affinity"}"#,
+    );
+    assert!(
+        error.to_string().contains("patch does not apply"),
+        "{error}"
+    );
+}
+
+#[test]
+fn policies_that_never_converge_are_rejected() {
+    // Each evaluation appends one more term: the object never stops changing.
+    let error = custom_error(
+        r#"package coral.mutate
+terms := object.get(input.object, ["spec", "template", "spec", "nodeSelector"], {})
+patch contains {"op": "add", "path": "/spec/template/spec/nodeSelector", "value": object.union(terms, {sprintf("k%d", [count(terms)]): "v"})}"#,
+    );
+    assert!(error.to_string().contains("do not converge"), "{error}");
+}
+
+#[test]
+fn malformed_operation_is_rejected() {
+    let error = custom_error(
+        r#"package coral.mutate
+patch contains {"op": "frobnicate", "path": "/metadata/annotations"}"#,
+    );
+    assert!(error.to_string().contains("malformed operation"), "{error}");
+}
+
+#[test]
+fn deny_rule_denies_without_patching() {
+    let evaluator = custom_evaluator(
+        r#"package coral.mutate
+deny contains "no latest tags" if { some c in input.containers; endswith(c.normalized, ":latest") }
+patch contains {"op": "add", "path": "/metadata/annotations", "value": {"x": "y"}}"#,
+    );
+    let mut object = fixture("deployment-web.json");
+    object["spec"]["template"]["spec"]["containers"][0]["image"] = "nginx".into();
+    let decision = decide(&evaluator, object.clone());
+    assert!(!decision.allowed);
+    assert_eq!(decision.denials, vec!["no latest tags".to_string()]);
+    assert!(decision.patch.0.is_empty());
+    assert_eq!(decision.object, object);
+}
+
+#[test]
+fn slow_policy_is_stopped_by_the_time_bound() {
+    let policies = compile(&[(
+        "slow.rego",
+        r#"package coral.mutate
+xs := numbers.range(1, 5000)
+warn contains "never" if { some a in xs; some b in xs; a * b < 0 }"#,
+    )])
+    .expect("compile");
+    let data = coral_data(&crate::index::ClusterIndex::new(), &Settings::default());
+    let options = EvaluatorOptions {
+        timeout: std::time::Duration::from_millis(50),
+        ..EvaluatorOptions::default()
+    };
+    let evaluator = Evaluator::new(&policies, data, options).expect("evaluator");
+    let request = PolicyRequest::create(fixture("deployment-web.json"), "shop").expect("request");
+    let started = std::time::Instant::now();
+    let error = evaluator
+        .decide(&request, &BTreeMap::new())
+        .expect_err("must time out");
+    assert_eq!(error.metric_label(), "timeout", "{error}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[test]
+fn syntax_error_names_the_file_and_line() {
+    let error = compile(&[(
+        "broken.rego",
+        "package coral.mutate\n\npatch contains if {\n",
+    )])
+    .expect_err("must not compile");
+    let message = error.to_string();
+    assert!(message.contains("broken.rego:3"), "{message}");
+}
+
+#[test]
+fn policy_set_without_the_decision_package_is_rejected() {
+    let error = compile(&[("other.rego", "package other\nx := 1\n")]).expect_err("no package");
+    assert!(
+        error.to_string().contains("package coral.mutate"),
+        "{error}"
+    );
+}
+
+#[test]
+fn unknown_function_is_reported_at_compile_time() {
+    let error = compile(&[(
+        "typo.rego",
+        "package coral.mutate\nwarn contains x if { x := no_such_function(1) }\n",
+    )])
+    .expect_err("must not compile");
+    assert!(error.to_string().contains("no_such_function"), "{error}");
+}
+
+#[test]
+fn unsupported_kind_is_a_clear_error() {
+    let error = PolicyRequest::create(json!({"apiVersion": "v1", "kind": "Service"}), "x")
+        .expect_err("services are not workloads");
+    assert!(
+        error.to_string().contains("unsupported object v1/Service"),
+        "{error}"
+    );
+}
+
+#[test]
+fn input_lists_every_container_with_pointer_and_normalized_image() {
+    let object = fixture("pod-api.json");
+    let mut object = object;
+    object["spec"]["ephemeralContainers"] = json!([{"name": "debug", "image": "busybox"}]);
+    object["spec"]["containers"][1]["image"] = "Not A Ref".into();
+    let entries = containers(&object, WorkloadKind::Pod);
+    let summary: Vec<(String, String)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e["path"].as_str().unwrap_or_default().to_string(),
+                e["normalized"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (
+                "/spec/containers/0".into(),
+                "ghcr.io/example/api:1.4".into()
+            ),
+            ("/spec/containers/1".into(), "-".into()),
+            (
+                "/spec/initContainers/0".into(),
+                "ghcr.io/example/migrate:1.0".into()
+            ),
+            (
+                "/spec/ephemeralContainers/0".into(),
+                "docker.io/library/busybox:latest".into()
+            ),
+        ]
+    );
+    assert_eq!(entries[0]["imagePullPolicy"], "Always");
+    assert_eq!(entries[0]["list"], "containers");
+    assert_eq!(entries[3]["list"], "ephemeralContainers");
+    assert!(
+        entries[1]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("whitespace")
+    );
+}
+
+#[test]
+fn every_kind_has_its_pod_spec_path() {
+    let cases = [
+        ("v1", "Pod", "/spec"),
+        ("v1", "ReplicationController", "/spec/template/spec"),
+        ("apps/v1", "Deployment", "/spec/template/spec"),
+        ("apps/v1", "StatefulSet", "/spec/template/spec"),
+        ("apps/v1", "DaemonSet", "/spec/template/spec"),
+        ("apps/v1", "ReplicaSet", "/spec/template/spec"),
+        ("batch/v1", "Job", "/spec/template/spec"),
+        (
+            "batch/v1",
+            "CronJob",
+            "/spec/jobTemplate/spec/template/spec",
+        ),
+    ];
+    for (api_version, kind, path) in cases {
+        let object = json!({"apiVersion": api_version, "kind": kind});
+        let workload = WorkloadKind::of_object(&object).expect(kind);
+        assert_eq!(workload.pod_spec_path(), path, "{kind}");
+        assert_eq!(workload.name(), kind);
+    }
+    assert_eq!(WorkloadKind::ALL.len(), cases.len());
+    assert!(WorkloadKind::of_object(&json!({"apiVersion": "v1", "kind": "Deployment"})).is_none());
+}
+
+#[test]
+fn every_kind_is_mutated_at_its_pod_spec() {
+    let evaluator = evaluator_with(Settings::default());
+    let pod_spec = json!({"containers": [{"name": "web", "image": "nginx:1.27"}]});
+    let template = json!({"metadata": {"labels": {"app": "web"}}, "spec": pod_spec});
+    let selector = json!({"matchLabels": {"app": "web"}});
+    let objects = [
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "w"}, "spec": pod_spec}),
+        json!({"apiVersion": "v1", "kind": "ReplicationController", "metadata": {"name": "w"}, "spec": {"selector": {"app": "web"}, "template": template}}),
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "w"}, "spec": {"selector": selector, "template": template}}),
+        json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "w"}, "spec": {"selector": selector, "serviceName": "w", "template": template}}),
+        json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "w"}, "spec": {"selector": selector, "template": template}}),
+        json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "w"}, "spec": {"selector": selector, "template": template}}),
+        json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "w"}, "spec": {"template": template}}),
+        json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "w"}, "spec": {"schedule": "@hourly", "jobTemplate": {"spec": {"template": template}}}}),
+    ];
+    for object in objects {
+        let kind = WorkloadKind::of_object(&object).expect("kind");
+        let decision = decide(&evaluator, annotate(object, "selectors"));
+        let spec = decision
+            .object
+            .pointer(kind.pod_spec_path())
+            .expect("pod spec");
+        assert_eq!(
+            spec["nodeSelector"],
+            json!({NGINX_LABEL: "available"}),
+            "{}",
+            kind.name()
+        );
+    }
+}
+
+#[test]
+fn configmap_manifest_loads_policies_and_settings() {
+    let manifest = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: coral-policies, namespace: coral-system}
+data:
+  main.rego: |
+    package coral.mutate
+    warn contains "hello"
+  main_test.rego: |
+    package coral.mutate_test
+    test_x if true
+  settings.json: '{"scheduling": "preferred", "minAvailableNodes": 2}'
+"#;
+    let set = PolicySet::from_configmap_manifest(manifest, "cm.yaml").expect("loads");
+    assert_eq!(set.files.len(), 1, "tests are not policies");
+    assert_eq!(set.files[0].name, "main.rego");
+    assert_eq!(set.settings.scheduling, Scheduling::Preferred);
+    assert_eq!(set.settings.min_available_nodes, 2);
+    CompiledPolicies::compile(&set).expect("compiles");
+}
+
+#[test]
+fn configmap_errors_are_clear() {
+    let cases = [
+        ("data: {README.md: hi}", "key \"README.md\" is neither"),
+        ("data: {settings.json: '{}'}", "holds no *.rego policies"),
+        (
+            "data: {a.rego: 'package coral.mutate', settings.json: '{\"sheduling\": \"x\"}'}",
+            "unknown field `sheduling`",
+        ),
+        (
+            "data: {a.rego: x, settings.json: '{\"preferredWeight\": 0}'}",
+            "preferredWeight must be between 1 and 100",
+        ),
+        (
+            "data: {a.rego: x, settings.json: '{\"defaultInject\": [\"mirror\"]}'}",
+            "unknown injection \"mirror\"",
+        ),
+        ("binaryData: {a.rego: eA==}", "binaryData is not supported"),
+        ("data: [1, 2]", "ConfigMap cm.yaml"),
+    ];
+    for (manifest, expected) in cases {
+        let text = format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: p}}\n{manifest}\n");
+        let error = PolicySet::from_configmap_manifest(&text, "cm.yaml").expect_err(manifest);
+        assert!(error.to_string().contains(expected), "{manifest}: {error}");
+    }
+}
+
+#[test]
+fn embedded_policies_are_the_files_in_policies_dir() {
+    let dir = format!("{}/policies", env!("CARGO_MANIFEST_DIR"));
+    let from_dir = PolicySet::from_dir(std::path::Path::new(&dir)).expect("policies dir");
+    let embedded = PolicySet::embedded();
+    let names = |set: &PolicySet| -> Vec<(String, String)> {
+        set.files
+            .iter()
+            .map(|f| {
+                let name = f.name.rsplit('/').next().unwrap_or_default().to_string();
+                (name, f.source.clone())
+            })
+            .collect()
+    };
+    assert_eq!(names(&embedded), names(&from_dir));
+    assert_eq!(embedded_file_names().len(), from_dir.files.len());
+    assert_eq!(from_dir.settings, Settings::default());
+}
+
+#[test]
+fn allowed_paths_match_segments_and_wildcards() {
+    let allowed = AllowedPaths::default();
+    let deployment = WorkloadKind::Deployment;
+    assert!(allowed.allows(deployment, "/spec/template/spec/nodeSelector"));
+    assert!(allowed.allows(deployment, "/spec/template/spec/nodeSelector/a~1b"));
+    assert!(allowed.allows(
+        deployment,
+        "/spec/template/spec/containers/3/imagePullPolicy"
+    ));
+    assert!(!allowed.allows(deployment, "/spec/template/spec/containers/3/command"));
+    assert!(!allowed.allows(deployment, "/spec/template/spec/nodeSelectorX"));
+    assert!(!allowed.allows(deployment, "/spec/nodeSelector"));
+    assert!(allowed.allows(WorkloadKind::Pod, "/spec/nodeSelector"));
+    assert!(AllowedPaths::new(vec!["nodeSelector".into()]).is_err());
+    assert!(AllowedPaths::new(vec!["{podSpec}/tolerations".into()]).is_ok());
+}
+
+#[test]
+fn settings_default_and_validation() {
+    let settings = Settings::from_json("{}").expect("empty settings are complete");
+    assert_eq!(settings, Settings::default());
+    assert!(settings.default_inject.is_empty());
+    assert_eq!(settings.min_available_nodes, 1);
+    assert_eq!(settings.pull_policy, PullPolicy::IfNotPresent);
+    assert!(Settings::from_json(r#"{"pullPolicy": "Always"}"#).is_err());
+    assert!(Settings::from_json(r#"{"scheduling": "soft"}"#).is_err());
+}
+
+#[test]
+fn policies_the_vm_cannot_compile_run_on_the_interpreter() {
+    let evaluator = custom_evaluator(
+        r#"package coral.mutate
+name := input.name
+warn contains "overridden" if {
+    n := name with input.name as "other"
+    n == "other"
+}"#,
+    );
+    assert!(!evaluator.uses_vm());
+    let decision = decide(&evaluator, fixture("deployment-web.json"));
+    assert_eq!(decision.warnings, vec!["overridden".to_string()]);
 }

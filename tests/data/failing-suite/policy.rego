@@ -1,0 +1,3 @@
+package demo
+
+double(x) := x * 2
