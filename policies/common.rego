@@ -10,9 +10,10 @@ settings := data.coral.settings
 annotations := object.get(input.object, ["metadata", "annotations"], {})
 
 # Comma-separated annotation value as a set, spaces trimmed, empty entries dropped.
-annotation_list(key) := {trim_space(item) |
+annotation_list(key) := {name |
 	some item in split(annotations[key], ",")
-	trim_space(item) != ""
+	name := trim_space(item)
+	name != ""
 }
 
 # Injections the object asks for: its coral.dev/inject annotation, else the cluster default.
@@ -31,13 +32,22 @@ inject_pull_policy if "pull-policy" in requested_injections
 
 injecting if count(requested_injections & known_injections) > 0
 
-# Containers the injections apply to. coral.dev/include-containers, when present, names them
-# (and wins over exclude); otherwise every container not named in coral.dev/exclude-containers.
-# Ephemeral containers are never changed.
-selected contains c if {
-	some c in input.containers
+# Indexes (into input.containers) of the containers the injections apply to.
+# coral.dev/include-containers, when present, names them (and wins over exclude); otherwise
+# every container not named in coral.dev/exclude-containers. Ephemeral containers are never
+# changed. Sets of indexes rather than of containers keep set operations cheap.
+selected contains i if {
+	has_include
+	some i, c in input.containers
 	c.list != "ephemeralContainers"
-	container_selected(c.name)
+	c.name in include_containers
+}
+
+selected contains i if {
+	not has_include
+	some i, c in input.containers
+	c.list != "ephemeralContainers"
+	not c.name in exclude_containers
 }
 
 has_include if is_string(annotations["coral.dev/include-containers"])
@@ -46,22 +56,12 @@ include_containers := annotation_list("coral.dev/include-containers")
 
 exclude_containers := annotation_list("coral.dev/exclude-containers")
 
-container_selected(name) if {
-	has_include
-	name in include_containers
-}
-
-container_selected(name) if {
-	not has_include
-	not name in exclude_containers
-}
-
 # Selected containers whose image is managed and held by at least
 # settings.minAvailableNodes nodes.
-available contains c if {
+available contains i if {
 	injecting
-	some c in selected
-	data.coral.images[c.normalized].nodes.available >= settings.minAvailableNodes
+	some i in selected
+	data.coral.images[input.containers[i].normalized].nodes.available >= settings.minAvailableNodes
 }
 
 # The pod spec of the object, wherever its kind keeps it.
@@ -80,7 +80,8 @@ warn contains msg if {
 warn contains msg if {
 	injecting
 	settings.warnUnmanaged
-	some c in selected
+	some i in selected
+	c := input.containers[i]
 	is_string(c.normalized)
 	not data.coral.images[c.normalized]
 	msg := sprintf("container %q: image %q is not managed by any ImageSet; left unchanged", [c.name, c.image])
@@ -88,7 +89,8 @@ warn contains msg if {
 
 warn contains msg if {
 	injecting
-	some c in selected
+	some i in selected
+	c := input.containers[i]
 	info := data.coral.images[c.normalized]
 	info.nodes.available < settings.minAvailableNodes
 	msg := sprintf(
@@ -99,7 +101,8 @@ warn contains msg if {
 
 warn contains msg if {
 	injecting
-	some c in selected
+	some i in selected
+	c := input.containers[i]
 	is_string(c.error)
 	msg := sprintf("container %q: %s; left unchanged", [c.name, c.error])
 }

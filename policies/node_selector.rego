@@ -7,9 +7,9 @@
 package coral.mutate
 
 # Label keys of the images the pod is steered to.
-selector_labels contains data.coral.images[c.normalized].label if {
+selector_labels contains data.coral.images[input.containers[i].normalized].label if {
 	inject_selectors
-	some c in available
+	some i in available
 }
 
 ## Required scheduling: nodeSelector.
@@ -23,7 +23,7 @@ node_selector_entries := current_node_selector if {
 missing_node_selector contains key if {
 	settings.scheduling == "required"
 	some key in selector_labels
-	object.get(node_selector_entries, key, null) != "available"
+	not node_selector_entries[key] == "available"
 }
 
 # No nodeSelector yet: add it whole.
@@ -69,6 +69,8 @@ missing_preferred contains key if {
 	not preferred_present(key)
 }
 
+adding_preferred if count(missing_preferred) > 0
+
 preferred_term := {
 	"weight": settings.preferredWeight,
 	"preference": {"matchExpressions": [{"key": key, "operator": "In", "values": ["available"]} |
@@ -83,7 +85,7 @@ patch contains {
 	"path": affinity_path,
 	"value": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [preferred_term]}},
 } if {
-	count(missing_preferred) > 0
+	adding_preferred
 	not is_object(affinity)
 }
 
@@ -92,7 +94,7 @@ patch contains {
 	"path": concat("", [affinity_path, "/nodeAffinity"]),
 	"value": {"preferredDuringSchedulingIgnoredDuringExecution": [preferred_term]},
 } if {
-	count(missing_preferred) > 0
+	adding_preferred
 	is_object(affinity)
 	not is_object(node_affinity)
 }
@@ -102,7 +104,7 @@ patch contains {
 	"path": concat("", [affinity_path, "/nodeAffinity/preferredDuringSchedulingIgnoredDuringExecution"]),
 	"value": [preferred_term],
 } if {
-	count(missing_preferred) > 0
+	adding_preferred
 	is_object(node_affinity)
 	not is_array(preferred_terms)
 }
@@ -112,6 +114,6 @@ patch contains {
 	"path": concat("", [affinity_path, "/nodeAffinity/preferredDuringSchedulingIgnoredDuringExecution/-"]),
 	"value": preferred_term,
 } if {
-	count(missing_preferred) > 0
+	adding_preferred
 	is_array(preferred_terms)
 }

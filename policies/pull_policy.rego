@@ -8,7 +8,8 @@ patch contains {
 	"value": settings.pullPolicy,
 } if {
 	inject_pull_policy
-	some c in available
+	some i in available
+	c := input.containers[i]
 	object.get(c, "imagePullPolicy", "") != settings.pullPolicy
 }
 
@@ -16,7 +17,8 @@ warn contains msg if {
 	inject_pull_policy
 	not inject_selectors
 	settings.pullPolicy == "Never"
-	some c in available
+	some i in available
+	c := input.containers[i]
 	msg := sprintf(
 		"container %q: imagePullPolicy Never without selectors injection; the pod may land on a node without %q and fail to start",
 		[c.name, c.image],

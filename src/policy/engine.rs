@@ -11,6 +11,7 @@ use regorus::utils::limits::ExecutionTimerConfig;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use super::input::{containers, containers_after};
 use super::rails::checked_patch;
 use super::{AllowedPaths, PolicyError, PolicyRequest, PolicySet, Settings, build_input};
 
@@ -84,6 +85,13 @@ impl CompiledPolicies {
                 Err(e) => return Err(compiled.compile_error(e)),
             }
         }
+        compiled
+            .engine
+            .add_policy(
+                "<coral decision>".to_string(),
+                decision_wrapper(&compiled.rules),
+            )
+            .map_err(|e| compiled.compile_error(e))?;
         Ok(compiled)
     }
 
@@ -102,6 +110,21 @@ impl CompiledPolicies {
     pub fn origin(&self) -> &str {
         &self.origin
     }
+}
+
+/// A rule gathering the decision rules into one object, so that one evaluation computes the
+/// helpers they share once. The package name is reserved.
+const DECISION_WRAPPER: &str = "data.coral_decision_internal.decision";
+
+fn decision_wrapper(rules: &[&str]) -> String {
+    let fields: Vec<String> = rules
+        .iter()
+        .map(|rule| format!("\"{rule}\": {DECISION_PACKAGE}.{rule}"))
+        .collect();
+    format!(
+        "package coral_decision_internal\n\ndecision := {{{}}}\n",
+        fields.join(", ")
+    )
 }
 
 /// `data` with no images and no nodes.
@@ -234,11 +257,13 @@ impl Evaluator {
     /// Compiles the decision rules for the virtual machine; `None` when the set uses
     /// something the machine does not support.
     fn compile_vm(engine: &mut regorus::Engine, rules: &[&'static str]) -> Option<Backend> {
-        let entry_points: Vec<String> = rules
-            .iter()
-            .map(|rule| format!("{DECISION_PACKAGE}.{rule}"))
-            .collect();
-        let first: Arc<str> = entry_points.first()?.as_str().into();
+        let mut entry_points = vec![DECISION_WRAPPER.to_string()];
+        entry_points.extend(
+            rules
+                .iter()
+                .map(|rule| format!("{DECISION_PACKAGE}.{rule}")),
+        );
+        let first: Arc<str> = DECISION_WRAPPER.into();
         let policy = engine.compile_with_entrypoint(&first).ok()?;
         let names: Vec<&str> = entry_points.iter().map(String::as_str).collect();
         let program =
@@ -266,8 +291,9 @@ impl Evaluator {
         let started = Instant::now();
         let kind = request.workload_kind()?;
         let original = &request.object;
+        let entries = containers(original, kind);
         let first = self.evaluate(
-            build_input(request, kind, original, namespace_labels),
+            build_input(request, kind, original, entries.clone(), namespace_labels),
             Pass::Decide,
         )?;
         if !first.deny.is_empty() {
@@ -291,7 +317,7 @@ impl Evaluator {
                 rule: "patched object is not a valid Kubernetes object",
                 message: format!("{} does not deserialize: {e}", kind.name()),
             })?;
-            self.check_convergence(request, kind, &patched, namespace_labels)?;
+            self.check_convergence(request, kind, &patched, &entries, namespace_labels)?;
         }
         if started.elapsed() > self.options.timeout {
             return Err(PolicyError::Timeout(self.options.timeout));
@@ -311,10 +337,17 @@ impl Evaluator {
         request: &PolicyRequest,
         kind: crate::policy::WorkloadKind,
         patched: &Value,
+        previous: &[Value],
         namespace_labels: &BTreeMap<String, String>,
     ) -> Result<(), PolicyError> {
         let second = self.evaluate(
-            build_input(request, kind, patched, namespace_labels),
+            build_input(
+                request,
+                kind,
+                patched,
+                containers_after(patched, kind, previous),
+                namespace_labels,
+            ),
             Pass::Converge,
         )?;
         if second.patch.is_empty() {
@@ -366,13 +399,28 @@ impl Evaluator {
         let mut session = self.session(regorus::Value::from(input))?;
         let mut run = |rule: &str| session.eval(rule);
         let mut output = RuleOutput::default();
+        // The decision pass asks for all rules at once; the convergence pass only needs to
+        // know whether the object changes again.
+        let gathered = match pass {
+            Pass::Decide => {
+                run(DECISION_WRAPPER).map_err(|e| classify_eval_error(&e, self.options.timeout))?
+            }
+            Pass::Converge => regorus::Value::Undefined,
+        };
         for rule in &self.rules {
-            // The convergence check only needs to know whether the object changes again.
             if pass == Pass::Converge && *rule != "patch" {
                 continue;
             }
-            let value = run(&format!("{DECISION_PACKAGE}.{rule}"))
-                .map_err(|e| classify_eval_error(&e, self.options.timeout))?;
+            let value = match gathered.as_object() {
+                Ok(fields) => fields
+                    .get(&regorus::Value::from(*rule))
+                    .cloned()
+                    .unwrap_or(regorus::Value::Undefined),
+                // A rule written as a complete rule may be undefined, and the gathered object
+                // with it: ask each rule on its own.
+                Err(_) => run(&format!("{DECISION_PACKAGE}.{rule}"))
+                    .map_err(|e| classify_eval_error(&e, self.options.timeout))?,
+            };
             let items = set_items(rule, value)?;
             match *rule {
                 "patch" => output.patch = items,
@@ -384,11 +432,11 @@ impl Evaluator {
     }
 }
 
-/// A time bound checked every 64 steps of the interpreter.
+/// A time bound checked every 256 steps of the engine (a few microseconds of work).
 fn timer(limit: Duration) -> ExecutionTimerConfig {
     ExecutionTimerConfig {
         limit,
-        check_interval: NonZeroU32::MIN.saturating_add(63),
+        check_interval: NonZeroU32::MIN.saturating_add(255),
     }
 }
 

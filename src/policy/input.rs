@@ -207,6 +207,12 @@ fn unsupported(object: &Value) -> PolicyError {
 
 /// One `input.containers` entry per container, init container and ephemeral container.
 pub fn containers(object: &Value, kind: WorkloadKind) -> Vec<Value> {
+    containers_after(object, kind, &[])
+}
+
+/// Like [`containers`], reusing the image fields of `previous` entries (of the same object
+/// before a patch) whose image is unchanged, so each image is parsed once per decision.
+pub fn containers_after(object: &Value, kind: WorkloadKind, previous: &[Value]) -> Vec<Value> {
     let path = kind.pod_spec_path();
     let Some(pod_spec) = object.pointer(path) else {
         return Vec::new();
@@ -228,8 +234,22 @@ pub fn containers(object: &Value, kind: WorkloadKind) -> Vec<Value> {
             if let Some(policy) = container.get("imagePullPolicy") {
                 entry.insert("imagePullPolicy".into(), policy.clone());
             }
-            match container.get("image").and_then(Value::as_str) {
-                Some(image) => {
+            let image = container.get("image").and_then(Value::as_str);
+            let before = previous.get(entries.len()).filter(|before| {
+                image.is_some()
+                    && before["path"] == entry["path"]
+                    && before["image"].as_str() == image
+            });
+            match (image, before) {
+                (Some(image), Some(before)) => {
+                    entry.insert("image".into(), image.into());
+                    for field in ["label", "normalized", "error"] {
+                        if let Some(value) = before.get(field) {
+                            entry.insert(field.into(), value.clone());
+                        }
+                    }
+                }
+                (Some(image), None) => {
                     entry.insert("image".into(), image.into());
                     match ImageReference::parse(image) {
                         Ok(reference) => {
@@ -241,7 +261,7 @@ pub fn containers(object: &Value, kind: WorkloadKind) -> Vec<Value> {
                         }
                     }
                 }
-                None => {
+                (None, _) => {
                     entry.insert("error".into(), "the container has no image".into());
                 }
             }
@@ -252,26 +272,61 @@ pub fn containers(object: &Value, kind: WorkloadKind) -> Vec<Value> {
 }
 
 /// The `input` document for a request of a known kind.
+///
+/// `containers` are the object's entries from [`containers`].
 pub fn build_input(
     request: &PolicyRequest,
     kind: WorkloadKind,
     object: &Value,
+    containers: Vec<Value>,
     namespace_labels: &BTreeMap<String, String>,
 ) -> Value {
-    json!({
-        "uid": request.uid,
-        "kind": request.kind,
-        "resource": request.resource,
-        "subResource": request.sub_resource,
-        "operation": request.operation,
-        "namespace": request.namespace,
-        "name": request.name,
-        "userInfo": request.user_info,
-        "dryRun": request.dry_run,
-        "object": object,
-        "oldObject": request.old_object,
-        "namespace_labels": namespace_labels,
-        "pod_spec_path": kind.pod_spec_path(),
-        "containers": containers(object, kind),
-    })
+    // Built field by field from clones: `json!` would serialize each borrowed value instead.
+    let labels: Map<String, Value> = namespace_labels
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let gvk = |group: &str, version: &str, name: (&str, &str)| {
+        let mut map = Map::new();
+        map.insert("group".into(), group.into());
+        map.insert("version".into(), version.into());
+        map.insert(name.0.into(), name.1.into());
+        Value::Object(map)
+    };
+    let mut input = Map::with_capacity(16);
+    input.insert("uid".into(), request.uid.clone().into());
+    input.insert(
+        "kind".into(),
+        gvk(
+            &request.kind.group,
+            &request.kind.version,
+            ("kind", &request.kind.kind),
+        ),
+    );
+    input.insert(
+        "resource".into(),
+        gvk(
+            &request.resource.group,
+            &request.resource.version,
+            ("resource", &request.resource.resource),
+        ),
+    );
+    input.insert(
+        "subResource".into(),
+        request
+            .sub_resource
+            .clone()
+            .map_or(Value::Null, Value::String),
+    );
+    input.insert("operation".into(), request.operation.clone().into());
+    input.insert("namespace".into(), request.namespace.clone().into());
+    input.insert("name".into(), request.name.clone().into());
+    input.insert("userInfo".into(), request.user_info.clone());
+    input.insert("dryRun".into(), request.dry_run.into());
+    input.insert("object".into(), object.clone());
+    input.insert("oldObject".into(), request.old_object.clone());
+    input.insert("namespace_labels".into(), Value::Object(labels));
+    input.insert("pod_spec_path".into(), kind.pod_spec_path().into());
+    input.insert("containers".into(), Value::Array(containers));
+    Value::Object(input)
 }

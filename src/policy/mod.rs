@@ -19,7 +19,7 @@ pub use engine::{
 };
 pub use input::{
     CONTAINER_LISTS, GroupVersionKind, GroupVersionResource, PolicyRequest, WorkloadKind,
-    build_input, containers,
+    build_input, containers, containers_after,
 };
 pub use rails::{AllowedPaths, DEFAULT_ALLOWED_PATHS, checked_patch};
 pub use settings::{INJECTIONS, PullPolicy, Scheduling, Settings, SettingsError};

@@ -523,3 +523,17 @@ warn contains "overridden" if {
     let decision = decide(&evaluator, fixture("deployment-web.json"));
     assert_eq!(decision.warnings, vec!["overridden".to_string()]);
 }
+
+#[test]
+fn an_undefined_complete_rule_does_not_hide_the_others() {
+    // `patch` written as a complete rule that is undefined for this input: the warnings of
+    // the other rule must still come through.
+    let evaluator = custom_evaluator(
+        r#"package coral.mutate
+patch := [] if input.kind.kind == "Pod"
+warn contains "still here""#,
+    );
+    let decision = decide(&evaluator, fixture("deployment-web.json"));
+    assert_eq!(decision.warnings, vec!["still here".to_string()]);
+    assert!(decision.patch.0.is_empty());
+}
