@@ -494,3 +494,23 @@ fn examples_are_valid() {
     coral::index::validate_image_set(&set.spec).expect("valid ImageSet");
     coral::index::StateFile::load(&root().join("examples/state.yaml")).expect("valid state");
 }
+
+#[test]
+fn demo_shows_changes_warnings_and_unchanged_workloads() {
+    let output = coral(&["demo"]);
+    let text = stdout(&output);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(text.contains("Deployment shop/shop: 4 change(s)"), "{text}");
+    assert!(
+        text.contains("+        imagePullPolicy: IfNotPresent"),
+        "{text}"
+    );
+    assert!(text.contains("CronJob shop/report: 2 change(s)"), "{text}");
+    assert!(
+        text.contains(
+            "warning: container \"api\": image \"ghcr.io/example/api:1.4\" is not managed"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("Deployment shop/legacy: unchanged"), "{text}");
+}

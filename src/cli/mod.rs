@@ -9,8 +9,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
+mod demo;
+
 use coral::image::{ImageReference, label_key};
-use coral::index::StateFile;
+use coral::index::{ClusterIndex, StateFile};
 use coral::policy::testing::{TestOptions, run_tests};
 use coral::policy::{
     AllowedPaths, CompiledPolicies, Decision, Evaluator, EvaluatorOptions, PolicyRequest,
@@ -35,6 +37,9 @@ enum Command {
     /// Test and try out policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run the embedded default policies on example workloads against an example cluster
+    /// state, and show what Coral changes and why.
+    Demo,
     /// Print the version.
     Version,
 }
@@ -154,6 +159,7 @@ impl Cli {
             Command::Crd(args) => crd(args),
             Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
             Command::Policy(PolicyCommand::Eval(args)) => policy_eval(args),
+            Command::Demo => demo::run(),
             Command::Version => {
                 println!("coral {}", env!("CARGO_PKG_VERSION"));
                 Ok(ExitCode::SUCCESS)
@@ -271,13 +277,7 @@ fn policy_eval(args: PolicyEvalArgs) -> Result<ExitCode> {
         Some(path) => PolicySet::load(path)?,
         None => PolicySet::embedded(),
     };
-    let compiled = CompiledPolicies::compile(&set)?;
     let state = StateFile::load(&state)?;
-    let settings = state
-        .settings
-        .clone()
-        .unwrap_or_else(|| compiled.settings().clone());
-    let index = state.to_index();
     let allowed_paths = if allowed_paths.is_empty() {
         AllowedPaths::default()
     } else {
@@ -287,7 +287,7 @@ fn policy_eval(args: PolicyEvalArgs) -> Result<ExitCode> {
         allowed_paths,
         timeout: Duration::from_millis(eval_timeout_ms),
     };
-    let evaluator = Evaluator::new(&compiled, coral_data(&index, &settings), options)?;
+    let (evaluator, index) = evaluator_for(&set, &state, options)?;
     let namespace_labels = index
         .namespace_labels(&request.namespace)
         .cloned()
@@ -306,6 +306,23 @@ fn policy_eval(args: PolicyEvalArgs) -> Result<ExitCode> {
         EvalFormat::Diff => write!(out, "{}", render_diff(&request, &decision)?)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The policies prepared with a state file's cluster state. The state's settings, when it has
+/// them, replace those of the policy set.
+fn evaluator_for(
+    set: &PolicySet,
+    state: &StateFile,
+    options: EvaluatorOptions,
+) -> Result<(Evaluator, ClusterIndex)> {
+    let compiled = CompiledPolicies::compile(set)?;
+    let settings = state
+        .settings
+        .clone()
+        .unwrap_or_else(|| compiled.settings().clone());
+    let index = state.to_index();
+    let evaluator = Evaluator::new(&compiled, coral_data(&index, &settings), options)?;
+    Ok((evaluator, index))
 }
 
 /// A bare object becomes a CREATE request; an AdmissionReview is used as the API server sent it.

@@ -1,0 +1,30 @@
+# Developer tasks. `just --list` shows them.
+
+# Format the code.
+fmt:
+    cargo fmt --all
+
+# Lints, as CI runs them.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --all-targets --locked -- -D warnings
+
+# The whole test suite (what CI runs).
+test:
+    bash scripts/test.sh
+
+# Policy tests only, verbose, with coverage.
+policy-test:
+    cargo run --quiet -- policy test policies/ policy-tests/ -v --coverage
+
+# Regenerate committed files (the CRDs in crds/).
+generate:
+    cargo run --quiet -- crd --output-dir crds
+
+# Benchmarks; each prints its figures.
+bench:
+    cargo bench --bench decision
+
+# The demo: embedded policies on the example workloads.
+demo:
+    bash scripts/demo.sh
