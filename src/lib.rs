@@ -8,4 +8,6 @@
 pub mod api;
 pub mod image;
 pub mod index;
+pub mod metrics;
 pub mod policy;
+pub mod webhook;

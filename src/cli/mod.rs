@@ -37,6 +37,8 @@ enum Command {
     /// Test and try out policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run the admission webhook (HTTPS).
+    Webhook(Box<WebhookArgs>),
     /// Run the embedded default policies on example workloads against an example cluster
     /// state, and show what Coral changes and why.
     Demo,
@@ -152,6 +154,162 @@ struct PolicyEvalArgs {
     eval_timeout_ms: u64,
 }
 
+#[derive(Debug, Args)]
+struct WebhookArgs {
+    /// HTTPS address of /mutate and /validate/imagesets.
+    #[arg(long, default_value = "0.0.0.0:8443", env = "CORAL_LISTEN")]
+    listen: std::net::SocketAddr,
+    /// PEM certificate chain; reloaded when the file changes.
+    #[arg(long, value_name = "FILE", env = "CORAL_TLS_CERT")]
+    tls_cert: PathBuf,
+    /// PEM private key (ECDSA, Ed25519 or RSA); reloaded when the file changes.
+    #[arg(long, value_name = "FILE", env = "CORAL_TLS_KEY")]
+    tls_key: PathBuf,
+    /// Plain-HTTP address of /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "CORAL_PROBE_LISTEN")]
+    probe_listen: std::net::SocketAddr,
+    /// What to answer when no decision can be made: allow (unchanged, with a warning) or deny.
+    #[arg(long, value_enum, default_value = "allow", env = "CORAL_FAILURE_MODE")]
+    failure_mode: coral::webhook::FailureMode,
+    /// Serve from a cluster-state file instead of a cluster (for local policy work and demos).
+    #[arg(long, env = "CORAL_STANDALONE")]
+    standalone: bool,
+    /// With --standalone: the cluster-state file (the format of `coral policy eval --state`);
+    /// reloaded when it changes.
+    #[arg(long, value_name = "STATE.yaml", env = "CORAL_STATE")]
+    state: Option<PathBuf>,
+    /// With --standalone: a policy directory or ConfigMap manifest, reloaded when it changes.
+    /// Default: the embedded policies.
+    #[arg(long, value_name = "DIR|FILE", env = "CORAL_POLICIES")]
+    policies: Option<PathBuf>,
+    /// Paths policies may change; replaces the default list (see `coral policy eval --help`).
+    #[arg(
+        long = "allowed-path",
+        value_name = "POINTER",
+        env = "CORAL_ALLOWED_PATHS",
+        value_delimiter = ','
+    )]
+    allowed_paths: Vec<String>,
+    /// Bound on one policy evaluation.
+    #[arg(
+        long,
+        value_name = "MILLISECONDS",
+        default_value = "250",
+        env = "CORAL_EVAL_TIMEOUT_MS"
+    )]
+    eval_timeout_ms: u64,
+    /// Largest request body accepted (larger ones get HTTP 413).
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value = "3145728",
+        env = "CORAL_MAX_BODY_BYTES"
+    )]
+    max_body_bytes: usize,
+    /// Time a client has to send its request headers and body.
+    #[arg(
+        long,
+        value_name = "MILLISECONDS",
+        default_value = "5000",
+        env = "CORAL_REQUEST_TIMEOUT_MS"
+    )]
+    request_timeout_ms: u64,
+    /// Decisions evaluated at once. Default: the number of CPUs.
+    #[arg(long, env = "CORAL_WORKERS")]
+    workers: Option<usize>,
+    /// How often certificate, state and policy files are checked for changes.
+    #[arg(
+        long,
+        value_name = "MILLISECONDS",
+        default_value = "2000",
+        env = "CORAL_POLL_INTERVAL_MS"
+    )]
+    poll_interval_ms: u64,
+    /// After SIGTERM, how long in-flight requests may take to finish.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value = "30",
+        env = "CORAL_SHUTDOWN_GRACE_SECONDS"
+    )]
+    shutdown_grace_seconds: u64,
+}
+
+fn allowed_paths_from(patterns: Vec<String>) -> Result<AllowedPaths> {
+    Ok(if patterns.is_empty() {
+        AllowedPaths::default()
+    } else {
+        AllowedPaths::new(patterns)?
+    })
+}
+
+fn webhook(args: WebhookArgs) -> Result<ExitCode> {
+    let WebhookArgs {
+        listen,
+        tls_cert,
+        tls_key,
+        probe_listen,
+        failure_mode,
+        standalone,
+        state,
+        policies,
+        allowed_paths: patterns,
+        eval_timeout_ms,
+        max_body_bytes,
+        request_timeout_ms,
+        workers,
+        poll_interval_ms,
+        shutdown_grace_seconds,
+    } = args;
+    if !standalone {
+        bail!(
+            "coral webhook runs with --standalone --state FILE; serving from a live cluster \
+             (reflectors and the policy ConfigMap) is not available in this version"
+        );
+    }
+    let Some(state) = state else {
+        bail!("--standalone needs --state FILE (the format of `coral policy eval --state`)");
+    };
+    init_logging();
+    let options = coral::webhook::WebhookOptions {
+        listen,
+        tls_cert,
+        tls_key,
+        probe_listen,
+        failure_mode,
+        source: coral::webhook::SnapshotSource { state, policies },
+        evaluator: EvaluatorOptions {
+            allowed_paths: allowed_paths_from(patterns)?,
+            timeout: Duration::from_millis(eval_timeout_ms),
+        },
+        max_body_bytes,
+        request_timeout: Duration::from_millis(request_timeout_ms),
+        workers: workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+        }),
+        poll_interval: Duration::from_millis(poll_interval_ms.max(100)),
+        shutdown_grace: Duration::from_secs(shutdown_grace_seconds),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(coral::webhook::run(options))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Logs to stderr; `CORAL_LOG` (or `RUST_LOG`) sets the filter, `info` by default.
+fn init_logging() {
+    let filter = std::env::var("CORAL_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
 impl Cli {
     pub fn run(self) -> Result<ExitCode> {
         match self.command {
@@ -160,6 +318,7 @@ impl Cli {
             Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
             Command::Policy(PolicyCommand::Eval(args)) => policy_eval(args),
             Command::Demo => demo::run(),
+            Command::Webhook(args) => webhook(*args),
             Command::Version => {
                 println!("coral {}", env!("CARGO_PKG_VERSION"));
                 Ok(ExitCode::SUCCESS)
@@ -278,13 +437,8 @@ fn policy_eval(args: PolicyEvalArgs) -> Result<ExitCode> {
         None => PolicySet::embedded(),
     };
     let state = StateFile::load(&state)?;
-    let allowed_paths = if allowed_paths.is_empty() {
-        AllowedPaths::default()
-    } else {
-        AllowedPaths::new(allowed_paths)?
-    };
     let options = EvaluatorOptions {
-        allowed_paths,
+        allowed_paths: allowed_paths_from(allowed_paths)?,
         timeout: Duration::from_millis(eval_timeout_ms),
     };
     let (evaluator, index) = evaluator_for(&set, &state, options)?;

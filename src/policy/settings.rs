@@ -24,6 +24,8 @@ pub struct Settings {
     pub pull_policy: PullPolicy,
     /// Warn about containers whose image no ImageSet manages.
     pub warn_unmanaged: bool,
+    /// Leave Pods owned by a controller alone: their template was mutated already.
+    pub skip_controlled_pods: bool,
 }
 
 impl Default for Settings {
@@ -35,6 +37,7 @@ impl Default for Settings {
             preferred_weight: 100,
             pull_policy: PullPolicy::IfNotPresent,
             warn_unmanaged: true,
+            skip_controlled_pods: true,
         }
     }
 }

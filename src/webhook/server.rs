@@ -1,0 +1,414 @@
+//! The HTTPS admission server, the plain-HTTP probe server, file polling and shutdown.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::{Body, to_bytes};
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{error, info, warn};
+
+use super::admission::{
+    Answer, MutateStep, Review, decided_response, failure_response, mutate_step, patched_fields,
+    validate_image_set_review,
+};
+use super::standalone::source_stamp;
+use super::tls::{Reload, ReloadingCert};
+use super::{Shared, WebhookOptions, load_snapshot};
+use crate::metrics::WebhookMetrics;
+
+/// Time a client has to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the webhook until SIGTERM or SIGINT, then lets in-flight requests finish.
+pub async fn run(options: WebhookOptions) -> anyhow::Result<()> {
+    let metrics = WebhookMetrics::new();
+    let cert = Arc::new(ReloadingCert::load(&options.tls_cert, &options.tls_key)?);
+    let tls = TlsAcceptor::from(Arc::new(cert.server_config()?));
+    let snapshot = load_snapshot(&options.source, &options.evaluator)?;
+    metrics.index_built.set(unix_now());
+    let shared = Arc::new(Shared {
+        snapshot: RwLock::new(Arc::new(snapshot)),
+        metrics,
+        failure_mode: options.failure_mode,
+        workers: tokio::sync::Semaphore::new(options.workers.max(1)),
+        max_body_bytes: options.max_body_bytes,
+        request_timeout: options.request_timeout,
+        evaluation_timeout: options.evaluator.timeout,
+        ready: false.into(),
+    });
+
+    let probes = TcpListener::bind(options.probe_listen).await?;
+    info!(address = %probes.local_addr()?, "probe server listening (healthz, readyz, metrics)");
+    let probe_app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(shared.clone());
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(probes, probe_app).await {
+            error!(%error, "probe server stopped");
+        }
+    });
+
+    let listener = TcpListener::bind(options.listen).await?;
+    tokio::spawn(poll_files(
+        shared.clone(),
+        cert.clone(),
+        options.clone(),
+        source_stamp(&options.source),
+    ));
+    // Ready: policies loaded, TLS configured and the listener bound.
+    shared.ready.store(true, Ordering::SeqCst);
+    info!(address = %listener.local_addr()?, "admission server listening (HTTPS)");
+
+    let app = Router::new()
+        .route("/mutate", post(mutate))
+        .route("/validate/imagesets", post(validate))
+        .with_state(shared.clone());
+    let service = TowerToHyperService::new(app);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        warn!(%error, "accept failed");
+                        continue;
+                    }
+                };
+                let tls = tls.clone();
+                let service = service.clone();
+                let watcher = graceful.watcher();
+                let request_timeout = options.request_timeout;
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            info!(%peer, %error, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            info!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let mut http = hyper::server::conn::http1::Builder::new();
+                    http.timer(TokioTimer::new())
+                        .header_read_timeout(request_timeout);
+                    let connection = http.serve_connection(TokioIo::new(stream), service);
+                    if let Err(error) = watcher.watch(connection).await {
+                        info!(%peer, %error, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    info!("shutting down: no new connections; waiting for in-flight requests");
+    shared.ready.store(false, Ordering::SeqCst);
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => info!("all connections closed"),
+        () = tokio::time::sleep(options.shutdown_grace) => warn!("shutdown grace period over; exiting with connections open"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = terminate => info!("SIGTERM received"),
+        result = tokio::signal::ctrl_c() => {
+            if result.is_ok() {
+                info!("SIGINT received");
+            }
+        }
+    }
+}
+
+/// Reloads the certificate and the snapshot when their files change.
+async fn poll_files(
+    shared: Arc<Shared>,
+    cert: Arc<ReloadingCert>,
+    options: WebhookOptions,
+    mut stamp: Vec<(std::path::PathBuf, Option<SystemTime>)>,
+) {
+    let mut interval = tokio::time::interval(options.poll_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        match cert.reload_if_changed() {
+            Ok(Reload::Unchanged) => {}
+            Ok(Reload::Reloaded) => {
+                info!("TLS certificate reloaded");
+                shared
+                    .metrics
+                    .reloads
+                    .with_label_values(&["certificate", "success"])
+                    .inc();
+            }
+            Err(error) => {
+                error!(%error, "TLS certificate not reloaded; keeping the previous one");
+                shared
+                    .metrics
+                    .reloads
+                    .with_label_values(&["certificate", "failure"])
+                    .inc();
+                shared.metrics.certificate_errors.inc();
+            }
+        }
+        let current = source_stamp(&options.source);
+        if current == stamp {
+            continue;
+        }
+        stamp = current;
+        let source = options.source.clone();
+        let evaluator = options.evaluator.clone();
+        let loaded = tokio::task::spawn_blocking(move || load_snapshot(&source, &evaluator)).await;
+        match loaded {
+            Ok(Ok(snapshot)) => {
+                shared.replace_snapshot(snapshot);
+                shared.metrics.index_built.set(unix_now());
+                shared
+                    .metrics
+                    .reloads
+                    .with_label_values(&["state", "success"])
+                    .inc();
+                info!("policies and cluster state reloaded");
+            }
+            Ok(Err(error)) => {
+                shared
+                    .metrics
+                    .reloads
+                    .with_label_values(&["state", "failure"])
+                    .inc();
+                error!(%error, class = error.metric_label(), "reload failed; keeping the last good policies and state");
+            }
+            Err(error) => error!(%error, "reload task failed"),
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
+
+async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        shared.metrics.render(),
+    )
+        .into_response()
+}
+
+fn json_response(value: &Value) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+fn refuse(shared: &Shared, status: StatusCode, reason: &'static str, message: String) -> Response {
+    shared.metrics.rejected.with_label_values(&[reason]).inc();
+    info!(reason, %message, "request refused");
+    (status, message).into_response()
+}
+
+/// Reads the body within the size limit and the request timeout, and parses the review.
+async fn read_review(shared: &Shared, request: Request) -> Result<Review, Response> {
+    let body: Body = request.into_body();
+    let bytes = match tokio::time::timeout(
+        shared.request_timeout,
+        to_bytes(body, shared.max_body_bytes),
+    )
+    .await
+    {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            return Err(refuse(
+                shared,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "request body is larger than {} bytes, or was cut off",
+                    shared.max_body_bytes
+                ),
+            ));
+        }
+        Err(_) => {
+            return Err(refuse(
+                shared,
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!(
+                    "request body not received within {:?}",
+                    shared.request_timeout
+                ),
+            ));
+        }
+    };
+    Review::parse(&bytes).map_err(|error| {
+        refuse(
+            shared,
+            StatusCode::BAD_REQUEST,
+            error.metric_label(),
+            error.to_string(),
+        )
+    })
+}
+
+async fn mutate(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let started = Instant::now();
+    let review = match read_review(&shared, request).await {
+        Ok(review) => review,
+        Err(response) => return response,
+    };
+    let (kind, operation) = review.kind_and_operation();
+    let Some(snapshot) = shared.snapshot() else {
+        let (value, answer) =
+            failure_response(&review.uid, shared.failure_mode, "no policies loaded");
+        return finish(&shared, "mutate", started, kind, operation, answer, &value);
+    };
+    let (value, answer) =
+        match mutate_step(&review, shared.failure_mode, snapshot.skip_controlled_pods) {
+            MutateStep::Answer(value, answer) => (value, answer),
+            MutateStep::Decide(request) => {
+                let uid = review.uid.clone();
+                let permit = shared.workers.acquire().await;
+                let evaluation_started = Instant::now();
+                let decided = {
+                    let snapshot = snapshot.clone();
+                    let request = request.clone();
+                    tokio::time::timeout(
+                        shared.evaluation_timeout * 2,
+                        tokio::task::spawn_blocking(move || {
+                            let labels = snapshot.namespace_labels(&request.namespace);
+                            snapshot.evaluator.decide(&request, &labels)
+                        }),
+                    )
+                    .await
+                };
+                drop(permit);
+                shared
+                    .metrics
+                    .evaluation_seconds
+                    .with_label_values(&[kind])
+                    .observe(evaluation_started.elapsed().as_secs_f64());
+                match decided {
+                    Ok(Ok(result)) => {
+                        if let Err(error) = &result {
+                            shared
+                                .metrics
+                                .policy_errors
+                                .with_label_values(&[error.metric_label()])
+                                .inc();
+                            warn!(uid = %uid, kind, %error, "policy decision failed");
+                        }
+                        if let (Ok(decision), Ok(workload)) = (&result, request.workload_kind()) {
+                            for (field, count) in patched_fields(decision, workload) {
+                                shared
+                                    .metrics
+                                    .patches
+                                    .with_label_values(&[field])
+                                    .inc_by(count as u64);
+                            }
+                        }
+                        decided_response(&uid, shared.failure_mode, result)
+                    }
+                    Ok(Err(error)) => {
+                        shared
+                            .metrics
+                            .policy_errors
+                            .with_label_values(&["panic"])
+                            .inc();
+                        error!(uid = %uid, %error, "policy evaluation task failed");
+                        failure_response(
+                            &uid,
+                            shared.failure_mode,
+                            "policy evaluation failed unexpectedly",
+                        )
+                    }
+                    Err(_) => {
+                        shared
+                            .metrics
+                            .policy_errors
+                            .with_label_values(&["timeout"])
+                            .inc();
+                        failure_response(&uid, shared.failure_mode, "policy evaluation timed out")
+                    }
+                }
+            }
+        };
+    finish(&shared, "mutate", started, kind, operation, answer, &value)
+}
+
+async fn validate(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let started = Instant::now();
+    let review = match read_review(&shared, request).await {
+        Ok(review) => review,
+        Err(response) => return response,
+    };
+    let (kind, operation) = review.kind_and_operation();
+    let (value, answer) = validate_image_set_review(&review);
+    finish(
+        &shared, "validate", started, kind, operation, answer, &value,
+    )
+}
+
+fn finish(
+    shared: &Shared,
+    route: &str,
+    started: Instant,
+    kind: &str,
+    operation: &str,
+    answer: Answer,
+    value: &Value,
+) -> Response {
+    shared
+        .metrics
+        .requests
+        .with_label_values(&[kind, operation, answer.metric_label()])
+        .inc();
+    shared
+        .metrics
+        .request_seconds
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+    json_response(value)
+}
