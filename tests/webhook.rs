@@ -2,21 +2,17 @@
 //! test, driven over HTTPS with AdmissionReviews.
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test helpers panic on setup failures
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+mod support;
+
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
+use tokio::io::AsyncWriteExt;
+
+use support::{Authority, Webhook, get_probe, post, read_response, request_bytes, tls_stream};
 
 const NGINX_LABEL: &str = "image.coral.dev/6965a10c15290ad0b29ca7fd1866de1850408b3c";
 
@@ -31,212 +27,6 @@ nodes:
 namespaces:
   - {name: shop, labels: {coral.dev/inject: enabled}}
 "#;
-
-/// A certificate authority made for one test.
-struct Authority {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Authority {
-    fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        Self {
-            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// Writes a serving certificate for localhost and 127.0.0.1, and its key.
-    fn issue(&self, cert: &Path, key: &Path) {
-        let key_pair = KeyPair::generate().unwrap();
-        let params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        let certificate = params.signed_by(&key_pair, &self.issuer).unwrap();
-        // Write the key first: the server reloads when either file changes, and must see a
-        // matching pair once both are written.
-        std::fs::write(key, key_pair.serialize_pem()).unwrap();
-        std::fs::write(cert, certificate.pem()).unwrap();
-    }
-}
-
-/// A running webhook; killed and waited for when dropped, even when the test fails.
-struct Webhook {
-    child: Child,
-    https: SocketAddr,
-    probes: SocketAddr,
-    dir: tempfile::TempDir,
-    authority: Authority,
-}
-
-impl Drop for Webhook {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Webhook {
-    fn start(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let authority = Authority::new();
-        authority.issue(&dir.path().join("tls.crt"), &dir.path().join("tls.key"));
-        std::fs::write(dir.path().join("state.yaml"), STATE).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_coral"))
-            .args([
-                "webhook",
-                "--standalone",
-                "--listen",
-                "127.0.0.1:0",
-                "--probe-listen",
-            ])
-            .arg("127.0.0.1:0")
-            .arg("--state")
-            .arg(dir.path().join("state.yaml"))
-            .arg("--tls-cert")
-            .arg(dir.path().join("tls.crt"))
-            .arg("--tls-key")
-            .arg(dir.path().join("tls.key"))
-            .args(["--poll-interval-ms", "100", "--request-timeout-ms", "1000"])
-            .args(extra)
-            .env("CORAL_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("coral webhook starts");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let (mut https, mut probes) = (None, None);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while https.is_none() || probes.is_none() {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("webhook logs its addresses");
-            let address = || -> SocketAddr {
-                line.rsplit("address=")
-                    .next()
-                    .unwrap()
-                    .trim()
-                    .parse()
-                    .unwrap()
-            };
-            if line.contains("admission server listening") {
-                https = Some(address());
-            } else if line.contains("probe server listening") {
-                probes = Some(address());
-            }
-        }
-        // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        Self {
-            child,
-            https: https.unwrap(),
-            probes: probes.unwrap(),
-            dir,
-            authority,
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-fn connector(ca_pem: &str) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    TlsConnector::from(Arc::new(config))
-}
-
-async fn tls_stream(
-    address: SocketAddr,
-    ca_pem: &str,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(address).await?;
-    connector(ca_pem)
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-}
-
-fn request_bytes(path: &str, body: &[u8], keep_alive: bool) -> Vec<u8> {
-    let mut bytes = format!(
-        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
-        body.len(),
-        if keep_alive { "keep-alive" } else { "close" }
-    )
-    .into_bytes();
-    bytes.extend_from_slice(body);
-    bytes
-}
-
-/// Reads one HTTP/1.1 response with a Content-Length body.
-async fn read_response<S: AsyncReadExt + Unpin>(stream: &mut S) -> (u16, String) {
-    let mut buffer = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buffer[..end]).to_string();
-            let length: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (name, value) = l.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse().ok())?
-                })
-                .unwrap_or(0);
-            while buffer.len() < end + 4 + length {
-                let n = stream.read(&mut chunk).await.unwrap();
-                assert!(n > 0, "connection closed mid-body");
-                buffer.extend_from_slice(&chunk[..n]);
-            }
-            let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-            let body = String::from_utf8_lossy(&buffer[end + 4..end + 4 + length]).to_string();
-            return (status, body);
-        }
-        let n = stream.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "connection closed before a response");
-        buffer.extend_from_slice(&chunk[..n]);
-    }
-}
-
-async fn post(webhook: &Webhook, path: &str, body: &[u8]) -> (u16, String) {
-    let mut stream = tls_stream(webhook.https, &webhook.authority.pem())
-        .await
-        .expect("TLS connection");
-    stream
-        .write_all(&request_bytes(path, body, false))
-        .await
-        .unwrap();
-    read_response(&mut stream).await
-}
-
-async fn get_probe(webhook: &Webhook, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(webhook.probes).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    read_response(&mut stream).await
-}
 
 /// The value of one sample in a Prometheus text exposition.
 fn metric(metrics: &str, sample: &str) -> f64 {
@@ -312,7 +102,7 @@ async fn mutate(webhook: &Webhook, object: &Value, operation: &str) -> (Value, V
 
 #[tokio::test]
 async fn every_workload_kind_gets_its_patch() {
-    let webhook = Webhook::start(&[]);
+    let webhook = Webhook::start(STATE, &[]);
     let (status, body) = get_probe(&webhook, "/readyz").await;
     assert_eq!((status, body.as_str()), (200, "ready"));
     let cases = [
@@ -375,7 +165,7 @@ async fn every_workload_kind_gets_its_patch() {
 
 #[tokio::test]
 async fn unannotated_dry_run_and_controlled_pods() {
-    let webhook = Webhook::start(&[]);
+    let webhook = Webhook::start(STATE, &[]);
     // Without the annotation nothing changes.
     let plain = fixture("deployment-web.json");
     let (response, patched) = mutate(&webhook, &plain, "CREATE").await;
@@ -408,7 +198,7 @@ async fn unannotated_dry_run_and_controlled_pods() {
 
 #[tokio::test]
 async fn hostile_input_gets_an_answer_never_a_crash() {
-    let webhook = Webhook::start(&[]);
+    let webhook = Webhook::start(STATE, &[]);
     let (status, text) = post(&webhook, "/mutate", b"garbage").await;
     assert_eq!(status, 400);
     assert!(text.contains("not JSON"), "{text}");
@@ -495,7 +285,7 @@ async fn hostile_input_gets_an_answer_never_a_crash() {
 
 #[tokio::test]
 async fn failure_mode_deny_refuses_unreadable_objects() {
-    let webhook = Webhook::start(&["--failure-mode", "deny"]);
+    let webhook = Webhook::start(STATE, &["--failure-mode", "deny"]);
     let mut unreadable = review("deny-me", &annotated("deployment-web.json"), "CREATE");
     unreadable["request"]["object"] = json!(42);
     let (status, text) = post(
@@ -521,7 +311,7 @@ async fn failure_mode_deny_refuses_unreadable_objects() {
 
 #[tokio::test]
 async fn image_sets_are_validated() {
-    let webhook = Webhook::start(&[]);
+    let webhook = Webhook::start(STATE, &[]);
     let set = |images: Value| {
         json!({
             "apiVersion": "coral.dev/v1alpha1",
@@ -579,7 +369,7 @@ async fn image_sets_are_validated() {
 
 #[tokio::test]
 async fn certificate_rotation_keeps_serving() {
-    let webhook = Webhook::start(&[]);
+    let webhook = Webhook::start(STATE, &[]);
     let old_ca = webhook.authority.pem();
     // A keep-alive connection opened before the rotation.
     let mut before = tls_stream(webhook.https, &old_ca).await.unwrap();
@@ -629,7 +419,7 @@ async fn certificate_rotation_keeps_serving() {
 
 #[tokio::test]
 async fn state_file_changes_are_picked_up() {
-    let webhook = Webhook::start(&[]);
+    let webhook = Webhook::start(STATE, &[]);
     let object = annotated("deployment-web.json");
     let (response, _) = mutate(&webhook, &object, "CREATE").await;
     assert!(response.get("patch").is_some());
@@ -680,7 +470,7 @@ async fn state_file_changes_are_picked_up() {
 
 #[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish_then_exits() {
-    let mut webhook = Webhook::start(&[]);
+    let mut webhook = Webhook::start(STATE, &[]);
     let mut stream = tls_stream(webhook.https, &webhook.authority.pem())
         .await
         .unwrap();
@@ -714,6 +504,32 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits() {
             "webhook did not exit after SIGTERM"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn tls_1_2_and_1_3_are_served() {
+    let webhook = Webhook::start(STATE, &[]);
+    for (version, expected) in [
+        (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
+        (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        let tcp = tokio::net::TcpStream::connect(webhook.https).await.unwrap();
+        let mut stream = support::connector_for_versions(&webhook.authority.pem(), &[version])
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .expect("handshake");
+        assert_eq!(stream.get_ref().1.protocol_version(), Some(expected));
+        let body =
+            serde_json::to_vec(&review("v", &annotated("deployment-web.json"), "CREATE")).unwrap();
+        stream
+            .write_all(&request_bytes("/mutate", &body, false))
+            .await
+            .unwrap();
+        assert_eq!(read_response(&mut stream).await.0, 200);
     }
 }
 

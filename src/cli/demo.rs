@@ -7,9 +7,9 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 use coral::index::StateFile;
-use coral::policy::{EvaluatorOptions, PolicyRequest, PolicySet};
+use coral::policy::{EvaluatorOptions, PolicyRequest, PolicySet, Snapshot};
 
-use super::{evaluator_for, render_diff};
+use super::render_diff;
 
 const STATE_FILE: &str = "examples/state.yaml";
 const STATE: &str = include_str!("../../examples/state.yaml");
@@ -35,12 +35,12 @@ const WORKLOADS: [(&str, &str); 4] = [
 
 pub fn run() -> Result<ExitCode> {
     let state = StateFile::parse(STATE, STATE_FILE)?;
-    let (evaluator, index) =
-        evaluator_for(&PolicySet::embedded(), &state, EvaluatorOptions::default())?;
+    let snapshot =
+        Snapshot::from_state_file(&PolicySet::embedded(), &state, EvaluatorOptions::default())?;
     println!(
         "Coral demo: the default policies, {} ImageSet(s) and {} node(s) from {STATE_FILE}.",
         state.image_sets.len(),
-        index.node_count()
+        snapshot.index.node_count()
     );
     for node in &state.nodes {
         println!("  node {}: holds {}", node.name, node.images.join(", "));
@@ -49,11 +49,9 @@ pub fn run() -> Result<ExitCode> {
         let object: Value =
             serde_yaml::from_str(text).with_context(|| format!("{name} is not valid YAML"))?;
         let request = PolicyRequest::create(object, "default")?;
-        let namespace_labels = index
-            .namespace_labels(&request.namespace)
-            .cloned()
-            .unwrap_or_default();
-        let decision = evaluator.decide(&request, &namespace_labels)?;
+        let decision = snapshot
+            .evaluator
+            .decide(&request, &snapshot.namespace_labels(&request.namespace))?;
         let why = text
             .lines()
             .take_while(|line| line.starts_with('#'))

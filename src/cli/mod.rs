@@ -12,12 +12,9 @@ use serde_json::{Value, json};
 mod demo;
 
 use coral::image::{ImageReference, label_key};
-use coral::index::{ClusterIndex, StateFile};
+use coral::index::StateFile;
 use coral::policy::testing::{TestOptions, run_tests};
-use coral::policy::{
-    AllowedPaths, CompiledPolicies, Decision, Evaluator, EvaluatorOptions, PolicyRequest,
-    PolicySet, coral_data,
-};
+use coral::policy::{AllowedPaths, Decision, EvaluatorOptions, PolicyRequest, PolicySet, Snapshot};
 
 /// Keeps container images on the nodes that need them, and steers workloads to those nodes.
 #[derive(Debug, Parser)]
@@ -441,12 +438,10 @@ fn policy_eval(args: PolicyEvalArgs) -> Result<ExitCode> {
         allowed_paths: allowed_paths_from(allowed_paths)?,
         timeout: Duration::from_millis(eval_timeout_ms),
     };
-    let (evaluator, index) = evaluator_for(&set, &state, options)?;
-    let namespace_labels = index
-        .namespace_labels(&request.namespace)
-        .cloned()
-        .unwrap_or_default();
-    let decision = evaluator.decide(&request, &namespace_labels)?;
+    let snapshot = Snapshot::from_state_file(&set, &state, options)?;
+    let decision = snapshot
+        .evaluator
+        .decide(&request, &snapshot.namespace_labels(&request.namespace))?;
 
     let output = output.unwrap_or(if std::io::stdout().is_terminal() {
         EvalFormat::Diff
@@ -460,23 +455,6 @@ fn policy_eval(args: PolicyEvalArgs) -> Result<ExitCode> {
         EvalFormat::Diff => write!(out, "{}", render_diff(&request, &decision)?)?,
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The policies prepared with a state file's cluster state. The state's settings, when it has
-/// them, replace those of the policy set.
-fn evaluator_for(
-    set: &PolicySet,
-    state: &StateFile,
-    options: EvaluatorOptions,
-) -> Result<(Evaluator, ClusterIndex)> {
-    let compiled = CompiledPolicies::compile(set)?;
-    let settings = state
-        .settings
-        .clone()
-        .unwrap_or_else(|| compiled.settings().clone());
-    let index = state.to_index();
-    let evaluator = Evaluator::new(&compiled, coral_data(&index, &settings), options)?;
-    Ok((evaluator, index))
 }
 
 /// A bare object becomes a CREATE request; an AdmissionReview is used as the API server sent it.

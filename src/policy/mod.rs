@@ -6,6 +6,7 @@ mod engine;
 mod input;
 mod rails;
 mod settings;
+mod snapshot;
 mod source;
 pub mod testing;
 
@@ -23,6 +24,7 @@ pub use input::{
 };
 pub use rails::{AllowedPaths, DEFAULT_ALLOWED_PATHS, checked_patch};
 pub use settings::{INJECTIONS, PullPolicy, Scheduling, Settings, SettingsError};
+pub use snapshot::Snapshot;
 pub use source::{PolicyFile, PolicySet, SETTINGS_FILE, embedded_file_names, is_test_file};
 
 /// A policy set that cannot be loaded, or a decision that cannot be made.

@@ -9,7 +9,6 @@ mod server;
 mod standalone;
 pub mod tls;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -20,9 +19,8 @@ pub use admission::FailureMode;
 pub use server::run;
 pub use standalone::{SnapshotSource, load_snapshot};
 
-use crate::index::ClusterIndex;
 use crate::metrics::WebhookMetrics;
-use crate::policy::{Evaluator, EvaluatorOptions};
+use crate::policy::{EvaluatorOptions, Snapshot};
 
 /// Everything `coral webhook` is configured with.
 #[derive(Debug, Clone)]
@@ -47,23 +45,6 @@ pub struct WebhookOptions {
     pub poll_interval: Duration,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
-}
-
-/// Policies prepared with one cluster state: what every decision reads.
-pub struct Snapshot {
-    pub evaluator: Evaluator,
-    pub index: ClusterIndex,
-    pub skip_controlled_pods: bool,
-}
-
-impl Snapshot {
-    /// Labels of a namespace, empty when the state does not know it.
-    pub fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
-        self.index
-            .namespace_labels(namespace)
-            .cloned()
-            .unwrap_or_default()
-    }
 }
 
 /// State shared by the handlers.

@@ -5,11 +5,8 @@ use std::time::SystemTime;
 
 use thiserror::Error;
 
-use super::Snapshot;
 use crate::index::{StateError, StateFile};
-use crate::policy::{
-    CompiledPolicies, Evaluator, EvaluatorOptions, PolicyError, PolicySet, coral_data,
-};
+use crate::policy::{EvaluatorOptions, PolicyError, PolicySet, Snapshot};
 
 /// Where a snapshot comes from.
 #[derive(Debug, Clone)]
@@ -38,8 +35,7 @@ impl SnapshotError {
     }
 }
 
-/// Builds a snapshot from the files. The state's settings, when present, replace the policy
-/// set's.
+/// Builds a snapshot from the files.
 pub fn load_snapshot(
     source: &SnapshotSource,
     options: &EvaluatorOptions,
@@ -48,19 +44,8 @@ pub fn load_snapshot(
         Some(path) => PolicySet::load(path)?,
         None => PolicySet::embedded(),
     };
-    let compiled = CompiledPolicies::compile(&set)?;
     let state = StateFile::load(&source.state)?;
-    let settings = state
-        .settings
-        .clone()
-        .unwrap_or_else(|| compiled.settings().clone());
-    let index = state.to_index();
-    let evaluator = Evaluator::new(&compiled, coral_data(&index, &settings), options.clone())?;
-    Ok(Snapshot {
-        evaluator,
-        index,
-        skip_controlled_pods: settings.skip_controlled_pods,
-    })
+    Ok(Snapshot::from_state_file(&set, &state, options.clone())?)
 }
 
 /// Modification times of every file a snapshot was built from; a change means a reload.
