@@ -24,6 +24,7 @@ generate:
 # Benchmarks; each prints its figures.
 bench:
     cargo bench --bench decision
+    cargo bench --bench webhook_load
 
 # The demo: embedded policies on the example workloads.
 demo:

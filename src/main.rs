@@ -5,7 +5,8 @@ use clap::Parser;
 mod cli;
 
 /// mimalloc: allocation-heavy policy evaluation runs about a fifth faster than on the system
-/// allocator (see benches/decision.rs, which uses the same allocator).
+/// allocator (see benches/decision.rs, which uses the same allocator). Built without
+/// transparent huge pages, which would hold on to far more memory than the webhook uses.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -89,6 +89,10 @@ pub async fn run(options: WebhookOptions) -> anyhow::Result<()> {
                         continue;
                     }
                 };
+                // Small request, small answer: send it now rather than wait to coalesce.
+                if let Err(error) = tcp.set_nodelay(true) {
+                    info!(%peer, %error, "cannot set TCP_NODELAY");
+                }
                 let tls = tls.clone();
                 let service = service.clone();
                 let watcher = graceful.watcher();

@@ -164,6 +164,7 @@ pub async fn tls_stream(
     ca_pem: &str,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(address).await?;
+    tcp.set_nodelay(true)?;
     connector(ca_pem)
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await

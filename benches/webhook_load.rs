@@ -1,0 +1,241 @@
+//! Load on the real `coral webhook --standalone` over HTTPS with keep-alive: Deployments with
+//! three containers against a state of 1,000 managed images and 5,000 nodes.
+//!
+//! `cargo bench --bench webhook_load` (or `just bench`) prints: latency at a fixed 1,000
+//! requests/s, the highest rate closed-loop clients reach and its latency, and the server's
+//! resident memory (now and peak). The load generator runs in this process, on the same two
+//! cores as the server, so the highest rate is a floor of what the server can do alone.
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark stops on setup failures
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+use support::{Webhook, read_response, request_bytes, tls_stream};
+
+const IMAGE_SETS: usize = 100;
+const IMAGES_PER_SET: usize = 10;
+const NODES: usize = 5_000;
+
+fn image(set: usize, i: usize) -> String {
+    format!("registry.example.com/team-{set}/service-{i}:1.{i}")
+}
+
+/// ImageSet `s` targets pool `s`; each node belongs to one pool and holds its set's images.
+fn state_yaml() -> String {
+    let mut yaml = String::from("imageSets:\n");
+    for set in 0..IMAGE_SETS {
+        let images: Vec<String> = (0..IMAGES_PER_SET)
+            .map(|i| format!("\"{}\"", image(set, i)))
+            .collect();
+        writeln!(
+            yaml,
+            "  - metadata: {{name: set-{set}, namespace: shop}}\n    spec:\n      images: [{}]\n      nodeSelector: {{matchLabels: {{pool: p{set}}}}}",
+            images.join(", ")
+        )
+        .unwrap();
+    }
+    yaml.push_str("nodes:\n");
+    for node in 0..NODES {
+        let pool = node % IMAGE_SETS;
+        let images: Vec<String> = (0..IMAGES_PER_SET)
+            .map(|i| format!("\"{}\"", image(pool, i)))
+            .collect();
+        writeln!(
+            yaml,
+            "  - {{name: node-{node}, labels: {{pool: p{pool}}}, images: [{}]}}",
+            images.join(", ")
+        )
+        .unwrap();
+    }
+    yaml.push_str("namespaces:\n  - {name: shop, labels: {coral.dev/inject: enabled}}\n");
+    yaml
+}
+
+fn review_body() -> Vec<u8> {
+    let containers: Vec<_> = (0..3)
+        .map(|i| json!({"name": format!("c{i}"), "image": image(7, i)}))
+        .collect();
+    let deployment = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "shop", "namespace": "shop", "annotations": {"coral.dev/inject": "selectors,pull-policy"}},
+        "spec": {
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": "shop"}},
+            "template": {"metadata": {"labels": {"app": "shop"}}, "spec": {"containers": containers}},
+        },
+    });
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "bench",
+            "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
+            "resource": {"group": "apps", "version": "v1", "resource": "deployments"},
+            "namespace": "shop",
+            "name": "shop",
+            "operation": "CREATE",
+            "userInfo": {"username": "bench"},
+            "object": deployment,
+        }
+    }))
+    .unwrap()
+}
+
+/// Latencies, sorted.
+struct Run {
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+    errors: usize,
+}
+
+impl Run {
+    fn at(&self, q: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies.len() - 1) as f64 * q) as usize;
+        self.latencies[i].as_secs_f64() * 1000.0
+    }
+
+    fn rate(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// `connections` keep-alive connections; with `rate`, each sends on a fixed schedule and
+/// latency counts from the scheduled time (no coordinated omission); without, each sends as
+/// fast as answers come.
+async fn load(webhook: &Webhook, connections: usize, rate: Option<f64>, duration: Duration) -> Run {
+    let body = request_bytes("/mutate", &review_body(), true);
+    let ca = webhook.authority.pem();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let body = body.clone();
+        let mut stream = tls_stream(webhook.https, &ca).await.expect("connect");
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0;
+            let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
+            let mut next = Instant::now();
+            while started.elapsed() < duration {
+                let sent = match interval {
+                    // Behind schedule because the last answer came late: the wait counts
+                    // against the server, so latency runs from the scheduled time.
+                    Some(interval) if Instant::now() > next => {
+                        let scheduled = next;
+                        next += interval;
+                        scheduled
+                    }
+                    // On schedule: wait, and count from the actual send (the timer's own
+                    // millisecond granularity is not the server's latency).
+                    Some(interval) => {
+                        tokio::time::sleep_until(next.into()).await;
+                        next += interval;
+                        Instant::now()
+                    }
+                    None => Instant::now(),
+                };
+                stream.write_all(&body).await.expect("send");
+                let (status, _) = read_response(&mut stream).await;
+                if status == 200 {
+                    latencies.push(sent.elapsed());
+                } else {
+                    errors += 1;
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut run = Run {
+        latencies: Vec::new(),
+        elapsed: Duration::ZERO,
+        errors: 0,
+    };
+    for task in tasks {
+        let (latencies, errors) = task.await.unwrap();
+        run.latencies.extend(latencies);
+        run.errors += errors;
+    }
+    run.elapsed = started.elapsed();
+    run.latencies.sort();
+    run
+}
+
+fn memory_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(field)?
+                .trim()
+                .trim_end_matches(" kB")
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+fn main() {
+    // `cargo test --all-targets` runs this file too, without `--bench`: then a short run only
+    // checks that it works.
+    let benchmarking = std::env::args().any(|arg| arg == "--bench");
+    let phase = if benchmarking {
+        Duration::from_secs(10)
+    } else {
+        Duration::from_millis(500)
+    };
+    if !benchmarking {
+        println!(
+            "check run (no --bench): short phases, possibly unoptimized; not benchmark figures"
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let webhook = Webhook::start(&state_yaml(), &["--workers", "2"]);
+    println!(
+        "webhook ready in {:.1} s with {} managed images, {NODES} nodes; RSS {:.1} MiB, peak {:.1} MiB",
+        started.elapsed().as_secs_f64(),
+        IMAGE_SETS * IMAGES_PER_SET,
+        memory_kib(webhook.child.id(), "VmRSS:") as f64 / 1024.0,
+        memory_kib(webhook.child.id(), "VmHWM:") as f64 / 1024.0
+    );
+    runtime.block_on(async {
+        load(&webhook, 4, None, phase / 5).await;
+
+        let fixed = load(&webhook, 8, Some(1000.0), phase).await;
+        println!(
+            "fixed 1,000 req/s, 8 connections: {:.0} req/s done, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, errors {}   target: p99 < 2 ms",
+            fixed.rate(),
+            fixed.at(0.5),
+            fixed.at(0.99),
+            fixed.at(1.0),
+            fixed.errors
+        );
+
+        let max = load(&webhook, 16, None, phase).await;
+        println!(
+            "closed loop, 16 connections: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}   aim: > 5,000 req/s",
+            max.rate(),
+            max.at(0.5),
+            max.at(0.99),
+            max.errors
+        );
+    });
+    let pid = webhook.child.id();
+    println!(
+        "server memory: RSS {:.1} MiB, peak RSS {:.1} MiB   target: peak < 64 MiB",
+        memory_kib(pid, "VmRSS:") as f64 / 1024.0,
+        memory_kib(pid, "VmHWM:") as f64 / 1024.0
+    );
+}
