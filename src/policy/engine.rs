@@ -1,5 +1,6 @@
 //! The Rego engine: a policy set compiled once, an evaluator prepared once per cluster state
-//! and cloned per decision, and the decision with its safety rails.
+//! (a fresh virtual machine per decision reuses its program and data), and the decision with
+//! its safety rails.
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
@@ -9,11 +10,14 @@ use std::time::{Duration, Instant};
 use json_patch::Patch;
 use regorus::utils::limits::ExecutionTimerConfig;
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::input::{containers, containers_after};
 use super::rails::checked_patch;
-use super::{AllowedPaths, PolicyError, PolicyRequest, PolicySet, Settings, build_input};
+use super::{
+    AllowedPaths, PolicyError, PolicyRequest, PolicySet, Settings, build_input, coral_data,
+};
+use crate::index::ClusterIndex;
 
 /// Package whose `patch`, `warn` and `deny` rules make the decision.
 pub const DECISION_PACKAGE: &str = "data.coral.mutate";
@@ -72,7 +76,10 @@ impl CompiledPolicies {
         // engine refuses to evaluate a rule no file defines; that is how absent rules show.
         let mut probe = compiled.engine.clone();
         probe
-            .add_data(regorus::Value::from(empty_data(&compiled.settings)))
+            .add_data(regorus::Value::from(coral_data(
+                &ClusterIndex::new(),
+                &compiled.settings,
+            )))
             .map_err(|e| compiled.compile_error(e))?;
         probe.set_input(regorus::Value::new_object());
         probe.set_execution_timer_config(timer(DEFAULT_EVAL_TIMEOUT));
@@ -125,11 +132,6 @@ fn decision_wrapper(rules: &[&str]) -> String {
         "package coral_decision_internal\n\ndecision := {{{}}}\n",
         fields.join(", ")
     )
-}
-
-/// `data` with no images and no nodes.
-fn empty_data(settings: &Settings) -> Value {
-    json!({"coral": {"images": {}, "nodes": {"total": 0, "labels": {}}, "settings": settings}})
 }
 
 /// Options of an evaluator, fixed at start-up.

@@ -11,7 +11,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::source::read;
-use super::{PolicyError, SETTINGS_FILE, Settings, is_test_file};
+use super::{PolicyError, SETTINGS_FILE, Settings, coral_data, is_test_file};
+use crate::index::ClusterIndex;
 
 /// What to run.
 #[derive(Debug, Clone, Default)]
@@ -316,8 +317,7 @@ pub fn run_tests(paths: &[PathBuf], options: &TestOptions) -> Result<TestReport,
             }
         }
     }
-    let data =
-        json!({"coral": {"images": {}, "nodes": {"total": 0, "labels": {}}, "settings": settings}});
+    let data = coral_data(&ClusterIndex::new(), &settings);
     engine
         .add_data(regorus::Value::from(data))
         .map_err(|e| PolicyError::Data(e.to_string()))?;
