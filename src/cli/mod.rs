@@ -132,6 +132,13 @@ struct PolicyEvalArgs {
     /// Namespace of an object that names none.
     #[arg(short, long, default_value = "default", env = "CORAL_NAMESPACE")]
     namespace: String,
+    #[command(flatten)]
+    evaluation: EvaluationArgs,
+}
+
+/// How decisions are evaluated; shared by `policy eval` and `webhook`.
+#[derive(Debug, Args)]
+struct EvaluationArgs {
     /// Paths policies may change ({podSpec} is the kind's pod spec). Repeat to allow several;
     /// replaces the default list.
     #[arg(
@@ -149,6 +156,23 @@ struct PolicyEvalArgs {
         env = "CORAL_EVAL_TIMEOUT_MS"
     )]
     eval_timeout_ms: u64,
+}
+
+impl EvaluationArgs {
+    fn options(self) -> Result<EvaluatorOptions> {
+        let Self {
+            allowed_paths,
+            eval_timeout_ms,
+        } = self;
+        Ok(EvaluatorOptions {
+            allowed_paths: if allowed_paths.is_empty() {
+                AllowedPaths::default()
+            } else {
+                AllowedPaths::new(allowed_paths)?
+            },
+            timeout: Duration::from_millis(eval_timeout_ms),
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -179,22 +203,8 @@ struct WebhookArgs {
     /// Default: the embedded policies.
     #[arg(long, value_name = "DIR|FILE", env = "CORAL_POLICIES")]
     policies: Option<PathBuf>,
-    /// Paths policies may change; replaces the default list (see `coral policy eval --help`).
-    #[arg(
-        long = "allowed-path",
-        value_name = "POINTER",
-        env = "CORAL_ALLOWED_PATHS",
-        value_delimiter = ','
-    )]
-    allowed_paths: Vec<String>,
-    /// Bound on one policy evaluation.
-    #[arg(
-        long,
-        value_name = "MILLISECONDS",
-        default_value = "250",
-        env = "CORAL_EVAL_TIMEOUT_MS"
-    )]
-    eval_timeout_ms: u64,
+    #[command(flatten)]
+    evaluation: EvaluationArgs,
     /// Largest request body accepted (larger ones get HTTP 413).
     #[arg(
         long,
@@ -232,14 +242,6 @@ struct WebhookArgs {
     shutdown_grace_seconds: u64,
 }
 
-fn allowed_paths_from(patterns: Vec<String>) -> Result<AllowedPaths> {
-    Ok(if patterns.is_empty() {
-        AllowedPaths::default()
-    } else {
-        AllowedPaths::new(patterns)?
-    })
-}
-
 fn webhook(args: WebhookArgs) -> Result<ExitCode> {
     let WebhookArgs {
         listen,
@@ -250,8 +252,7 @@ fn webhook(args: WebhookArgs) -> Result<ExitCode> {
         standalone,
         state,
         policies,
-        allowed_paths: patterns,
-        eval_timeout_ms,
+        evaluation,
         max_body_bytes,
         request_timeout_ms,
         workers,
@@ -275,10 +276,7 @@ fn webhook(args: WebhookArgs) -> Result<ExitCode> {
         probe_listen,
         failure_mode,
         source: coral::webhook::SnapshotSource { state, policies },
-        evaluator: EvaluatorOptions {
-            allowed_paths: allowed_paths_from(patterns)?,
-            timeout: Duration::from_millis(eval_timeout_ms),
-        },
+        evaluator: evaluation.options()?,
         max_body_bytes,
         request_timeout: Duration::from_millis(request_timeout_ms),
         workers: workers.unwrap_or_else(|| {
@@ -421,8 +419,7 @@ fn policy_eval(args: PolicyEvalArgs) -> Result<ExitCode> {
         policies,
         output,
         namespace,
-        allowed_paths,
-        eval_timeout_ms,
+        evaluation,
     } = args;
     let text = read_input(&file)?;
     let object: Value =
@@ -434,10 +431,7 @@ fn policy_eval(args: PolicyEvalArgs) -> Result<ExitCode> {
         None => PolicySet::embedded(),
     };
     let state = StateFile::load(&state)?;
-    let options = EvaluatorOptions {
-        allowed_paths: allowed_paths_from(allowed_paths)?,
-        timeout: Duration::from_millis(eval_timeout_ms),
-    };
+    let options = evaluation.options()?;
     let snapshot = Snapshot::from_state_file(&set, &state, options)?;
     let decision = snapshot
         .evaluator
