@@ -52,22 +52,26 @@ pub struct Review {
 impl Review {
     /// Parses a request body.
     pub fn parse(body: &[u8]) -> Result<Self, BadReview> {
-        let value: Value = serde_json::from_slice(body).map_err(BadReview::NotJson)?;
+        let mut value: Value = serde_json::from_slice(body).map_err(BadReview::NotJson)?;
         if value["apiVersion"] != "admission.k8s.io/v1" || value["kind"] != "AdmissionReview" {
             return Err(BadReview::NotReview(format!(
                 "apiVersion {} and kind {}",
                 value["apiVersion"], value["kind"]
             )));
         }
-        let Some(request) = value.get("request").filter(|r| r.is_object()) else {
+        let request = value
+            .get_mut("request")
+            .map(Value::take)
+            .unwrap_or_default();
+        if !request.is_object() {
             return Err(BadReview::NotReview("it has no request".into()));
-        };
+        }
         let Some(uid) = request["uid"].as_str().filter(|uid| !uid.is_empty()) else {
             return Err(BadReview::NotReview("request.uid is missing".into()));
         };
         Ok(Self {
             uid: uid.to_string(),
-            request: request.clone(),
+            request,
         })
     }
 
@@ -195,7 +199,7 @@ pub enum MutateStep {
 
 /// Routes a review on `/mutate`: only CREATE and UPDATE of the workload kinds are decided;
 /// Pods owned by a controller are skipped when `skip_controlled_pods`.
-pub fn mutate_step(review: &Review, mode: FailureMode, skip_controlled_pods: bool) -> MutateStep {
+pub fn mutate_step(review: Review, mode: FailureMode, skip_controlled_pods: bool) -> MutateStep {
     let uid = &review.uid;
     let (kind, operation) = review.kind_and_operation();
     if !matches!(operation, "CREATE" | "UPDATE") || kind == "other" || kind == "ImageSet" {
@@ -204,7 +208,7 @@ pub fn mutate_step(review: &Review, mode: FailureMode, skip_controlled_pods: boo
     if skip_controlled_pods && kind == "Pod" && is_controlled(&review.request["object"]) {
         return MutateStep::Answer(allow(uid, &[]), Answer::Skipped);
     }
-    match serde_json::from_value::<PolicyRequest>(review.request.clone()) {
+    match serde_json::from_value::<PolicyRequest>(review.request) {
         Ok(request) if request.object.is_object() => MutateStep::Decide(Box::new(request)),
         Ok(_) => {
             let (value, answer) = failure_response(uid, mode, "the review carries no object");
@@ -238,13 +242,13 @@ pub fn decided_response(
 
 /// Answers a review on `/validate/imagesets`: unparseable references, invalid selectors and
 /// duplicate images are refused, naming the entry.
-pub fn validate_image_set_review(review: &Review) -> (Value, Answer) {
+pub fn validate_image_set_review(mut review: Review) -> (Value, Answer) {
     let uid = &review.uid;
     let (_, operation) = review.kind_and_operation();
     if !matches!(operation, "CREATE" | "UPDATE") {
         return (allow(uid, &[]), Answer::Skipped);
     }
-    let set: ImageSet = match serde_json::from_value(review.request["object"].clone()) {
+    let set: ImageSet = match serde_json::from_value(review.request["object"].take()) {
         Ok(set) => set,
         Err(error) => {
             return (

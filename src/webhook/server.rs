@@ -309,16 +309,16 @@ async fn mutate(State(shared): State<Arc<Shared>>, request: Request) -> Response
             failure_response(&review.uid, shared.failure_mode, "no policies loaded");
         return finish(&shared, "mutate", started, kind, operation, answer, &value);
     };
+    let uid = review.uid.clone();
     let (value, answer) =
-        match mutate_step(&review, shared.failure_mode, snapshot.skip_controlled_pods) {
+        match mutate_step(review, shared.failure_mode, snapshot.skip_controlled_pods) {
             MutateStep::Answer(value, answer) => (value, answer),
             MutateStep::Decide(request) => {
-                let uid = review.uid.clone();
+                let workload = request.workload_kind();
                 let permit = shared.workers.acquire().await;
                 let evaluation_started = Instant::now();
                 let decided = {
                     let snapshot = snapshot.clone();
-                    let request = request.clone();
                     tokio::time::timeout(
                         shared.evaluation_timeout * 2,
                         tokio::task::spawn_blocking(move || {
@@ -344,7 +344,7 @@ async fn mutate(State(shared): State<Arc<Shared>>, request: Request) -> Response
                                 .inc();
                             warn!(uid = %uid, kind, %error, "policy decision failed");
                         }
-                        if let (Ok(decision), Ok(workload)) = (&result, request.workload_kind()) {
+                        if let (Ok(decision), Ok(workload)) = (&result, workload) {
                             for (field, count) in patched_fields(decision, workload) {
                                 shared
                                     .metrics
@@ -389,7 +389,7 @@ async fn validate(State(shared): State<Arc<Shared>>, request: Request) -> Respon
         Err(response) => return response,
     };
     let (kind, operation) = review.kind_and_operation();
-    let (value, answer) = validate_image_set_review(&review);
+    let (value, answer) = validate_image_set_review(review);
     finish(
         &shared, "validate", started, kind, operation, answer, &value,
     )
