@@ -36,6 +36,26 @@ fn metric(metrics: &str, sample: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {sample} in:\n{metrics}"))
 }
 
+/// Waits until a metric sample reaches at least `value`, and returns it.
+async fn wait_for_metric(webhook: &Webhook, sample: &str, value: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = get_probe(webhook, "/metrics").await;
+        let current = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+            .unwrap_or(0.0);
+        if current >= value {
+            return current;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sample} never reached {value}:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Replaces a file the way Kubernetes volumes do: all at once.
 fn replace_file(path: &Path, contents: &str) {
     let temporary = path.with_extension("tmp");
@@ -406,15 +426,23 @@ async fn certificate_rotation_keeps_serving() {
     assert_eq!(read_response(&mut before).await.0, 200);
 
     // A broken pair is rejected and the last good one kept.
+    let errors_before = metric(
+        &get_probe(&webhook, "/metrics").await.1,
+        "coral_tls_certificate_errors_total",
+    );
     replace_file(&webhook.path("tls.crt"), "not a certificate");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for_metric(
+        &webhook,
+        "coral_tls_certificate_errors_total",
+        errors_before + 1.0,
+    )
+    .await;
     assert!(
         tls_stream(webhook.https, &new_authority.pem())
             .await
-            .is_ok()
+            .is_ok(),
+        "the last good certificate is still served"
     );
-    let (_, metrics) = get_probe(&webhook, "/metrics").await;
-    assert!(metric(&metrics, "coral_tls_certificate_errors_total") >= 1.0);
 }
 
 #[tokio::test]
@@ -449,17 +477,17 @@ async fn state_file_changes_are_picked_up() {
 
     // A broken state file keeps the last good state.
     replace_file(&webhook.path("state.yaml"), "nodes: 5");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let failures = r#"coral_reloads_total{result="failure",what="state"}"#;
+    assert_eq!(wait_for_metric(&webhook, failures, 1.0).await, 1.0);
     let (response, _) = mutate(&webhook, &object, "CREATE").await;
-    assert_eq!(response["allowed"], true);
-    let (_, metrics) = get_probe(&webhook, "/metrics").await;
-    assert_eq!(
-        metric(
-            &metrics,
-            r#"coral_reloads_total{result="failure",what="state"}"#
-        ),
-        1.0
+    assert!(
+        response["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("on 0 node(s)"),
+        "the last good state is still in effect: {response}"
     );
+    let (_, metrics) = get_probe(&webhook, "/metrics").await;
     assert!(
         metric(
             &metrics,
