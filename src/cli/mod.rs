@@ -454,10 +454,8 @@ fn policy_eval(args: PolicyEvalArgs) -> Result<ExitCode> {
 /// A bare object becomes a CREATE request; an AdmissionReview is used as the API server sent it.
 fn request_from(object: Value, namespace: &str) -> Result<PolicyRequest> {
     if object["kind"] == "AdmissionReview" {
-        let request = object
-            .get("request")
-            .context("the AdmissionReview has no request")?;
-        return serde_json::from_value(request.clone())
+        let review = coral::webhook::admission::Review::from_value(object)?;
+        return serde_json::from_value(review.request)
             .context("the AdmissionReview request is not valid");
     }
     Ok(PolicyRequest::create(object, namespace)?)

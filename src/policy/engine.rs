@@ -113,10 +113,6 @@ impl CompiledPolicies {
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
-
-    pub fn origin(&self) -> &str {
-        &self.origin
-    }
 }
 
 /// A rule gathering the decision rules into one object, so that one evaluation computes the

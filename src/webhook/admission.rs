@@ -52,7 +52,11 @@ pub struct Review {
 impl Review {
     /// Parses a request body.
     pub fn parse(body: &[u8]) -> Result<Self, BadReview> {
-        let mut value: Value = serde_json::from_slice(body).map_err(BadReview::NotJson)?;
+        Self::from_value(serde_json::from_slice(body).map_err(BadReview::NotJson)?)
+    }
+
+    /// Checks an already parsed document.
+    pub fn from_value(mut value: Value) -> Result<Self, BadReview> {
         if value["apiVersion"] != "admission.k8s.io/v1" || value["kind"] != "AdmissionReview" {
             return Err(BadReview::NotReview(format!(
                 "apiVersion {} and kind {}",
