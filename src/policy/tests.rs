@@ -537,3 +537,23 @@ warn contains "still here""#,
     assert_eq!(decision.warnings, vec!["still here".to_string()]);
     assert!(decision.patch.0.is_empty());
 }
+
+#[test]
+fn containers_after_a_patch_reparse_only_changed_images() {
+    let before = fixture("pod-api.json");
+    let entries = containers(&before, WorkloadKind::Pod);
+    let mut after = before.clone();
+    after["spec"]["containers"][0]["imagePullPolicy"] = "IfNotPresent".into();
+    after["spec"]["containers"][1]["image"] = "registry.local:5000/nginx:1.27".into();
+    let again = containers_after(&after, WorkloadKind::Pod, &entries);
+    assert_eq!(again.len(), entries.len());
+    assert_eq!(again[0]["normalized"], entries[0]["normalized"]);
+    assert_eq!(again[0]["imagePullPolicy"], "IfNotPresent");
+    assert_eq!(again[1]["normalized"], "registry.local:5000/nginx:1.27");
+    assert_ne!(again[1]["label"], entries[1]["label"]);
+    assert_eq!(
+        again,
+        containers(&after, WorkloadKind::Pod),
+        "same as parsing afresh"
+    );
+}
