@@ -2,8 +2,8 @@
 //! rule names and error classes; never object names or image references).
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Metrics of the admission webhook.
@@ -28,6 +28,13 @@ pub struct WebhookMetrics {
     pub rejected: IntCounterVec,
     /// Requests answered while the TLS certificate could not be renewed.
     pub certificate_errors: IntCounter,
+    /// Errors of the cluster watches (each is retried with backoff), by resource.
+    pub watch_errors: IntCounterVec,
+    /// Objects in the cluster-state index, by resource.
+    pub index_objects: IntGaugeVec,
+    /// 1 while the policy ConfigMap in the cluster is the one in use; 0 while it is rejected
+    /// and the last good policies serve.
+    pub policy_configmap_valid: IntGauge,
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -97,7 +104,26 @@ impl WebhookMetrics {
                 "Failed loads of the TLS certificate or key (the last good pair is kept).",
             )
             .expect("valid metric definition"),
+            watch_errors: counter(
+                "coral_watch_errors_total",
+                "Errors of the cluster watches (retried with backoff), by resource.",
+                &["resource"],
+            ),
+            index_objects: IntGaugeVec::new(
+                Opts::new(
+                    "coral_index_objects",
+                    "Objects in the cluster-state index, by resource.",
+                ),
+                &["resource"],
+            )
+            .expect("valid metric definition"),
+            policy_configmap_valid: IntGauge::new(
+                "coral_policy_configmap_valid",
+                "1 while the policy ConfigMap is in use, 0 while it is rejected (the last good policies serve).",
+            )
+            .expect("valid metric definition"),
         };
+        metrics.policy_configmap_valid.set(1);
         metrics.register_all();
         metrics
     }
@@ -113,6 +139,9 @@ impl WebhookMetrics {
             Box::new(self.index_built.clone()),
             Box::new(self.rejected.clone()),
             Box::new(self.certificate_errors.clone()),
+            Box::new(self.watch_errors.clone()),
+            Box::new(self.index_objects.clone()),
+            Box::new(self.policy_configmap_valid.clone()),
         ];
         for collector in collectors {
             // Each collector is registered once, on a fresh registry: no duplicates.

@@ -562,11 +562,73 @@ async fn tls_1_2_and_1_3_are_served() {
 }
 
 #[test]
-fn webhook_without_standalone_explains_itself() {
-    let output = Command::new(env!("CARGO_BIN_EXE_coral"))
-        .args(["webhook", "--tls-cert", "x", "--tls-key", "y"])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--standalone --state"));
+fn webhook_flags_that_do_not_fit_together_are_explained() {
+    let run = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_coral"))
+            .args(["webhook", "--tls-cert", "x", "--tls-key", "y"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_ne!(output.status.code(), Some(0), "{args:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    assert!(run(&["--standalone"]).contains("--standalone needs --state FILE"));
+    assert!(run(&["--state", "s.yaml"]).contains("--state and --policies are for --standalone"));
+    assert!(
+        run(&[
+            "--standalone",
+            "--state",
+            "s.yaml",
+            "--policies-configmap",
+            "a/b"
+        ])
+        .contains("with --standalone use --policies")
+    );
+    let bad_name = run(&["--policies-configmap", "coral-policies"]);
+    assert!(
+        bad_name.contains("\"coral-policies\" is not NAMESPACE/NAME"),
+        "{bad_name}"
+    );
+}
+
+/// In a cluster, the webhook is not ready and answers with its failure mode until every watch
+/// has listed; an API server that does not answer is retried.
+#[tokio::test]
+async fn cluster_mode_waits_for_the_first_list_before_ready() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let webhook = Webhook::start_in_cluster(
+        &server,
+        &["--policies-configmap", "coral-system/coral-policies"],
+    );
+    assert_eq!(get_probe(&webhook, "/healthz").await.0, 200);
+    let (status, body) = get_probe(&webhook, "/readyz").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "not ready: cluster state not listed yet")
+    );
+
+    let (response, _) = mutate(&webhook, &annotated("deployment-web.json"), "CREATE").await;
+    assert_eq!(response["allowed"], true);
+    let warnings = response["warnings"].to_string();
+    assert!(
+        warnings.contains("the cluster state is not listed yet"),
+        "{warnings}"
+    );
+    assert!(response.get("patch").is_none());
+
+    wait_for_metric(
+        &webhook,
+        "coral_watch_errors_total{resource=\"nodes\"}",
+        1.0,
+    )
+    .await;
+    wait_for_metric(
+        &webhook,
+        "coral_watch_errors_total{resource=\"configmaps\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(get_probe(&webhook, "/readyz").await.0, 503);
 }

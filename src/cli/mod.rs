@@ -203,6 +203,21 @@ struct WebhookArgs {
     /// Default: the embedded policies.
     #[arg(long, value_name = "DIR|FILE", env = "CORAL_POLICIES")]
     policies: Option<PathBuf>,
+    /// In a cluster: the ConfigMap whose policies replace the embedded ones, watched and
+    /// reloaded; a version that does not compile is rejected and the last good one serves.
+    #[arg(long, value_name = "NAMESPACE/NAME", env = "CORAL_POLICIES_CONFIGMAP")]
+    policies_configmap: Option<coral::webhook::ObjectName>,
+    /// In a cluster: quiet period after a change before the policy data is rebuilt.
+    #[arg(
+        long,
+        value_name = "MILLISECONDS",
+        default_value = "500",
+        env = "CORAL_DEBOUNCE_MS"
+    )]
+    debounce_ms: u64,
+    /// In a cluster: this replica's name in the Events it records. Default: the host name.
+    #[arg(long, env = "CORAL_POD_NAME")]
+    pod_name: Option<String>,
     #[command(flatten)]
     evaluation: EvaluationArgs,
     /// Largest request body accepted (larger ones get HTTP 413).
@@ -252,6 +267,9 @@ fn webhook(args: WebhookArgs) -> Result<ExitCode> {
         standalone,
         state,
         policies,
+        policies_configmap,
+        debounce_ms,
+        pod_name,
         evaluation,
         max_body_bytes,
         request_timeout_ms,
@@ -259,14 +277,28 @@ fn webhook(args: WebhookArgs) -> Result<ExitCode> {
         poll_interval_ms,
         shutdown_grace_seconds,
     } = args;
-    if !standalone {
-        bail!(
-            "coral webhook runs with --standalone --state FILE; serving from a live cluster \
-             (reflectors and the policy ConfigMap) is not available in this version"
-        );
-    }
-    let Some(state) = state else {
-        bail!("--standalone needs --state FILE (the format of `coral policy eval --state`)");
+    let source = if standalone {
+        let Some(state) = state else {
+            bail!("--standalone needs --state FILE (the format of `coral policy eval --state`)");
+        };
+        if policies_configmap.is_some() {
+            bail!(
+                "--policies-configmap reads from a cluster; with --standalone use --policies DIR|FILE"
+            );
+        }
+        coral::webhook::Source::Files(coral::webhook::SnapshotSource { state, policies })
+    } else {
+        if state.is_some() || policies.is_some() {
+            bail!(
+                "--state and --policies are for --standalone; in a cluster the state comes from \
+                 watches and the policies from --policies-configmap"
+            );
+        }
+        coral::webhook::Source::Cluster(coral::webhook::ClusterOptions {
+            policies_configmap,
+            debounce: Duration::from_millis(debounce_ms),
+            instance: pod_name.unwrap_or_else(host_name),
+        })
     };
     init_logging();
     let options = coral::webhook::WebhookOptions {
@@ -275,7 +307,7 @@ fn webhook(args: WebhookArgs) -> Result<ExitCode> {
         tls_key,
         probe_listen,
         failure_mode,
-        source: coral::webhook::SnapshotSource { state, policies },
+        source,
         evaluator: evaluation.options()?,
         max_body_bytes,
         request_timeout: Duration::from_millis(request_timeout_ms),
@@ -291,6 +323,16 @@ fn webhook(args: WebhookArgs) -> Result<ExitCode> {
         .context("cannot start the async runtime")?;
     runtime.block_on(coral::webhook::run(options))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The host name (a pod's name in Kubernetes), or `coral-webhook` when it cannot be read.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "coral-webhook".to_string())
 }
 
 /// Logs to stderr; `CORAL_LOG` (or `RUST_LOG`) sets the filter, `info` by default.

@@ -3,6 +3,7 @@
 //! Pure and synchronous: watchers (or a state file) feed it with `apply_*` and `delete_*`, and
 //! readers ask it for image availability. It holds no client.
 
+mod objects;
 mod selector;
 mod state_file;
 
@@ -10,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
+pub use objects::ClusterObjects;
 pub use selector::{Selector, SelectorError};
 pub use state_file::{StateError, StateFile, StateNamespace, StateNode};
 

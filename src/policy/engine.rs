@@ -113,6 +113,11 @@ impl CompiledPolicies {
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
+
+    /// Where the policy set came from.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
 }
 
 /// A rule gathering the decision rules into one object, so that one evaluation computes the

@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use super::{CompiledPolicies, Evaluator, EvaluatorOptions, PolicyError, PolicySet, coral_data};
+use super::{
+    CompiledPolicies, Evaluator, EvaluatorOptions, PolicyError, PolicySet, Settings, coral_data,
+};
 use crate::index::{ClusterIndex, StateFile};
 
 /// An evaluator and the index it was prepared from, immutable once built.
@@ -11,6 +13,8 @@ pub struct Snapshot {
     pub index: ClusterIndex,
     /// `settings.skipControlledPods`, which the webhook applies before any policy runs.
     pub skip_controlled_pods: bool,
+    /// Where the policies came from (`embedded`, a directory, a ConfigMap).
+    pub policy_origin: String,
 }
 
 impl Snapshot {
@@ -22,16 +26,28 @@ impl Snapshot {
         options: EvaluatorOptions,
     ) -> Result<Self, PolicyError> {
         let compiled = CompiledPolicies::compile(set)?;
-        let settings = state
-            .settings
-            .clone()
-            .unwrap_or_else(|| compiled.settings().clone());
-        let index = state.to_index();
-        let evaluator = Evaluator::new(&compiled, coral_data(&index, &settings), options)?;
+        Self::new(
+            &compiled,
+            state.to_index(),
+            state.settings.as_ref(),
+            options,
+        )
+    }
+
+    /// Prepares compiled policies with an index. `settings` replace the policy set's when given.
+    pub fn new(
+        compiled: &CompiledPolicies,
+        index: ClusterIndex,
+        settings: Option<&Settings>,
+        options: EvaluatorOptions,
+    ) -> Result<Self, PolicyError> {
+        let settings = settings.unwrap_or_else(|| compiled.settings());
+        let evaluator = Evaluator::new(compiled, coral_data(&index, settings), options)?;
         Ok(Self {
             evaluator,
             index,
             skip_controlled_pods: settings.skip_controlled_pods,
+            policy_origin: compiled.origin().to_string(),
         })
     }
 

@@ -5,17 +5,19 @@
 //! whole when the state or the policies change, never rebuilt per request.
 
 pub mod admission;
+mod cluster;
 mod server;
 mod standalone;
 pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 pub use admission::FailureMode;
+pub use cluster::{ClusterOptions, ObjectName, ObjectNameError};
 pub use server::run;
 pub use standalone::{SnapshotSource, load_snapshot};
 
@@ -33,7 +35,7 @@ pub struct WebhookOptions {
     pub probe_listen: SocketAddr,
     pub failure_mode: FailureMode,
     /// Where policies and cluster state come from.
-    pub source: SnapshotSource,
+    pub source: Source,
     pub evaluator: EvaluatorOptions,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
@@ -47,26 +49,58 @@ pub struct WebhookOptions {
     pub shutdown_grace: Duration,
 }
 
+/// Where policies and cluster state come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// Files, reloaded when they change (`--standalone`).
+    Files(SnapshotSource),
+    /// The cluster, through watches.
+    Cluster(ClusterOptions),
+}
+
 /// State shared by the handlers.
 pub(crate) struct Shared {
-    pub snapshot: RwLock<Arc<Snapshot>>,
+    /// `None` until the first snapshot is built.
+    pub snapshot: RwLock<Option<Arc<Snapshot>>>,
     pub metrics: WebhookMetrics,
     pub failure_mode: FailureMode,
     pub workers: tokio::sync::Semaphore,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
     pub evaluation_timeout: Duration,
-    pub ready: AtomicBool,
+    /// The admission listener is bound with TLS configured, and not shutting down.
+    pub listening: AtomicBool,
+    /// A first snapshot is installed (in cluster mode: built after every watch listed).
+    pub synced: AtomicBool,
 }
 
 impl Shared {
+    pub fn new(metrics: WebhookMetrics, options: &WebhookOptions) -> Self {
+        Self {
+            snapshot: RwLock::new(None),
+            metrics,
+            failure_mode: options.failure_mode,
+            workers: tokio::sync::Semaphore::new(options.workers.max(1)),
+            max_body_bytes: options.max_body_bytes,
+            request_timeout: options.request_timeout,
+            evaluation_timeout: options.evaluator.timeout,
+            listening: false.into(),
+            synced: false.into(),
+        }
+    }
+
     pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
-        self.snapshot.read().ok().map(|s| s.clone())
+        self.snapshot.read().ok().and_then(|s| s.clone())
     }
 
     pub fn replace_snapshot(&self, snapshot: Snapshot) {
         if let Ok(mut current) = self.snapshot.write() {
-            *current = Arc::new(snapshot);
+            *current = Some(Arc::new(snapshot));
         }
+    }
+
+    /// Ready for admission traffic: synced and listening.
+    pub fn ready(&self) -> bool {
+        self.synced.load(Ordering::SeqCst) && self.listening.load(Ordering::SeqCst)
     }
 }

@@ -1,9 +1,10 @@
 //! The HTTPS admission server, the plain-HTTP probe server, file polling and shutdown.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context;
 use axum::Router;
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
@@ -22,9 +23,9 @@ use super::admission::{
     Answer, MutateStep, Review, decided_response, failure_response, mutate_step, patched_fields,
     validate_image_set_review,
 };
-use super::standalone::source_stamp;
+use super::standalone::{Stamp, source_stamp};
 use super::tls::{Reload, ReloadingCert};
-use super::{Shared, WebhookOptions, load_snapshot};
+use super::{Shared, SnapshotSource, Source, WebhookOptions, load_snapshot};
 use crate::metrics::WebhookMetrics;
 
 /// Time a client has to complete the TLS handshake.
@@ -35,18 +36,32 @@ pub async fn run(options: WebhookOptions) -> anyhow::Result<()> {
     let metrics = WebhookMetrics::new();
     let cert = Arc::new(ReloadingCert::load(&options.tls_cert, &options.tls_key)?);
     let tls = TlsAcceptor::from(Arc::new(cert.server_config()?));
-    let snapshot = load_snapshot(&options.source, &options.evaluator)?;
-    metrics.index_built.set(unix_now());
-    let shared = Arc::new(Shared {
-        snapshot: RwLock::new(Arc::new(snapshot)),
-        metrics,
-        failure_mode: options.failure_mode,
-        workers: tokio::sync::Semaphore::new(options.workers.max(1)),
-        max_body_bytes: options.max_body_bytes,
-        request_timeout: options.request_timeout,
-        evaluation_timeout: options.evaluator.timeout,
-        ready: false.into(),
-    });
+    let shared = Arc::new(Shared::new(metrics, &options));
+    let files = match &options.source {
+        Source::Files(files) => {
+            shared.replace_snapshot(load_snapshot(files, &options.evaluator)?);
+            shared.metrics.index_built.set(unix_now());
+            shared.synced.store(true, Ordering::SeqCst);
+            Some((files.clone(), source_stamp(files)))
+        }
+        Source::Cluster(cluster) => {
+            let client = kube::Client::try_default().await.context(
+                "cannot configure a Kubernetes client (in-cluster service account or \
+                 KUBECONFIG); run with --standalone --state FILE to serve without a cluster",
+            )?;
+            info!(
+                policies = %cluster.policies_configmap.as_ref().map_or("embedded".to_string(), ToString::to_string),
+                "watching the cluster; ready after the first full list"
+            );
+            tokio::spawn(super::cluster::sync(
+                client,
+                cluster.clone(),
+                options.evaluator.clone(),
+                shared.clone(),
+            ));
+            None
+        }
+    };
 
     let probes = TcpListener::bind(options.probe_listen).await?;
     info!(address = %probes.local_addr()?, "probe server listening (healthz, readyz, metrics)");
@@ -66,10 +81,10 @@ pub async fn run(options: WebhookOptions) -> anyhow::Result<()> {
         shared.clone(),
         cert.clone(),
         options.clone(),
-        source_stamp(&options.source),
+        files,
     ));
-    // Ready: policies loaded, TLS configured and the listener bound.
-    shared.ready.store(true, Ordering::SeqCst);
+    // TLS configured and the listener bound; ready once synced too.
+    shared.listening.store(true, Ordering::SeqCst);
     info!(address = %listener.local_addr()?, "admission server listening (HTTPS)");
 
     let app = Router::new()
@@ -122,7 +137,7 @@ pub async fn run(options: WebhookOptions) -> anyhow::Result<()> {
         }
     }
     info!("shutting down: no new connections; waiting for in-flight requests");
-    shared.ready.store(false, Ordering::SeqCst);
+    shared.listening.store(false, Ordering::SeqCst);
     drop(listener);
     tokio::select! {
         () = graceful.shutdown() => info!("all connections closed"),
@@ -153,12 +168,12 @@ async fn shutdown_signal() {
     }
 }
 
-/// Reloads the certificate and the snapshot when their files change.
+/// Reloads the certificate, and in standalone mode the snapshot, when their files change.
 async fn poll_files(
     shared: Arc<Shared>,
     cert: Arc<ReloadingCert>,
     options: WebhookOptions,
-    mut stamp: Vec<(std::path::PathBuf, Option<SystemTime>)>,
+    mut files: Option<(SnapshotSource, Stamp)>,
 ) {
     let mut interval = tokio::time::interval(options.poll_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -184,12 +199,15 @@ async fn poll_files(
                 shared.metrics.certificate_errors.inc();
             }
         }
-        let current = source_stamp(&options.source);
-        if current == stamp {
+        let Some((source, stamp)) = &mut files else {
+            continue;
+        };
+        let current = source_stamp(source);
+        if current == *stamp {
             continue;
         }
-        stamp = current;
-        let source = options.source.clone();
+        *stamp = current;
+        let source = source.clone();
         let evaluator = options.evaluator.clone();
         let loaded = tokio::task::spawn_blocking(move || load_snapshot(&source, &evaluator)).await;
         match loaded {
@@ -216,7 +234,7 @@ async fn poll_files(
     }
 }
 
-fn unix_now() -> f64 {
+pub(super) fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
@@ -224,10 +242,20 @@ fn unix_now() -> f64 {
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.ready.load(Ordering::SeqCst) {
+    if shared.ready() {
         (StatusCode::OK, "ready").into_response()
+    } else if !shared.synced.load(Ordering::SeqCst) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: cluster state not listed yet",
+        )
+            .into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: admission listener not serving",
+        )
+            .into_response()
     }
 }
 
@@ -305,8 +333,11 @@ async fn mutate(State(shared): State<Arc<Shared>>, request: Request) -> Response
     };
     let (kind, operation) = review.kind_and_operation();
     let Some(snapshot) = shared.snapshot() else {
-        let (value, answer) =
-            failure_response(&review.uid, shared.failure_mode, "no policies loaded");
+        let (value, answer) = failure_response(
+            &review.uid,
+            shared.failure_mode,
+            "the cluster state is not listed yet",
+        );
         return finish(&shared, "mutate", started, kind, operation, answer, &value);
     };
     let uid = review.uid.clone();

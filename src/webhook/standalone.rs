@@ -48,8 +48,11 @@ pub fn load_snapshot(
     Ok(Snapshot::from_state_file(&set, &state, options.clone())?)
 }
 
-/// Modification times of every file a snapshot was built from; a change means a reload.
-pub(crate) fn source_stamp(source: &SnapshotSource) -> Vec<(PathBuf, Option<SystemTime>)> {
+/// Modification times of files, by path.
+pub(crate) type Stamp = Vec<(PathBuf, Option<SystemTime>)>;
+
+/// The stamp of every file a snapshot was built from; a change means a reload.
+pub(crate) fn source_stamp(source: &SnapshotSource) -> Stamp {
     let mut paths = vec![source.state.clone()];
     if let Some(policies) = &source.policies {
         paths.push(policies.clone());

@@ -68,24 +68,56 @@ impl Webhook {
     /// and waits until it is ready.
     pub fn start(state: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("state.yaml"), state).unwrap();
+        let mut args: Vec<std::ffi::OsString> = vec!["--standalone".into(), "--state".into()];
+        args.push(dir.path().join("state.yaml").into());
+        Self::spawn(dir, args, extra, &[])
+    }
+
+    /// Starts the webhook in cluster mode against the API server at `server` (a kubeconfig
+    /// is written for it).
+    pub fn start_in_cluster(server: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+                 clusters: [{{name: test, cluster: {{server: \"{server}\"}}}}]\n\
+                 users: [{{name: test, user: {{token: test}}}}]\n\
+                 contexts: [{{name: test, context: {{cluster: test, user: test, namespace: coral-system}}}}]\n"
+            ),
+        )
+        .unwrap();
+        let kubeconfig = kubeconfig.into_os_string();
+        Self::spawn(
+            dir,
+            Vec::new(),
+            extra,
+            &[
+                ("KUBECONFIG", kubeconfig),
+                ("KUBERNETES_SERVICE_HOST", "".into()),
+            ],
+        )
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        mode: Vec<std::ffi::OsString>,
+        extra: &[&str],
+        env: &[(&str, std::ffi::OsString)],
+    ) -> Self {
         let authority = Authority::new();
         authority.issue(&dir.path().join("tls.crt"), &dir.path().join("tls.key"));
-        std::fs::write(dir.path().join("state.yaml"), state).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_coral"))
-            .args([
-                "webhook",
-                "--standalone",
-                "--listen",
-                "127.0.0.1:0",
-                "--probe-listen",
-            ])
+            .args(["webhook", "--listen", "127.0.0.1:0", "--probe-listen"])
             .arg("127.0.0.1:0")
-            .arg("--state")
-            .arg(dir.path().join("state.yaml"))
+            .args(mode)
             .arg("--tls-cert")
             .arg(dir.path().join("tls.crt"))
             .arg("--tls-key")
             .arg(dir.path().join("tls.key"))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args(["--poll-interval-ms", "100", "--request-timeout-ms", "1000"])
             .args(extra)
             .env("CORAL_LOG", "info")

@@ -1,0 +1,70 @@
+//! Building the index from the objects the cluster watches hold.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::ClusterIndex;
+use crate::api::{ImageSet, ImageState, NodeImage};
+use crate::image::ImageReference;
+
+/// The objects an index is built from, as the watches hold them. Nodes and namespaces are
+/// metadata only: their labels are all the index reads.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ClusterObjects<'a> {
+    pub image_sets: &'a [&'a ImageSet],
+    pub nodes: &'a [&'a ObjectMeta],
+    pub namespaces: &'a [&'a ObjectMeta],
+    pub node_images: &'a [&'a NodeImage],
+}
+
+impl ClusterIndex {
+    /// The index of a set of cluster objects. A NodeImage whose node is not known is ignored
+    /// (its node was deleted and garbage collection has not caught up).
+    pub fn from_objects(objects: ClusterObjects<'_>) -> Self {
+        let mut index = Self::new();
+        for set in objects.image_sets {
+            index.apply_image_set(set);
+        }
+        for node in objects.nodes {
+            if let Some(name) = &node.name {
+                index.apply_node(name, labels(node));
+            }
+        }
+        for namespace in objects.namespaces {
+            if let Some(name) = &namespace.name {
+                index.apply_namespace(name, labels(namespace));
+            }
+        }
+        for node_image in objects.node_images {
+            let node = &node_image.spec.node_name;
+            if !index.nodes.contains_key(node) {
+                continue;
+            }
+            let failed: BTreeSet<String> = node_image
+                .status
+                .iter()
+                .flat_map(|status| &status.images)
+                .filter(|entry| entry.state == ImageState::Failed)
+                .filter_map(|entry| ImageReference::parse(&entry.image).ok())
+                .map(|reference| reference.to_string())
+                .collect();
+            index.set_node_failures(node, failed);
+        }
+        index
+    }
+
+    /// Number of ImageSets.
+    pub fn image_set_count(&self) -> usize {
+        self.image_sets.len()
+    }
+
+    /// Number of namespaces.
+    pub fn namespace_count(&self) -> usize {
+        self.namespaces.len()
+    }
+}
+
+fn labels(meta: &ObjectMeta) -> BTreeMap<String, String> {
+    meta.labels.clone().unwrap_or_default()
+}
