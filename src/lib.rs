@@ -5,6 +5,7 @@
 //! [`index`] (cluster state) and [`policy`] (the Rego engine, its input and data documents, the
 //! safety rails and the policy test runner) take values and return values.
 
+pub mod agent;
 pub mod api;
 pub mod image;
 pub mod index;

@@ -143,23 +143,12 @@ impl WebhookMetrics {
             Box::new(self.index_objects.clone()),
             Box::new(self.policy_configmap_valid.clone()),
         ];
-        for collector in collectors {
-            // Each collector is registered once, on a fresh registry: no duplicates.
-            #[allow(clippy::expect_used)]
-            self.registry
-                .register(collector)
-                .expect("metric registered once");
-        }
+        register(&self.registry, collectors);
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let mut buffer = Vec::new();
-        let encoder = TextEncoder::new();
-        if let Err(error) = encoder.encode(&self.registry.gather(), &mut buffer) {
-            return format!("# error encoding metrics: {error}\n");
-        }
-        String::from_utf8(buffer).unwrap_or_default()
+        render(&self.registry)
     }
 }
 
@@ -167,4 +156,130 @@ impl Default for WebhookMetrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Metrics of the node agent and `coral prefetch`.
+#[derive(Clone)]
+pub struct AgentMetrics {
+    registry: Registry,
+    /// Pulls by result (`success`, `failure`).
+    pub pulls: IntCounterVec,
+    /// Seconds a successful pull took.
+    pub pull_seconds: prometheus::Histogram,
+    /// Bytes of the images pulled (their size as the runtime reports it).
+    pub pulled_bytes: IntCounter,
+    /// Wanted images by state (`wanted`, `available`, `pulling`, `failed`, `paused`).
+    pub images: IntGaugeVec,
+    /// 1 while pulls are paused under node pressure or the image-filesystem budget.
+    pub paused: IntGauge,
+    /// Failed CRI calls by operation and gRPC code.
+    pub cri_errors: IntCounterVec,
+    /// Images that disappeared after being available (kubelet garbage collection).
+    pub vanished: IntCounter,
+    /// Images removed from the runtime because no ImageSet wants them.
+    pub removed: IntCounter,
+    /// Writes to the API server by what (`node_labels`, `nodeimage`) and result.
+    pub writes: IntCounterVec,
+}
+
+impl AgentMetrics {
+    pub fn new() -> Self {
+        #[allow(clippy::expect_used)]
+        let metrics = Self {
+            registry: Registry::new(),
+            pulls: counter(
+                "coral_agent_pulls_total",
+                "Image pulls by result.",
+                &["result"],
+            ),
+            pull_seconds: prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "coral_agent_pull_duration_seconds",
+                    "Time a successful pull took.",
+                )
+                .buckets(vec![
+                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                ]),
+            )
+            .expect("valid metric definition"),
+            pulled_bytes: IntCounter::new(
+                "coral_agent_pulled_bytes_total",
+                "Size of the images pulled, as the runtime reports it.",
+            )
+            .expect("valid metric definition"),
+            images: IntGaugeVec::new(
+                Opts::new("coral_agent_images", "Wanted images by state."),
+                &["state"],
+            )
+            .expect("valid metric definition"),
+            paused: IntGauge::new(
+                "coral_agent_paused",
+                "1 while pulls are paused under node pressure or the image-filesystem budget.",
+            )
+            .expect("valid metric definition"),
+            cri_errors: counter(
+                "coral_agent_cri_errors_total",
+                "Failed CRI calls by operation and gRPC code.",
+                &["operation", "code"],
+            ),
+            vanished: IntCounter::new(
+                "coral_agent_vanished_images_total",
+                "Images that disappeared after being available (kubelet garbage collection).",
+            )
+            .expect("valid metric definition"),
+            removed: IntCounter::new(
+                "coral_agent_removed_images_total",
+                "Images removed from the runtime because no ImageSet wants them.",
+            )
+            .expect("valid metric definition"),
+            writes: counter(
+                "coral_agent_api_writes_total",
+                "Writes to the API server by what and result.",
+                &["what", "result"],
+            ),
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(metrics.pulls.clone()),
+            Box::new(metrics.pull_seconds.clone()),
+            Box::new(metrics.pulled_bytes.clone()),
+            Box::new(metrics.images.clone()),
+            Box::new(metrics.paused.clone()),
+            Box::new(metrics.cri_errors.clone()),
+            Box::new(metrics.vanished.clone()),
+            Box::new(metrics.removed.clone()),
+            Box::new(metrics.writes.clone()),
+        ];
+        register(&metrics.registry, collectors);
+        metrics
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        render(&self.registry)
+    }
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn register(registry: &Registry, collectors: Vec<Box<dyn prometheus::core::Collector>>) {
+    for collector in collectors {
+        // Each collector is registered once, on a fresh registry: no duplicates.
+        #[allow(clippy::expect_used)]
+        registry
+            .register(collector)
+            .expect("metric registered once");
+    }
+}
+
+fn render(registry: &Registry) -> String {
+    let mut buffer = Vec::new();
+    let encoder = TextEncoder::new();
+    if let Err(error) = encoder.encode(&registry.gather(), &mut buffer) {
+        return format!("# error encoding metrics: {error}\n");
+    }
+    String::from_utf8(buffer).unwrap_or_default()
 }

@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
+mod agent;
 mod demo;
 
 use coral::image::{ImageReference, label_key};
@@ -36,6 +37,9 @@ enum Command {
     Policy(PolicyCommand),
     /// Run the admission webhook (HTTPS).
     Webhook(Box<WebhookArgs>),
+    /// Pull what ImageSets want on a node, once, through the container runtime (no cluster):
+    /// for baking node images and for CI.
+    Prefetch(Box<agent::PrefetchArgs>),
     /// Run the embedded default policies on example workloads against an example cluster
     /// state, and show what Coral changes and why.
     Demo,
@@ -337,9 +341,14 @@ fn host_name() -> String {
 
 /// Logs to stderr; `CORAL_LOG` (or `RUST_LOG`) sets the filter, `info` by default.
 fn init_logging() {
+    init_logging_with("info");
+}
+
+/// Logs to stderr with `default` as the filter unless `CORAL_LOG` (or `RUST_LOG`) sets one.
+fn init_logging_with(default: &str) {
     let filter = std::env::var("CORAL_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".to_string());
+        .unwrap_or_else(|_| default.to_string());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
@@ -356,6 +365,7 @@ impl Cli {
             Command::Policy(PolicyCommand::Eval(args)) => policy_eval(args),
             Command::Demo => demo::run(),
             Command::Webhook(args) => webhook(*args),
+            Command::Prefetch(args) => agent::run_prefetch(*args),
             Command::Version => {
                 println!("coral {}", env!("CARGO_PKG_VERSION"));
                 Ok(ExitCode::SUCCESS)

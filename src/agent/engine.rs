@@ -1,0 +1,463 @@
+//! The pull engine: keeps the wanted images on the runtime with bounded concurrency, one pull
+//! per image at a time, backoff per image, and pauses under pressure. Shared by `coral agent`
+//! and `coral prefetch`.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, Semaphore, watch};
+use tracing::{info, warn};
+
+use super::auth::{Credential, Keyring};
+use super::cri::{Cri, CriError, RuntimeVersion};
+use super::tracker::{ImageRecord, Inventory, RetryPolicy, Tracker, held};
+use crate::image::ImageReference;
+use crate::metrics::AgentMetrics;
+
+/// How the engine pulls.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub max_concurrent_pulls: usize,
+    pub retry: RetryPolicy,
+    /// How often the runtime's images are listed when nothing else happens, to notice images
+    /// removed behind the engine's back.
+    pub resync: Duration,
+    /// No new pulls while the image filesystems use more than this many bytes.
+    pub image_fs_budget: Option<u64>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            max_concurrent_pulls: 2,
+            retry: RetryPolicy::default(),
+            resync: Duration::from_secs(60),
+            image_fs_budget: None,
+        }
+    }
+}
+
+/// Delay between attempts to reach a runtime that does not answer.
+const RUNTIME_BACKOFF_INITIAL: Duration = Duration::from_millis(500);
+const RUNTIME_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The engine. Share it in an `Arc`; [`Engine::run`] drives it.
+pub struct Engine {
+    cri: Cri,
+    options: EngineOptions,
+    tracker: Mutex<Tracker>,
+    /// Why the node asks for no new pulls (DiskPressure, PIDPressure), from the node's status.
+    node_pressure: Mutex<Option<String>>,
+    fs_over_budget: AtomicBool,
+    /// The runtime answered the last call.
+    runtime_up: AtomicBool,
+    wake: Notify,
+    changes: watch::Sender<u64>,
+    pulls: Semaphore,
+    metrics: AgentMetrics,
+}
+
+/// A removal of an unwanted image that did not happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kept {
+    /// A container uses the image.
+    InUse(String),
+    /// A wanted image has the same content.
+    SharedWithWanted(String),
+}
+
+impl Engine {
+    pub fn new(cri: Cri, options: EngineOptions, metrics: AgentMetrics) -> Arc<Self> {
+        let (changes, _) = watch::channel(0);
+        Arc::new(Self {
+            tracker: Mutex::new(Tracker::new(options.retry)),
+            pulls: Semaphore::new(options.max_concurrent_pulls.max(1)),
+            cri,
+            options,
+            node_pressure: Mutex::new(None),
+            fs_over_budget: AtomicBool::new(false),
+            runtime_up: AtomicBool::new(false),
+            wake: Notify::new(),
+            changes,
+            metrics,
+        })
+    }
+
+    pub fn cri(&self) -> &Cri {
+        &self.cri
+    }
+
+    pub fn metrics(&self) -> &AgentMetrics {
+        &self.metrics
+    }
+
+    fn tracker(&self) -> MutexGuard<'_, Tracker> {
+        // A panic while holding the lock leaves consistent records: every update is one step.
+        self.tracker.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A copy of the records, for reporting.
+    pub fn snapshot(&self) -> Tracker {
+        self.tracker().clone()
+    }
+
+    /// Ticks on every change of the records.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|version| *version += 1);
+        let counts = self.tracker().counts();
+        for (state, count) in [
+            ("wanted", counts.wanted),
+            ("available", counts.available),
+            ("pulling", counts.pulling),
+            ("failed", counts.failed),
+            ("paused", counts.paused),
+        ] {
+            self.metrics
+                .images
+                .with_label_values(&[state])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Replaces the wanted images; returns the records of images no longer wanted.
+    pub fn set_wanted(
+        &self,
+        wanted: impl IntoIterator<Item = (ImageReference, Arc<Keyring>)>,
+    ) -> Vec<ImageRecord> {
+        let removed = self.tracker().set_wanted(wanted);
+        self.changed();
+        self.wake.notify_one();
+        removed
+    }
+
+    /// Sets or clears the node condition that holds back new pulls.
+    pub fn set_node_pressure(&self, pressure: Option<String>) {
+        let mut current = self
+            .node_pressure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *current != pressure {
+            match &pressure {
+                Some(reason) => warn!(%reason, "pulls paused"),
+                None => info!("node pressure gone; pulls resume"),
+            }
+            *current = pressure;
+            drop(current);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Why new pulls are held back, if they are.
+    pub fn paused_reason(&self) -> Option<String> {
+        if let Some(reason) = self
+            .node_pressure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            return Some(reason);
+        }
+        self.fs_over_budget
+            .load(Ordering::SeqCst)
+            .then(|| "the image filesystem is over its budget".to_string())
+    }
+
+    /// Whether the runtime answered the last call.
+    pub fn runtime_up(&self) -> bool {
+        self.runtime_up.load(Ordering::SeqCst)
+    }
+
+    fn cri_error(&self, error: &CriError) {
+        self.metrics
+            .cri_errors
+            .with_label_values(&[error.operation, error.metric_label()])
+            .inc();
+        if error.is_unavailable() && self.runtime_up.swap(false, Ordering::SeqCst) {
+            warn!(socket = %self.cri.socket().display(), %error, "container runtime unreachable; retrying with backoff");
+        }
+    }
+
+    /// Asks the runtime its version until it answers.
+    pub async fn connect(&self) -> RuntimeVersion {
+        let mut delay = RUNTIME_BACKOFF_INITIAL;
+        loop {
+            match self.cri.version().await {
+                Ok(version) => {
+                    self.runtime_up.store(true, Ordering::SeqCst);
+                    return version;
+                }
+                Err(error) => {
+                    self.cri_error(&error);
+                    warn!(socket = %self.cri.socket().display(), %error, retry_in = ?delay, "container runtime not answering");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RUNTIME_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Runs forever: lists what the runtime holds, starts the pulls that are due, and sleeps
+    /// until a pull ends, the wanted set or the pressure changes, a backoff ends, or the
+    /// resync period passes.
+    pub async fn run(self: Arc<Self>) {
+        let mut runtime_delay = RUNTIME_BACKOFF_INITIAL;
+        loop {
+            let images = match self.cri.list_images().await {
+                Ok(images) => {
+                    if !self.runtime_up.swap(true, Ordering::SeqCst) {
+                        info!(socket = %self.cri.socket().display(), "container runtime reachable");
+                    }
+                    runtime_delay = RUNTIME_BACKOFF_INITIAL;
+                    images
+                }
+                Err(error) => {
+                    self.cri_error(&error);
+                    tokio::select! {
+                        () = tokio::time::sleep(runtime_delay) => {}
+                        () = self.wake.notified() => {}
+                    }
+                    runtime_delay = (runtime_delay * 2).min(RUNTIME_BACKOFF_MAX);
+                    continue;
+                }
+            };
+            self.check_budget().await;
+            let paused = self.paused_reason().is_some();
+            self.metrics.paused.set(i64::from(paused));
+            let inventory = Inventory::new(images);
+            let now = Instant::now();
+            let (due, observed, next) = {
+                let mut tracker = self.tracker();
+                let observed = tracker.observe(&inventory, now, paused);
+                let due = if paused { Vec::new() } else { tracker.due(now) };
+                let due: Vec<_> = due.into_iter().filter(|i| tracker.start(i)).collect();
+                (due, observed, tracker.next_due())
+            };
+            if observed.vanished > 0 {
+                self.metrics.vanished.inc_by(observed.vanished as u64);
+                warn!(
+                    count = observed.vanished,
+                    "images disappeared from the runtime; pulling them again after a backoff"
+                );
+            }
+            if observed.changed || !due.is_empty() {
+                self.changed();
+            }
+            for image in due {
+                tokio::spawn(self.clone().pull(image));
+            }
+            let resync = tokio::time::Instant::now() + self.options.resync;
+            let wake_at = next
+                .map(tokio::time::Instant::from_std)
+                .map_or(resync, |t| t.min(resync));
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep_until(wake_at) => {}
+            }
+        }
+    }
+
+    async fn check_budget(&self) {
+        let Some(budget) = self.options.image_fs_budget else {
+            return;
+        };
+        match self.cri.image_fs_used_bytes().await {
+            Ok(used) => {
+                let over = used > budget;
+                if self.fs_over_budget.swap(over, Ordering::SeqCst) != over {
+                    if over {
+                        warn!(
+                            used,
+                            budget, "image filesystem over its budget; pulls paused"
+                        );
+                    } else {
+                        info!(used, budget, "image filesystem back under its budget");
+                    }
+                }
+            }
+            Err(error) => self.cri_error(&error),
+        }
+    }
+
+    async fn pull(self: Arc<Self>, image: ImageReference) {
+        let Ok(_permit) = self.pulls.acquire().await else {
+            return;
+        };
+        let keyring = self
+            .tracker()
+            .get(&image)
+            .map(|record| record.keyring.clone())
+            .unwrap_or_default();
+        let started = Instant::now();
+        let result = pull_with(&self.cri, &image, &keyring.lookup(&image)).await;
+        match result {
+            Ok(()) => {
+                let held = match self.cri.image_status(&image.to_string()).await {
+                    Ok(found) => found.map(|found| held(&found, &image)),
+                    Err(error) => {
+                        self.cri_error(&error);
+                        None
+                    }
+                };
+                let seconds = started.elapsed().as_secs_f64();
+                self.metrics.pulls.with_label_values(&["success"]).inc();
+                self.metrics.pull_seconds.observe(seconds);
+                self.metrics
+                    .pulled_bytes
+                    .inc_by(held.as_ref().map_or(0, |h| h.size));
+                info!(%image, seconds, "image pulled");
+                self.tracker().succeeded(&image, held);
+            }
+            Err(error) if error.cri.is_unavailable() => {
+                // The runtime went away (restarting): not the image's fault, so no attempt is
+                // counted; the engine's loop waits for the runtime before pulling again.
+                self.cri_error(&error.cri);
+                self.tracker()
+                    .retry_later(&image, Instant::now() + RUNTIME_BACKOFF_INITIAL);
+            }
+            Err(error) => {
+                self.metrics.pulls.with_label_values(&["failure"]).inc();
+                self.cri_error(&error.cri);
+                let message = error.to_string();
+                let mut tracker = self.tracker();
+                tracker.failed(&image, message.clone(), Instant::now(), fastrand::f64());
+                let attempts = tracker.get(&image).map_or(0, |r| r.attempts);
+                drop(tracker);
+                warn!(%image, attempts, error = %message, "pull failed");
+            }
+        }
+        self.changed();
+        self.wake.notify_one();
+    }
+
+    /// Removes images no longer wanted from the runtime, unless a container uses them or a
+    /// wanted image has the same content. Returns what was kept and why.
+    pub async fn remove_unwanted(
+        &self,
+        removed: &[ImageRecord],
+    ) -> Result<Vec<(ImageReference, Kept)>, CriError> {
+        if removed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let in_use: BTreeSet<String> = self
+            .cri
+            .images_in_use()
+            .await
+            .inspect_err(|e| self.cri_error(e))?
+            .into_iter()
+            .collect();
+        let wanted_ids: BTreeSet<String> = self
+            .tracker()
+            .records()
+            .filter_map(|r| r.held.as_ref().map(|h| h.image_id.clone()))
+            .collect();
+        let mut kept = Vec::new();
+        for record in removed {
+            let name = record.reference.to_string();
+            let Some(image) = self
+                .cri
+                .image_status(&name)
+                .await
+                .inspect_err(|e| self.cri_error(e))?
+            else {
+                continue;
+            };
+            if in_use.contains(&image.id)
+                || in_use.contains(&name)
+                || image.repo_tags.iter().any(|t| in_use.contains(t))
+            {
+                info!(image = %name, "not removing an unwanted image: a container uses it");
+                kept.push((record.reference.clone(), Kept::InUse(image.id)));
+                continue;
+            }
+            if wanted_ids.contains(&image.id) {
+                kept.push((record.reference.clone(), Kept::SharedWithWanted(image.id)));
+                continue;
+            }
+            self.cri
+                .remove(&name)
+                .await
+                .inspect_err(|e| self.cri_error(e))?;
+            self.metrics.removed.inc();
+            info!(image = %name, "removed an image no ImageSet wants");
+        }
+        Ok(kept)
+    }
+}
+
+/// A pull that failed, with the credentials tried.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{cri}{}", tried(.credentials))]
+pub struct PullError {
+    pub cri: CriError,
+    /// Keys of the credentials tried, in order.
+    pub credentials: Vec<String>,
+}
+
+fn tried(credentials: &[String]) -> String {
+    if credentials.is_empty() {
+        String::new()
+    } else {
+        format!(" (credentials tried: {})", credentials.join(", "))
+    }
+}
+
+/// Whether a failed pull may succeed with other credentials.
+fn is_auth_failure(error: &CriError) -> bool {
+    let message = error.message.to_ascii_lowercase();
+    matches!(
+        error.code,
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+    ) || message.contains("401")
+        || message.contains("403")
+        || message.contains("unauthorized")
+        || message.contains("denied")
+}
+
+/// Pulls with each matching credential in turn (none when none match), moving on only when
+/// the registry refused the credential.
+pub async fn pull_with(
+    cri: &Cri,
+    image: &ImageReference,
+    credentials: &[&Credential],
+) -> Result<(), PullError> {
+    let name = image.to_string();
+    if credentials.is_empty() {
+        return cri
+            .pull(&name, None)
+            .await
+            .map(drop)
+            .map_err(|cri| PullError {
+                cri,
+                credentials: Vec::new(),
+            });
+    }
+    let mut tried = Vec::new();
+    let mut last = None;
+    for credential in credentials {
+        tried.push(credential.server.clone());
+        match cri.pull(&name, Some(credential.to_auth_config())).await {
+            Ok(_) => return Ok(()),
+            Err(error) if is_auth_failure(&error) => last = Some(error),
+            Err(error) => {
+                return Err(PullError {
+                    cri: error,
+                    credentials: tried,
+                });
+            }
+        }
+    }
+    Err(PullError {
+        cri: last.unwrap_or_else(|| CriError {
+            operation: "PullImage",
+            code: tonic::Code::Unknown,
+            message: "no attempt made".to_string(),
+        }),
+        credentials: tried,
+    })
+}

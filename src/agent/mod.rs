@@ -1,0 +1,158 @@
+//! The node agent: keeps the images that ImageSets want on this node's container runtime, over
+//! the CRI, and records what the node holds. `coral prefetch` runs the same engine once.
+
+pub mod auth;
+pub mod cri;
+pub mod engine;
+pub mod prefetch;
+pub mod tracker;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::api::ImageSet;
+use crate::image::ImageReference;
+use crate::index::validate_image_set;
+
+/// The pull secrets one image may use: `(namespace, name)` of each, from every ImageSet that
+/// wants the image.
+pub type SecretRefs = Vec<(String, String)>;
+
+/// The images wanted on a node with `labels`: the union of the ImageSets whose selector
+/// matches, each with the pull secrets of those ImageSets. Invalid ImageSets want nothing.
+pub fn wanted_images(
+    sets: &[&ImageSet],
+    labels: &BTreeMap<String, String>,
+) -> BTreeMap<ImageReference, SecretRefs> {
+    let mut wanted: BTreeMap<ImageReference, SecretRefs> = BTreeMap::new();
+    for set in sets {
+        let Ok(valid) = validate_image_set(&set.spec) else {
+            continue;
+        };
+        if !valid.selector.matches(labels) {
+            continue;
+        }
+        let namespace = set.metadata.namespace.clone().unwrap_or_default();
+        for image in valid.images {
+            let secrets = wanted.entry(image).or_default();
+            for secret in &set.spec.image_pull_secrets {
+                let key = (namespace.clone(), secret.name.clone());
+                if !secrets.contains(&key) {
+                    secrets.push(key);
+                }
+            }
+        }
+    }
+    wanted
+}
+
+/// Parses a duration such as `500ms`, `30s`, `10m`, `1h` or `1h30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let invalid = || format!("{text:?} is not a duration (examples: 500ms, 30s, 10m, 1h30m)");
+    let mut total = Duration::ZERO;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(invalid());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(invalid)?;
+        if digits == 0 {
+            return Err(invalid());
+        }
+        let value: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(value),
+            "s" => Duration::from_secs(value),
+            "m" => Duration::from_secs(value.saturating_mul(60)),
+            "h" => Duration::from_secs(value.saturating_mul(3600)),
+            _ => return Err(invalid()),
+        };
+        total = total.saturating_add(unit);
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        for bad in ["", "10", "m", "10x", "-1s", "1.5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn wanted_images_are_the_union_of_matching_sets_with_their_secrets() {
+        let set = |name: &str,
+                   images: &[&str],
+                   selector: serde_json::Value,
+                   secrets: &[&str]|
+         -> ImageSet {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {
+                    "images": images,
+                    "nodeSelector": selector,
+                    "imagePullSecrets": secrets.iter().map(|s| serde_json::json!({"name": s})).collect::<Vec<_>>(),
+                },
+            }))
+            .expect("ImageSet")
+        };
+        let web = set(
+            "web",
+            &["nginx:1.27", "redis:7"],
+            serde_json::json!({"matchLabels": {"pool": "web"}}),
+            &["a"],
+        );
+        let all = set(
+            "all",
+            &["docker.io/library/nginx:1.27", "busybox"],
+            serde_json::json!({}),
+            &["b"],
+        );
+        let batch = set(
+            "batch",
+            &["spark:3"],
+            serde_json::json!({"matchLabels": {"pool": "batch"}}),
+            &[],
+        );
+        let broken = set("broken", &["UPPER:case"], serde_json::json!({}), &[]);
+        let labels = BTreeMap::from([("pool".to_string(), "web".to_string())]);
+        let wanted = wanted_images(&[&web, &all, &batch, &broken], &labels);
+        let names: Vec<String> = wanted.keys().map(ToString::to_string).collect();
+        assert_eq!(
+            names,
+            [
+                "docker.io/library/busybox:latest",
+                "docker.io/library/nginx:1.27",
+                "docker.io/library/redis:7"
+            ]
+        );
+        let nginx = &wanted[&ImageReference::parse("nginx:1.27").expect("valid")];
+        assert_eq!(
+            nginx,
+            &vec![
+                ("shop".to_string(), "a".to_string()),
+                ("shop".to_string(), "b".to_string())
+            ]
+        );
+        let none = wanted_images(&[&web, &batch], &BTreeMap::new());
+        assert!(
+            none.is_empty(),
+            "no labels: only sets with an empty selector"
+        );
+    }
+}

@@ -1,0 +1,168 @@
+//! `coral prefetch` and `coral agent`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use coral::agent::cri::DEFAULT_CRI_SOCKET;
+use coral::agent::engine::EngineOptions;
+use coral::agent::parse_duration;
+use coral::agent::prefetch::{PrefetchOptions, prefetch};
+use coral::agent::tracker::RetryPolicy;
+
+/// How images are pulled: shared by the agent and `coral prefetch`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The container runtime's CRI socket (containerd; CRI-O: unix:///var/run/crio/crio.sock).
+    #[arg(long, value_name = "SOCKET", default_value = DEFAULT_CRI_SOCKET, env = "CORAL_CRI_SOCKET")]
+    pub cri_socket: String,
+    /// Pulls running at once.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "2",
+        env = "CORAL_MAX_CONCURRENT_PULLS"
+    )]
+    max_concurrent_pulls: usize,
+    /// Delay after a first failed pull; doubled after each further failure (with jitter).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, env = "CORAL_INITIAL_BACKOFF")]
+    initial_backoff: Duration,
+    /// Longest delay between pulls of one image, and the delay between retries of a failed one.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration, env = "CORAL_MAX_BACKOFF")]
+    max_backoff: Duration,
+    /// Failed pulls after which an image is `failed` (then retried every --max-backoff).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "5",
+        env = "CORAL_MAX_ATTEMPTS"
+    )]
+    max_attempts: u32,
+    /// No new pulls while the image filesystem uses more than this (bytes, or with a suffix:
+    /// 500Mi, 40Gi, 1Ti, 50G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes, env = "CORAL_IMAGE_FS_BUDGET")]
+    image_fs_budget: Option<u64>,
+}
+
+impl PullArgs {
+    pub fn engine_options(&self, resync: Duration) -> EngineOptions {
+        EngineOptions {
+            max_concurrent_pulls: self.max_concurrent_pulls.max(1),
+            retry: RetryPolicy {
+                initial: self.initial_backoff,
+                max: self.max_backoff.max(self.initial_backoff),
+                max_attempts: self.max_attempts.max(1),
+            },
+            resync,
+            image_fs_budget: self.image_fs_budget,
+        }
+    }
+}
+
+/// Parses a byte size: a number, optionally with K, M, G, T (powers of 1000) or Ki, Mi, Gi, Ti
+/// (powers of 1024).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let invalid = || format!("{text:?} is not a size (examples: 1073741824, 500Mi, 40Gi, 50G)");
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let value: u64 = text[..split].parse().map_err(|_| invalid())?;
+    let factor: u64 = match &text[split..] {
+        "" => 1,
+        "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => return Err(invalid()),
+    };
+    value.checked_mul(factor).ok_or_else(invalid)
+}
+
+/// Parses `k=v,k2=v2`.
+fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
+    text.split(',')
+        .filter(|pair| !pair.trim().is_empty())
+        .map(|pair| {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+            let key = key.trim();
+            if key.is_empty() {
+                return Err(format!("{pair:?} has an empty key"));
+            }
+            Ok((key.to_string(), value.trim().to_string()))
+        })
+        .collect()
+}
+
+#[derive(Debug, Args)]
+pub struct PrefetchArgs {
+    /// ImageSet manifests (YAML; several documents per file allowed).
+    #[arg(short = 'f', long = "filename", value_name = "FILE", required = true)]
+    files: Vec<PathBuf>,
+    /// Labels of the node being prepared (k=v,k2=v2); ImageSets whose selector matches them
+    /// are pulled. Without labels, the ImageSets with an empty selector are.
+    #[arg(long, value_name = "K=V,...", value_parser = parse_labels, env = "CORAL_NODE_LABELS")]
+    node_labels: Option<BTreeMap<String, String>>,
+    /// Registry credentials: a Docker `config.json` ({"auths": {...}}).
+    #[arg(long, value_name = "FILE", env = "CORAL_DOCKER_CONFIG")]
+    docker_config: Option<PathBuf>,
+    #[command(flatten)]
+    pull: PullArgs,
+}
+
+pub fn run_prefetch(args: PrefetchArgs) -> Result<ExitCode> {
+    // Progress goes to stdout; the log only carries what it cannot show.
+    super::init_logging_with("error");
+    let options = PrefetchOptions {
+        files: args.files,
+        cri_socket: args.pull.cri_socket.clone(),
+        node_labels: args.node_labels.unwrap_or_default(),
+        docker_config: args.docker_config,
+        engine: args.pull.engine_options(Duration::from_secs(60)),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let mut stdout = std::io::stdout();
+    let all = runtime.block_on(prefetch(options, &mut stdout))?;
+    Ok(if all {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_labels_parse() {
+        assert_eq!(parse_bytes("40Gi"), Ok(40 << 30));
+        assert_eq!(parse_bytes("50G"), Ok(50_000_000_000));
+        assert_eq!(parse_bytes("123"), Ok(123));
+        assert!(parse_bytes("1.5Gi").is_err());
+        assert!(parse_bytes("Gi").is_err());
+        assert!(parse_bytes("99999999999Ti").is_err());
+        assert_eq!(
+            parse_labels("pool=web, zone=a"),
+            Ok(BTreeMap::from([
+                ("pool".to_string(), "web".to_string()),
+                ("zone".to_string(), "a".to_string())
+            ]))
+        );
+        assert!(parse_labels("pool").is_err());
+        assert!(parse_labels("=x").is_err());
+    }
+}
