@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/need-rust.sh
+. scripts/need-packages.sh
+# protoc builds the CRI types.
+need_packages protoc:protobuf-compiler
 cargo run --release --quiet -- demo "$@"

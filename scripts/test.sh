@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and integration tests (which run the real
-# coral binary), and the default policies' own tests with full coverage.
+# coral binary, containerd and an OCI registry), and the default policies' own tests with full
+# coverage. Installs the packages the tests need when run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/need-rust.sh
+. scripts/need-packages.sh
+# protoc builds the CRI types; the rest run for real in the tests: containerd with its CRI
+# plugin, an OCI registry, umoci and skopeo to build and push images, htpasswd for registry auth.
+need_packages protoc:protobuf-compiler containerd:containerd docker-registry:docker-registry \
+  umoci:umoci skopeo:skopeo htpasswd:apache2-utils
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

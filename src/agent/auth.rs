@@ -48,13 +48,14 @@ pub struct Credential {
 }
 
 impl Credential {
-    /// The CRI form.
+    /// The CRI form. The server address stays empty: the credential was matched to the image
+    /// already, and runtimes parse the address as a URL, which `host:port` keys are not.
     pub fn to_auth_config(&self) -> AuthConfig {
         AuthConfig {
             username: self.username.clone(),
             password: self.password.clone(),
             auth: String::new(),
-            server_address: self.server.clone(),
+            server_address: String::new(),
             identity_token: self.identity_token.clone(),
             registry_token: self.registry_token.clone(),
         }
@@ -394,7 +395,7 @@ mod tests {
         assert_eq!(found[0].username, "alice");
         assert_eq!(found[0].password, "s3cr3t:", "only the first ':' splits");
         let auth = found[0].to_auth_config();
-        assert_eq!(auth.server_address, "registry.example.com");
+        assert_eq!(auth.server_address, "");
         assert_eq!(auth.username, "alice");
     }
 

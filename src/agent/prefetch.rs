@@ -141,7 +141,7 @@ pub async fn prefetch(
                 (_, _) if record.in_flight => writeln!(out, "pulling    {key}")?,
                 (ImageState::Failed, _) => writeln!(
                     out,
-                    "failed     {key} after {} attempts: {}",
+                    "failed     {key} after {} attempt(s): {}",
                     record.attempts,
                     record.last_error.as_deref().unwrap_or_default()
                 )?,

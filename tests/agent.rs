@@ -1,0 +1,471 @@
+//! The pull engine and `coral prefetch` against real containerd (CRI plugin) and a real
+//! registry, both started by the tests in temp directories, with images built by umoci and
+//! pushed by skopeo.
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test helpers panic on setup failures
+
+#[path = "support/runtime.rs"]
+#[allow(dead_code)]
+mod runtime;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use coral::agent::auth::Keyring;
+use coral::agent::cri::Cri;
+use coral::agent::engine::{Engine, EngineOptions, Kept};
+use coral::agent::tracker::RetryPolicy;
+use coral::api::ImageState;
+use coral::image::ImageReference;
+use coral::metrics::AgentMetrics;
+use k8s_openapi::api::core::v1::Secret;
+
+use runtime::{Containerd, Registry, docker_config};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn reference(text: &str) -> ImageReference {
+    ImageReference::parse(text).unwrap()
+}
+
+fn fast_retry(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(2),
+        max_attempts,
+    }
+}
+
+fn engine(containerd: &Containerd, retry: RetryPolicy) -> Arc<Engine> {
+    Engine::new(
+        Cri::new(&containerd.address()).unwrap(),
+        EngineOptions {
+            max_concurrent_pulls: 2,
+            retry,
+            resync: Duration::from_millis(200),
+            image_fs_budget: None,
+        },
+        AgentMetrics::new(),
+    )
+}
+
+/// Waits until the engine's record of `image` satisfies `check`.
+async fn wait_for(
+    engine: &Engine,
+    image: &str,
+    what: &str,
+    check: impl Fn(&coral::agent::tracker::ImageRecord) -> bool,
+) {
+    let image = reference(image);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let tracker = engine.snapshot();
+        let record = tracker.get(&image).expect("wanted");
+        if check(record) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{image}: never {what}; last record: {record:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn metric(engine: &Engine, sample: &str) -> f64 {
+    engine
+        .metrics()
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn runtime_has(containerd: &Containerd, image: &str) -> bool {
+    Cri::new(&containerd.address())
+        .unwrap()
+        .image_status(image)
+        .await
+        .unwrap()
+        .is_some()
+}
+
+fn prefetch(containerd: &Containerd, sets: &str, extra: &[&str]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sets.yaml");
+    std::fs::write(&file, sets).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_coral"))
+        .args(["prefetch", "-f"])
+        .arg(&file)
+        .args(["--cri-socket", &containerd.address()])
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+fn image_sets(sets: &[(&str, &str, &[&str])]) -> String {
+    sets.iter()
+        .map(|(name, selector, images)| {
+            format!(
+                "apiVersion: coral.dev/v1alpha1\nkind: ImageSet\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  nodeSelector: {selector}\n  images: {images:?}\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+#[test]
+fn prefetch_pulls_what_the_node_labels_select_then_finds_it_present() {
+    let containerd = Containerd::start();
+    let registry = Registry::start(None);
+    let app = registry.push("shop/app", "1.0", "app");
+    let worker = registry.push("shop/worker", "2.0", "worker");
+    let batch = registry.push("batch/job", "1", "job");
+    let sets = image_sets(&[
+        ("web", "{matchLabels: {pool: web}}", &[&app, &worker]),
+        ("batch", "{matchLabels: {pool: batch}}", &[&batch]),
+    ]);
+
+    let (ok, output) = prefetch(&containerd, &sets, &["--node-labels", "pool=web"]);
+    assert!(ok, "{output}");
+    assert!(output.contains(&format!("pulled     {app}")), "{output}");
+    assert!(output.contains(&format!("pulled     {worker}")), "{output}");
+    assert!(!output.contains(&batch), "not selected: {output}");
+    assert!(output.contains("2 of 2 image(s) available"), "{output}");
+    let table = output.lines().find(|l| l.starts_with(&app)).unwrap();
+    assert!(table.contains("available  sha256:"), "{table}");
+
+    // A second run finds both present and pulls nothing.
+    let (ok, output) = prefetch(&containerd, &sets, &["--node-labels", "pool=web"]);
+    assert!(ok, "{output}");
+    assert!(output.contains(&format!("present    {app}")), "{output}");
+    assert!(output.contains(&format!("present    {worker}")), "{output}");
+    assert!(!output.contains("pulled "), "{output}");
+
+    // Without labels only ImageSets with an empty selector apply: none here.
+    let (ok, output) = prefetch(&containerd, &sets, &[]);
+    assert!(ok, "{output}");
+    assert!(output.contains("nothing to pull"), "{output}");
+}
+
+#[test]
+fn prefetch_uses_docker_config_credentials_and_names_a_refused_password() {
+    let containerd = Containerd::start();
+    let registry = Registry::start(Some(("coral", "s3cret")));
+    let private = registry.push("team/private", "1.0", "private");
+    let sets = image_sets(&[("private", "{}", &[&private])]);
+    let dir = tempfile::tempdir().unwrap();
+
+    let wrong = dir.path().join("wrong.json");
+    std::fs::write(&wrong, docker_config(&registry.host(), "coral", "nope")).unwrap();
+    let (ok, output) = prefetch(
+        &containerd,
+        &sets,
+        &[
+            "--docker-config",
+            wrong.to_str().unwrap(),
+            "--max-attempts",
+            "1",
+        ],
+    );
+    assert!(!ok, "a refused password fails: {output}");
+    assert!(output.contains("401 Unauthorized"), "{output}");
+    assert!(
+        output.contains(&format!("credentials tried: {}", registry.host())),
+        "{output}"
+    );
+    assert!(output.contains("0 of 1 image(s) available"), "{output}");
+
+    let right = dir.path().join("right.json");
+    std::fs::write(&right, docker_config(&registry.host(), "coral", "s3cret")).unwrap();
+    let (ok, output) = prefetch(
+        &containerd,
+        &sets,
+        &["--docker-config", right.to_str().unwrap()],
+    );
+    assert!(ok, "{output}");
+    assert!(
+        output.contains(&format!("pulled     {private}")),
+        "{output}"
+    );
+}
+
+#[test]
+fn prefetch_fails_a_missing_tag_after_its_attempts_with_backoff() {
+    let containerd = Containerd::start();
+    let registry = Registry::start(None);
+    let missing = format!("{}/shop/app:missing", registry.host());
+    let sets = image_sets(&[("web", "{}", &[&missing])]);
+    let started = Instant::now();
+    let (ok, output) = prefetch(
+        &containerd,
+        &sets,
+        &[
+            "--max-attempts",
+            "3",
+            "--initial-backoff",
+            "200ms",
+            "--max-backoff",
+            "5s",
+        ],
+    );
+    let elapsed = started.elapsed();
+    assert!(!ok, "{output}");
+    assert!(
+        output.contains(&format!(
+            "retrying   {missing} (attempt 1 of 3 failed: CRI PullImage failed (not_found)"
+        )),
+        "{output}"
+    );
+    assert!(
+        output.contains(&format!("retrying   {missing} (attempt 2 of 3")),
+        "{output}"
+    );
+    assert!(
+        output.contains(&format!("failed     {missing} after 3 attempt(s)")),
+        "{output}"
+    );
+    // Backoff of about 200 ms then 400 ms (±20%) between the three attempts.
+    assert!(elapsed >= Duration::from_millis(480), "{elapsed:?}");
+}
+
+#[test]
+fn prefetch_explains_an_unreachable_runtime_and_bad_image_sets() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sets.yaml");
+    std::fs::write(&file, image_sets(&[("web", "{}", &["nginx:1.27"])])).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_coral"))
+        .args(["prefetch", "-f"])
+        .arg(&file)
+        .args(["--cri-socket", "unix:///nonexistent/containerd.sock"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr
+            .contains("cannot reach the container runtime at unix:///nonexistent/containerd.sock"),
+        "{stderr}"
+    );
+
+    std::fs::write(
+        &file,
+        image_sets(&[("web", "{}", &["nginx:1.27", "docker.io/library/nginx:1.27"])]),
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_coral"))
+        .args(["prefetch", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("ImageSet web: spec.images[1]"), "{stderr}");
+    assert!(
+        stderr.contains("is the same image as spec.images[0]"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn engine_pulls_with_a_dockerconfigjson_secret() {
+    let containerd = Containerd::start();
+    let registry = Registry::start(Some(("coral", "s3cret")));
+    let private = registry.push("team/private", "1.0", "private");
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "pull", "namespace": "shop"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(
+            docker_config(&registry.host(), "coral", "s3cret"))},
+    }))
+    .unwrap();
+    let mut keyring = Keyring::new();
+    keyring.add_secret(&secret).unwrap();
+    let engine = engine(&containerd, fast_retry(3));
+    engine.set_wanted([(reference(&private), Arc::new(keyring))]);
+    let runner = tokio::spawn(engine.clone().run());
+    wait_for(&engine, &private, "available", |r| {
+        r.state == ImageState::Available
+    })
+    .await;
+    let record = engine
+        .snapshot()
+        .get(&reference(&private))
+        .cloned()
+        .unwrap();
+    let held = record.held.unwrap();
+    assert!(held.digest.unwrap().starts_with("sha256:"));
+    assert!(held.size > 0);
+    assert_eq!(
+        metric(&engine, "coral_agent_pulls_total{result=\"success\"}"),
+        1.0
+    );
+    runner.abort();
+}
+
+#[tokio::test]
+async fn engine_rides_out_a_registry_outage() {
+    let containerd = Containerd::start();
+    let mut registry = Registry::start(None);
+    let app = registry.push("shop/app", "1.0", "app");
+    registry.stop();
+    let engine = engine(&containerd, fast_retry(100));
+    engine.set_wanted([(reference(&app), Arc::new(Keyring::new()))]);
+    let runner = tokio::spawn(engine.clone().run());
+    wait_for(&engine, &app, "failing while the registry is down", |r| {
+        r.attempts >= 2
+    })
+    .await;
+    let record = engine.snapshot().get(&reference(&app)).cloned().unwrap();
+    assert!(
+        record
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("connection refused"),
+        "{record:?}"
+    );
+    registry.resume();
+    wait_for(&engine, &app, "available once the registry is back", |r| {
+        r.state == ImageState::Available
+    })
+    .await;
+    runner.abort();
+}
+
+#[tokio::test]
+async fn engine_survives_a_containerd_restart() {
+    let mut containerd = Containerd::start();
+    let registry = Registry::start(None);
+    let first = registry.push("shop/first", "1", "first");
+    let second = registry.push("shop/second", "1", "second");
+    let engine = engine(&containerd, fast_retry(3));
+    println!("runtime: {:?}", engine.connect().await);
+    engine.set_wanted([(reference(&first), Arc::new(Keyring::new()))]);
+    let runner = tokio::spawn(engine.clone().run());
+    wait_for(&engine, &first, "available", |r| {
+        r.state == ImageState::Available
+    })
+    .await;
+
+    containerd.stop();
+    let deadline = Instant::now() + WAIT;
+    while engine.runtime_up() {
+        assert!(
+            Instant::now() < deadline,
+            "the engine never noticed the runtime going away"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Wanted while the runtime is away: the engine keeps its state and waits.
+    engine.set_wanted([
+        (reference(&first), Arc::new(Keyring::new())),
+        (reference(&second), Arc::new(Keyring::new())),
+    ]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tracker = engine.snapshot();
+    assert_eq!(
+        tracker.get(&reference(&first)).unwrap().state,
+        ImageState::Available,
+        "state kept while the runtime is away"
+    );
+    assert!(
+        metric(
+            &engine,
+            "coral_agent_cri_errors_total{code=\"unavailable\",operation=\"ListImages\"}"
+        ) >= 1.0
+    );
+
+    containerd.resume();
+    wait_for(&engine, &second, "available after the restart", |r| {
+        r.state == ImageState::Available
+    })
+    .await;
+    assert!(engine.runtime_up());
+    assert_eq!(
+        engine.snapshot().get(&reference(&second)).unwrap().attempts,
+        0,
+        "the outage cost no attempt"
+    );
+    runner.abort();
+}
+
+#[tokio::test]
+async fn engine_repulls_an_image_removed_behind_its_back_once() {
+    let containerd = Containerd::start();
+    let registry = Registry::start(None);
+    let app = registry.push("shop/app", "1.0", "app");
+    let engine = engine(&containerd, fast_retry(3));
+    engine.set_wanted([(reference(&app), Arc::new(Keyring::new()))]);
+    let runner = tokio::spawn(engine.clone().run());
+    wait_for(&engine, &app, "available", |r| {
+        r.state == ImageState::Available
+    })
+    .await;
+
+    Cri::new(&containerd.address())
+        .unwrap()
+        .remove(&app)
+        .await
+        .unwrap();
+    wait_for(&engine, &app, "pulled again", |r| {
+        r.pulls == 2 && r.state == ImageState::Available
+    })
+    .await;
+    assert_eq!(metric(&engine, "coral_agent_vanished_images_total"), 1.0);
+    // Several resync periods later: no further pulls.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(engine.snapshot().get(&reference(&app)).unwrap().pulls, 2);
+    assert_eq!(
+        metric(&engine, "coral_agent_pulls_total{result=\"success\"}"),
+        2.0
+    );
+    assert!(runtime_has(&containerd, &app).await);
+    runner.abort();
+}
+
+#[tokio::test]
+async fn unwanted_images_are_removed_only_when_asked() {
+    let containerd = Containerd::start();
+    let registry = Registry::start(None);
+    let keep = registry.push("shop/keep", "1", "keep");
+    let drop_ = registry.push("shop/drop", "1", "drop");
+    let same = registry.copy(&keep, "shop/same", "1");
+    let engine = engine(&containerd, fast_retry(3));
+    let keyring = Arc::new(Keyring::new());
+    engine.set_wanted([
+        (reference(&keep), keyring.clone()),
+        (reference(&drop_), keyring.clone()),
+        (reference(&same), keyring.clone()),
+    ]);
+    let runner = tokio::spawn(engine.clone().run());
+    for image in [&keep, &drop_, &same] {
+        wait_for(&engine, image, "available", |r| {
+            r.state == ImageState::Available
+        })
+        .await;
+    }
+
+    // No longer wanted: without --remove-unwanted the images stay on the runtime.
+    let removed = engine.set_wanted([(reference(&keep), keyring.clone())]);
+    assert_eq!(removed.len(), 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(runtime_has(&containerd, &drop_).await);
+
+    // Asked to remove: `drop` goes; `same` has the content of the wanted `keep` and stays.
+    let kept = engine.remove_unwanted(&removed).await.unwrap();
+    assert!(!runtime_has(&containerd, &drop_).await);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0].0, reference(&same));
+    assert!(matches!(kept[0].1, Kept::SharedWithWanted(_)));
+    assert!(runtime_has(&containerd, &keep).await);
+    assert_eq!(metric(&engine, "coral_agent_removed_images_total"), 1.0);
+    runner.abort();
+}

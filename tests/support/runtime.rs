@@ -1,0 +1,292 @@
+//! Real containerd and a real OCI registry for tests, each in its own temp directory on its own
+//! socket or port, killed and waited for on drop. Images are built with umoci and pushed with
+//! skopeo; nothing is downloaded.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Fails with the package to install when a tool is missing.
+pub fn require(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{tool}` is not installed; these tests need it: apt-get install {package} \
+         (bash scripts/test.sh installs everything the tests need)"
+    );
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} not ready within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stop(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A containerd with its CRI plugin, all state under a temp directory.
+pub struct Containerd {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    pub fn start() -> Self {
+        require("containerd", "containerd");
+        let dir = tempfile::Builder::new().prefix("ctd").tempdir().unwrap();
+        let d = dir.path().display();
+        for sub in ["cni/bin", "cni/net.d", "certs.d", "opt"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("config.toml"),
+            format!(
+                r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+[grpc]
+  address = "{d}/containerd.sock"
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "native"
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = "{d}/cni/bin"
+  conf_dir = "{d}/cni/net.d"
+[plugins."io.containerd.grpc.v1.cri".registry]
+  config_path = "{d}/certs.d"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+"#
+            ),
+        )
+        .unwrap();
+        let mut containerd = Self { child: None, dir };
+        containerd.resume();
+        containerd
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    /// `unix://…` address of the CRI socket.
+    pub fn address(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    /// Stops containerd (its images stay on disk).
+    pub fn stop(&mut self) {
+        stop(&mut self.child);
+        let _ = std::fs::remove_file(self.socket());
+    }
+
+    /// Starts containerd again on the same directory and socket.
+    pub fn resume(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(self.dir.path().join("config.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("containerd starts");
+        self.child = Some(child);
+        let socket = self.socket();
+        let log = self.dir.path().join("containerd.log");
+        wait_until("containerd", Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+                && std::fs::read_to_string(&log)
+                    .is_ok_and(|text| text.contains("containerd successfully booted"))
+        });
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A `docker-registry` on a free port of 127.0.0.1, optionally with htpasswd auth.
+pub struct Registry {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub credentials: Option<(String, String)>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Registry {
+    pub fn start(credentials: Option<(&str, &str)>) -> Self {
+        require("docker-registry", "docker-registry");
+        let dir = tempfile::Builder::new().prefix("reg").tempdir().unwrap();
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, password)) = credentials {
+            require("htpasswd", "apache2-utils");
+            let output = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "htpasswd failed");
+            std::fs::write(dir.path().join("htpasswd"), output.stdout).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: coral-test\n    path: {}\n",
+                dir.path().join("htpasswd").display()
+            ));
+        }
+        std::fs::write(dir.path().join("config.yml"), config).unwrap();
+        let mut registry = Self {
+            child: None,
+            dir,
+            port,
+            credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
+        };
+        registry.resume();
+        registry
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        stop(&mut self.child);
+    }
+
+    pub fn resume(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("registry.log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(self.dir.path().join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry starts");
+        self.child = Some(child);
+        let address = self.host();
+        wait_until("registry", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(&address).is_ok()
+        });
+    }
+
+    /// Builds a tiny image holding `content` and pushes it as `NAME:TAG`; returns the
+    /// reference.
+    pub fn push(&self, name: &str, tag: &str, content: &str) -> String {
+        require("umoci", "umoci");
+        require("skopeo", "skopeo");
+        let work = tempfile::tempdir().unwrap();
+        let layout = work.path().join("oci");
+        let image = format!("{}:{tag}", layout.display());
+        run(
+            "umoci",
+            &["init", "--layout", &layout.display().to_string()],
+            None,
+        );
+        run("umoci", &["new", "--image", &image], None);
+        let bundle = work.path().join("bundle");
+        run(
+            "umoci",
+            &[
+                "unpack",
+                "--rootless",
+                "--image",
+                &image,
+                &bundle.display().to_string(),
+            ],
+            None,
+        );
+        std::fs::create_dir_all(bundle.join("rootfs/data")).unwrap();
+        std::fs::write(bundle.join("rootfs/data/content"), content).unwrap();
+        run(
+            "umoci",
+            &["repack", "--image", &image, &bundle.display().to_string()],
+            None,
+        );
+        let reference = format!("{}/{name}:{tag}", self.host());
+        let mut args = vec![
+            "copy".to_string(),
+            "--quiet".to_string(),
+            "--dest-tls-verify=false".to_string(),
+        ];
+        if let Some((user, password)) = &self.credentials {
+            args.push(format!("--dest-creds={user}:{password}"));
+        }
+        args.push(format!("oci:{image}"));
+        args.push(format!("docker://{reference}"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run("skopeo", &args, Some(work.path()));
+        reference
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Registry {
+    /// Pushes an image already in the registry under another name; returns the reference.
+    pub fn copy(&self, from: &str, name: &str, tag: &str) -> String {
+        let reference = format!("{}/{name}:{tag}", self.host());
+        let mut args = vec![
+            "copy".to_string(),
+            "--quiet".to_string(),
+            "--src-tls-verify=false".to_string(),
+            "--dest-tls-verify=false".to_string(),
+        ];
+        if let Some((user, password)) = &self.credentials {
+            args.push(format!("--src-creds={user}:{password}"));
+            args.push(format!("--dest-creds={user}:{password}"));
+        }
+        args.push(format!("docker://{from}"));
+        args.push(format!("docker://{reference}"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run("skopeo", &args, None);
+        reference
+    }
+}
+
+fn run(program: &str, args: &[&str], dir: Option<&Path>) {
+    let mut command = Command::new(program);
+    command.args(args);
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A Docker `config.json` with one credential.
+pub fn docker_config(host: &str, user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    serde_json::json!({"auths": {host: {"auth": auth}}}).to_string()
+}
