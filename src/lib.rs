@@ -7,8 +7,11 @@
 
 pub mod agent;
 pub mod api;
+#[cfg(test)]
+mod fake_api;
 pub mod image;
 pub mod index;
 pub mod metrics;
 pub mod policy;
+pub mod probe;
 pub mod webhook;

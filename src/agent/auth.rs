@@ -187,6 +187,11 @@ impl Keyring {
         self.entries.len()
     }
 
+    /// Adds every credential of `other`, after this keyring's own.
+    pub fn extend(&mut self, other: &Keyring) {
+        self.entries.extend(other.entries.iter().cloned());
+    }
+
     /// Reads a `config.json` (`{"auths": {...}}`), as in `.dockerconfigjson` secrets and
     /// `~/.docker/config.json`.
     pub fn add_config_json(&mut self, bytes: &[u8], origin: &str) -> Result<(), AuthError> {

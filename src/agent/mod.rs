@@ -4,7 +4,9 @@
 pub mod auth;
 pub mod cri;
 pub mod engine;
+pub mod node;
 pub mod prefetch;
+pub mod record;
 pub mod tracker;
 
 use std::collections::BTreeMap;

@@ -143,6 +143,48 @@ pub fn run_prefetch(args: PrefetchArgs) -> Result<ExitCode> {
     })
 }
 
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// This node's name (from the downward API: spec.nodeName).
+    #[arg(long, value_name = "NAME", env = "CORAL_NODE_NAME")]
+    node_name: String,
+    #[command(flatten)]
+    pull: PullArgs,
+    /// Remove images that no ImageSet wants any more from the runtime (only when no container
+    /// uses them). Without it their labels go and the images stay.
+    #[arg(long, env = "CORAL_REMOVE_UNWANTED")]
+    remove_unwanted: bool,
+    /// Plain-HTTP address of /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "CORAL_PROBE_LISTEN")]
+    probe_listen: std::net::SocketAddr,
+    /// How often the runtime's images are listed and pull secrets read again when nothing
+    /// else happens.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration, env = "CORAL_RESYNC")]
+    resync: Duration,
+    /// Quiet period that coalesces changes into one write.
+    #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = parse_duration, env = "CORAL_DEBOUNCE")]
+    debounce: Duration,
+}
+
+pub fn run_agent(args: AgentArgs) -> Result<ExitCode> {
+    super::init_logging();
+    let options = coral::agent::node::AgentOptions {
+        node_name: args.node_name,
+        cri_socket: args.pull.cri_socket.clone(),
+        engine: args.pull.engine_options(args.resync),
+        remove_unwanted: args.remove_unwanted,
+        probe_listen: args.probe_listen,
+        debounce: args.debounce,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(coral::agent::node::run(options))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,6 +37,8 @@ enum Command {
     Policy(PolicyCommand),
     /// Run the admission webhook (HTTPS).
     Webhook(Box<WebhookArgs>),
+    /// Run the node agent: keep the images ImageSets want on this node, and record them.
+    Agent(Box<agent::AgentArgs>),
     /// Pull what ImageSets want on a node, once, through the container runtime (no cluster):
     /// for baking node images and for CI.
     Prefetch(Box<agent::PrefetchArgs>),
@@ -366,6 +368,7 @@ impl Cli {
             Command::Demo => demo::run(),
             Command::Webhook(args) => webhook(*args),
             Command::Prefetch(args) => agent::run_prefetch(*args),
+            Command::Agent(args) => agent::run_agent(*args),
             Command::Version => {
                 println!("coral {}", env!("CARGO_PKG_VERSION"));
                 Ok(ExitCode::SUCCESS)

@@ -98,9 +98,21 @@ impl Shared {
             *current = Some(Arc::new(snapshot));
         }
     }
+}
 
-    /// Ready for admission traffic: synced and listening.
-    pub fn ready(&self) -> bool {
-        self.synced.load(Ordering::SeqCst) && self.listening.load(Ordering::SeqCst)
+/// Ready for admission traffic once synced and listening.
+impl crate::probe::Probes for Shared {
+    fn ready(&self) -> Result<(), String> {
+        if !self.synced.load(Ordering::SeqCst) {
+            Err("cluster state not listed yet".to_string())
+        } else if !self.listening.load(Ordering::SeqCst) {
+            Err("admission listener not serving".to_string())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.render()
     }
 }

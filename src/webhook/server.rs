@@ -10,7 +10,7 @@ use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -63,18 +63,10 @@ pub async fn run(options: WebhookOptions) -> anyhow::Result<()> {
         }
     };
 
-    let probes = TcpListener::bind(options.probe_listen).await?;
-    info!(address = %probes.local_addr()?, "probe server listening (healthz, readyz, metrics)");
-    let probe_app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
-        .with_state(shared.clone());
-    tokio::spawn(async move {
-        if let Err(error) = axum::serve(probes, probe_app).await {
-            error!(%error, "probe server stopped");
-        }
-    });
+    crate::probe::spawn(
+        TcpListener::bind(options.probe_listen).await?,
+        shared.clone(),
+    );
 
     let listener = TcpListener::bind(options.listen).await?;
     tokio::spawn(poll_files(
@@ -239,32 +231,6 @@ pub(super) fn unix_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
-}
-
-async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.ready() {
-        (StatusCode::OK, "ready").into_response()
-    } else if !shared.synced.load(Ordering::SeqCst) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: cluster state not listed yet",
-        )
-            .into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: admission listener not serving",
-        )
-            .into_response()
-    }
-}
-
-async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        shared.metrics.render(),
-    )
-        .into_response()
 }
 
 fn json_response(value: &Value) -> Response {

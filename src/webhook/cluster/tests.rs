@@ -1,29 +1,22 @@
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Bytes, Frame};
+use http::{Method, StatusCode};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::Client;
 use serde_json::{Value, json};
-use tower_test::mock::{self, Handle, SendResponse};
 
 use super::{ClusterOptions, ObjectName, PolicyChange, PolicyTracker, sync};
 use crate::api::{ImageSet, NodeImage};
+use crate::fake_api::{
+    self, ApiHandle, WAIT, WatchSender, expected_list_query, expected_watch_query, json_response,
+    next_request, send_event, streaming,
+};
 use crate::image::{ImageReference, label_key};
 use crate::index::{ClusterIndex, ClusterObjects};
 use crate::metrics::WebhookMetrics;
 use crate::policy::EvaluatorOptions;
 use crate::webhook::{FailureMode, Shared};
-
-type MockBody = StreamBody<UnboundedReceiver<Result<Frame<Bytes>, Infallible>>>;
-type ApiHandle = Handle<Request<kube::client::Body>, Response<MockBody>>;
-
-const WAIT: Duration = Duration::from_secs(20);
 
 fn key(image: &str) -> String {
     label_key(&ImageReference::parse(image).expect("valid reference"))
@@ -41,68 +34,6 @@ fn shared() -> Arc<Shared> {
         listening: false.into(),
         synced: false.into(),
     })
-}
-
-/// A response whose body stays open: watch events are sent through the returned sender.
-fn streaming() -> (
-    Response<MockBody>,
-    UnboundedSender<Result<Frame<Bytes>, Infallible>>,
-) {
-    let (sender, receiver) = unbounded();
-    (Response::new(StreamBody::new(receiver)), sender)
-}
-
-fn json_response(status: StatusCode, value: &Value) -> Response<MockBody> {
-    let (mut response, sender) = streaming();
-    *response.status_mut() = status;
-    let _ = sender.unbounded_send(Ok(Frame::data(Bytes::from(value.to_string()))));
-    response
-}
-
-fn send_event(
-    sender: &UnboundedSender<Result<Frame<Bytes>, Infallible>>,
-    kind: &str,
-    object: Value,
-) {
-    let line = format!("{}\n", json!({"type": kind, "object": object}));
-    sender
-        .unbounded_send(Ok(Frame::data(Bytes::from(line))))
-        .expect("watch still open");
-}
-
-/// One request from the client under test: method, path and query, Accept header, body.
-struct Seen {
-    method: Method,
-    uri: String,
-    accept: String,
-    body: Value,
-    respond: SendResponse<Response<MockBody>>,
-}
-
-async fn next_request(handle: &mut ApiHandle) -> Seen {
-    let (request, respond) = tokio::time::timeout(WAIT, handle.next_request())
-        .await
-        .expect("a request within the wait")
-        .expect("the client is still running");
-    let (parts, body) = request.into_parts();
-    let bytes = body.collect().await.expect("request body").to_bytes();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).expect("request body is JSON")
-    };
-    Seen {
-        method: parts.method,
-        uri: parts.uri.to_string(),
-        accept: parts
-            .headers
-            .get(http::header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string(),
-        body,
-        respond,
-    }
 }
 
 fn node(name: &str, labels: Value) -> Value {
@@ -139,7 +70,7 @@ const BAD_POLICY: &str = "package coral.mutate\n\nwarn contains x if {\n";
 struct FakeApi {
     handle: ApiHandle,
     /// Watch streams by resource path, kept open.
-    watches: BTreeMap<String, UnboundedSender<Result<Frame<Bytes>, Infallible>>>,
+    watches: BTreeMap<String, WatchSender>,
     /// Event bodies posted.
     events: Vec<Value>,
     configmap: Value,
@@ -189,8 +120,8 @@ impl FakeApi {
     async fn serve_until(&mut self, mut done: impl FnMut(&Self) -> bool) {
         while !done(self) {
             let seen = next_request(&mut self.handle).await;
-            let (path, query) = seen.uri.split_once('?').unwrap_or((&seen.uri, ""));
-            let path = path.to_string();
+            let path = seen.path().to_string();
+            let query = seen.query().to_string();
             if seen.method == Method::POST {
                 assert_eq!(
                     path,
@@ -215,12 +146,10 @@ impl FakeApi {
             } else {
                 ""
             };
-            if query.contains("watch=true") {
+            if seen.is_watch() {
                 assert_eq!(
                     query,
-                    format!(
-                        "&watch=true&timeoutSeconds=290{expected_field_selector}&allowWatchBookmarks=true&resourceVersion=100"
-                    ),
+                    expected_watch_query(expected_field_selector),
                     "watch of {path}"
                 );
                 let (response, sender) = streaming();
@@ -232,9 +161,7 @@ impl FakeApi {
             } else {
                 assert_eq!(
                     query,
-                    format!(
-                        "{expected_field_selector}&resourceVersion=0&resourceVersionMatch=NotOlderThan"
-                    ),
+                    expected_list_query(expected_field_selector),
                     "list of {path}"
                 );
                 let list = self.list(&path);
@@ -246,8 +173,7 @@ impl FakeApi {
 }
 
 fn start(configmap: Value) -> (FakeApi, Arc<Shared>) {
-    let (service, handle) = mock::pair::<Request<kube::client::Body>, Response<MockBody>>();
-    let client = Client::new(service, "coral-system");
+    let (client, handle) = fake_api::client("coral-system");
     let shared = shared();
     let options = ClusterOptions {
         policies_configmap: Some("coral-system/coral-policies".parse().expect("valid name")),
@@ -293,8 +219,9 @@ async fn cluster_sync_lists_and_watches_each_resource_then_follows_changes() {
         shared.synced.load(std::sync::atomic::Ordering::SeqCst)
     })
     .await;
-    assert!(
-        !shared.ready(),
+    assert_eq!(
+        crate::probe::Probes::ready(&*shared),
+        Err("admission listener not serving".to_string()),
         "not ready before the admission listener is bound"
     );
 
