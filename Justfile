@@ -25,6 +25,7 @@ generate:
 bench:
     cargo bench --bench decision
     cargo bench --bench webhook_load
+    cargo bench --bench pull
 
 # The demo: embedded policies on the example workloads.
 demo:

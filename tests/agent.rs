@@ -275,15 +275,22 @@ fn prefetch_explains_an_unreachable_runtime_and_bad_image_sets() {
 }
 
 #[tokio::test]
-async fn engine_pulls_with_a_dockerconfigjson_secret() {
+async fn engine_pulls_with_a_dockerconfigjson_secret_trying_matching_keys_in_order() {
     let containerd = Containerd::start();
     let registry = Registry::start(Some(("coral", "s3cret")));
     let private = registry.push("team/private", "1.0", "private");
+    // The more specific key comes first and is refused; the host-wide key is tried next.
+    let auth = |user: &str, password: &str| {
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    };
+    let config = serde_json::json!({"auths": {
+        registry.host(): {"auth": auth("coral", "s3cret")},
+        format!("{}/team", registry.host()): {"auth": auth("coral", "stale")},
+    }});
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "pull", "namespace": "shop"},
         "type": "kubernetes.io/dockerconfigjson",
-        "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(
-            docker_config(&registry.host(), "coral", "s3cret"))},
+        "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(config.to_string())},
     }))
     .unwrap();
     let mut keyring = Keyring::new();
@@ -468,4 +475,140 @@ async fn unwanted_images_are_removed_only_when_asked() {
     assert!(runtime_has(&containerd, &keep).await);
     assert_eq!(metric(&engine, "coral_agent_removed_images_total"), 1.0);
     runner.abort();
+}
+
+#[test]
+fn prefetch_stops_at_the_image_filesystem_budget() {
+    let containerd = Containerd::start();
+    let registry = Registry::start(None);
+    let first = registry.push("shop/first", "1", "first");
+    let second = registry.push("shop/second", "1", "second");
+    let (ok, output) = prefetch(&containerd, &image_sets(&[("one", "{}", &[&first])]), &[]);
+    assert!(ok, "{output}");
+    // The runtime now uses more than one byte (as soon as it has measured its snapshots): a
+    // budget of one byte pauses every new pull.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cri = runtime.block_on(async { Cri::new(&containerd.address()).unwrap() });
+    let deadline = Instant::now() + WAIT;
+    while runtime.block_on(cri.image_fs_used_bytes()).unwrap() <= 1 {
+        assert!(
+            Instant::now() < deadline,
+            "containerd never measured its image filesystem"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sets = image_sets(&[("two", "{}", &[&first, &second])]);
+    let (ok, output) = prefetch(&containerd, &sets, &["--image-fs-budget", "1"]);
+    assert!(!ok, "{output}");
+    assert!(output.contains(&format!("present    {first}")), "{output}");
+    assert!(
+        output.contains(&format!(
+            "paused     {second}: the image filesystem is over its budget"
+        )),
+        "{output}"
+    );
+    assert!(output.contains("1 of 2 image(s) available"), "{output}");
+    let (ok, output) = prefetch(&containerd, &sets, &["--image-fs-budget", "10Gi"]);
+    assert!(ok, "{output}");
+}
+
+/// `GET path` on the probe port; returns the status code and body.
+fn probe(address: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: probe\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The real `coral agent` binary: probes answer at once; readiness waits for the runtime and
+/// then for the cluster; the runtime coming back is noticed.
+#[test]
+fn agent_binary_reports_readiness_through_its_probes() {
+    use std::io::{BufRead, BufReader};
+    let mut containerd = Containerd::start();
+    containerd.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    std::fs::write(
+        dir.path().join("kubeconfig"),
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: t\nclusters: [{{name: t, cluster: {{server: \"{server}\"}}}}]\nusers: [{{name: t, user: {{token: t}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_coral"))
+        .args([
+            "agent",
+            "--node-name",
+            "node-a",
+            "--probe-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--cri-socket", &containerd.address()])
+        .env("KUBECONFIG", dir.path().join("kubeconfig"))
+        .env("KUBERNETES_SERVICE_HOST", "")
+        .env("CORAL_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = child.stderr.take().unwrap();
+    let _child = Kill(child);
+    let mut lines = BufReader::new(stderr).lines();
+    let address = loop {
+        let line = lines
+            .next()
+            .expect("the agent logs its probe address")
+            .unwrap();
+        if line.contains("probe server listening") {
+            break line.rsplit("address=").next().unwrap().trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+
+    assert_eq!(probe(&address, "/healthz"), (200, "ok".to_string()));
+    assert_eq!(
+        probe(&address, "/readyz"),
+        (
+            503,
+            "not ready: the container runtime does not answer".to_string()
+        )
+    );
+    let unavailable = "coral_agent_cri_errors_total{code=\"unavailable\",operation=\"Version\"}";
+    let deadline = Instant::now() + WAIT;
+    while !probe(&address, "/metrics").1.contains(unavailable) {
+        assert!(Instant::now() < deadline, "no failed Version call counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    containerd.resume();
+    loop {
+        let (status, body) = probe(&address, "/readyz");
+        if body == "not ready: ImageSets and the node not listed yet" {
+            assert_eq!(status, 503);
+            break;
+        }
+        assert!(Instant::now() < deadline, "runtime never noticed: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, metrics) = probe(&address, "/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("coral_agent_paused 0"), "{metrics}");
 }

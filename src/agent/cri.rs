@@ -132,7 +132,8 @@ pub fn socket_path(address: &str) -> Result<PathBuf, SocketError> {
 }
 
 impl Cri {
-    /// A client of the runtime at `address`; nothing is dialed until the first call.
+    /// A client of the runtime at `address`; nothing is dialed until the first call. Call it
+    /// inside a Tokio runtime (the channel's worker is spawned on it).
     pub fn new(address: &str) -> Result<Self, SocketError> {
         let socket = socket_path(address)?;
         let path = socket.clone();

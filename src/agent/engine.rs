@@ -11,7 +11,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tracing::{info, warn};
 
 use super::auth::{Credential, Keyring};
-use super::cri::{Cri, CriError, RuntimeVersion};
+use super::cri::{Cri, CriError, RuntimeImage, RuntimeVersion};
 use super::tracker::{ImageRecord, Inventory, RetryPolicy, Tracker, held};
 use crate::image::ImageReference;
 use crate::metrics::AgentMetrics;
@@ -367,16 +367,9 @@ impl Engine {
             else {
                 continue;
             };
-            if in_use.contains(&image.id)
-                || in_use.contains(&name)
-                || image.repo_tags.iter().any(|t| in_use.contains(t))
-            {
-                info!(image = %name, "not removing an unwanted image: a container uses it");
-                kept.push((record.reference.clone(), Kept::InUse(image.id)));
-                continue;
-            }
-            if wanted_ids.contains(&image.id) {
-                kept.push((record.reference.clone(), Kept::SharedWithWanted(image.id)));
+            if let Some(why) = keep_unwanted(&image, &name, &in_use, &wanted_ids) {
+                info!(image = %name, ?why, "not removing an unwanted image");
+                kept.push((record.reference.clone(), why));
                 continue;
             }
             self.cri
@@ -387,6 +380,26 @@ impl Engine {
             info!(image = %name, "removed an image no ImageSet wants");
         }
         Ok(kept)
+    }
+}
+
+/// Why an unwanted image must stay, if it must: a container uses it (by ID, by the name it was
+/// wanted under, or by any of its tags), or a wanted image has the same content.
+pub fn keep_unwanted(
+    image: &RuntimeImage,
+    name: &str,
+    in_use: &BTreeSet<String>,
+    wanted_ids: &BTreeSet<String>,
+) -> Option<Kept> {
+    if in_use.contains(&image.id)
+        || in_use.contains(name)
+        || image.repo_tags.iter().any(|t| in_use.contains(t))
+    {
+        Some(Kept::InUse(image.id.clone()))
+    } else if wanted_ids.contains(&image.id) {
+        Some(Kept::SharedWithWanted(image.id.clone()))
+    } else {
+        None
     }
 }
 
@@ -460,4 +473,72 @@ pub async fn pull_with(
         }),
         credentials: tried,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unwanted_images_in_use_or_shared_with_wanted_ones_are_kept() {
+        let image = RuntimeImage {
+            id: "sha256:aaa".into(),
+            repo_tags: vec![
+                "docker.io/library/nginx:1.27".into(),
+                "docker.io/library/nginx:1".into(),
+            ],
+            repo_digests: vec![],
+            size: 1,
+        };
+        let name = "docker.io/library/nginx:1.27";
+        let set = |items: &[&str]| {
+            items
+                .iter()
+                .map(ToString::to_string)
+                .collect::<BTreeSet<_>>()
+        };
+        let none = BTreeSet::new();
+        assert_eq!(keep_unwanted(&image, name, &none, &none), None);
+        for used in [
+            "sha256:aaa",
+            "docker.io/library/nginx:1.27",
+            "docker.io/library/nginx:1",
+        ] {
+            assert_eq!(
+                keep_unwanted(&image, name, &set(&[used]), &none),
+                Some(Kept::InUse("sha256:aaa".into())),
+                "{used}"
+            );
+        }
+        assert_eq!(
+            keep_unwanted(&image, name, &none, &set(&["sha256:aaa"])),
+            Some(Kept::SharedWithWanted("sha256:aaa".into()))
+        );
+    }
+
+    #[test]
+    fn only_refused_credentials_move_on_to_the_next() {
+        let error = |code, message: &str| CriError {
+            operation: "PullImage",
+            code,
+            message: message.to_string(),
+        };
+        assert!(is_auth_failure(&error(
+            tonic::Code::Unknown,
+            "pulling from host r failed with status code [manifests 1]: 401 Unauthorized"
+        )));
+        assert!(is_auth_failure(&error(
+            tonic::Code::Unknown,
+            "403 Forbidden"
+        )));
+        assert!(is_auth_failure(&error(tonic::Code::Unauthenticated, "")));
+        assert!(!is_auth_failure(&error(
+            tonic::Code::NotFound,
+            "r/x:1: not found"
+        )));
+        assert!(!is_auth_failure(&error(
+            tonic::Code::Unknown,
+            "dial tcp: connection refused"
+        )));
+    }
 }

@@ -338,11 +338,16 @@ impl Tracker {
         counts
     }
 
-    /// Every wanted image is available, or failed after all its attempts.
+    /// No pull is under way or due: every wanted image is available, failed after all its
+    /// attempts, or paused.
     pub fn settled(&self) -> bool {
-        self.records
-            .values()
-            .all(|r| !r.in_flight && matches!(r.state, ImageState::Available | ImageState::Failed))
+        self.records.values().all(|r| {
+            !r.in_flight
+                && matches!(
+                    r.state,
+                    ImageState::Available | ImageState::Failed | ImageState::Paused
+                )
+        })
     }
 }
 

@@ -57,6 +57,8 @@ impl Containerd {
                 r#"version = 2
 root = "{d}/root"
 state = "{d}/state"
+[plugins."io.containerd.grpc.v1.cri"]
+  stats_collect_period = 1
 [grpc]
   address = "{d}/containerd.sock"
 [plugins."io.containerd.grpc.v1.cri".containerd]
