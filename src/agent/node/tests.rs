@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -132,10 +133,10 @@ fn without_times(mut status: Value) -> Value {
     status
 }
 
-#[tokio::test]
-async fn agent_watches_image_sets_and_its_node_and_writes_exact_records() {
+/// Starts the agent for node-a against the scripted API. The runtime is never reached: the
+/// engine is not run, so every wanted image stays `pulling`.
+fn start_agent() -> (Api, Arc<Engine>) {
     let (client, handle) = fake_api::client("default");
-    // The runtime is never reached in this test: the engine is not run.
     let engine = Engine::new(
         Cri::new("unix:///nonexistent/cri.sock").expect("socket"),
         EngineOptions::default(),
@@ -153,11 +154,17 @@ async fn agent_watches_image_sets_and_its_node_and_writes_exact_records() {
         debounce: Duration::from_millis(10),
     };
     tokio::spawn(NodeAgent::new(client, options, engine.clone()).run(|| {}));
-    let mut api = Api {
+    let api = Api {
         handle,
         watches: BTreeMap::new(),
         secret_reads: 0,
     };
+    (api, engine)
+}
+
+#[tokio::test]
+async fn agent_watches_image_sets_and_its_node_and_writes_exact_records() {
+    let (mut api, engine) = start_agent();
 
     // Nothing is present yet: the stale Coral label goes; other labels are left alone.
     let labels = api.next_write().await;
@@ -236,29 +243,7 @@ async fn agent_watches_image_sets_and_its_node_and_writes_exact_records() {
 
 #[tokio::test]
 async fn agent_patches_labels_once_and_writes_nothing_when_nothing_changed() {
-    let (client, handle) = fake_api::client("default");
-    let engine = Engine::new(
-        Cri::new("unix:///nonexistent/cri.sock").expect("socket"),
-        EngineOptions::default(),
-        AgentMetrics::new(),
-    );
-    let options = AgentOptions {
-        node_name: "node-a".to_string(),
-        cri_socket: "unix:///nonexistent/cri.sock".to_string(),
-        engine: EngineOptions {
-            resync: Duration::from_secs(3600),
-            ..EngineOptions::default()
-        },
-        remove_unwanted: false,
-        probe_listen: "127.0.0.1:0".parse().expect("address"),
-        debounce: Duration::from_millis(10),
-    };
-    tokio::spawn(NodeAgent::new(client, options, engine.clone()).run(|| {}));
-    let mut api = Api {
-        handle,
-        watches: BTreeMap::new(),
-        secret_reads: 0,
-    };
+    let (mut api, engine) = start_agent();
     let mut labels_patched = None;
     let mut status_writes = 0;
     // Writes of the first round: the label patch, the NodeImage, its status.
