@@ -26,6 +26,7 @@ bench:
     cargo bench --bench decision
     cargo bench --bench webhook_load
     cargo bench --bench pull
+    cargo bench --bench aggregate
 
 # The demo: embedded policies on the example workloads.
 demo:

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod controller;
 #[cfg(test)]
 mod fake_api;
 pub mod image;

@@ -283,3 +283,76 @@ fn render(registry: &Registry) -> String {
     }
     String::from_utf8(buffer).unwrap_or_default()
 }
+
+/// Metrics of the controller.
+#[derive(Clone)]
+pub struct ControllerMetrics {
+    registry: Registry,
+    /// ImageSet reconciles by result.
+    pub reconciles: IntCounterVec,
+    /// Seconds one ImageSet's reconcile took.
+    pub reconcile_seconds: prometheus::Histogram,
+    /// ImageSets by condition type and status.
+    pub image_sets: IntGaugeVec,
+    /// Share of (image, targeted node) pairs where the image is available.
+    pub available_ratio: Gauge,
+    /// 1 while this replica leads.
+    pub leader: IntGauge,
+}
+
+impl ControllerMetrics {
+    pub fn new() -> Self {
+        #[allow(clippy::expect_used)]
+        let metrics = Self {
+            registry: Registry::new(),
+            reconciles: counter(
+                "coral_controller_reconciles_total",
+                "ImageSet reconciles by result.",
+                &["result"],
+            ),
+            reconcile_seconds: prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "coral_controller_reconcile_duration_seconds",
+                    "Time one ImageSet's reconcile took.",
+                )
+                .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            )
+            .expect("valid metric definition"),
+            image_sets: IntGaugeVec::new(
+                Opts::new(
+                    "coral_controller_imagesets",
+                    "ImageSets by condition type and status.",
+                ),
+                &["condition", "status"],
+            )
+            .expect("valid metric definition"),
+            available_ratio: Gauge::new(
+                "coral_controller_available_ratio",
+                "Share of (image, targeted node) pairs where the image is available.",
+            )
+            .expect("valid metric definition"),
+            leader: IntGauge::new("coral_controller_leader", "1 while this replica leads.")
+                .expect("valid metric definition"),
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(metrics.reconciles.clone()),
+            Box::new(metrics.reconcile_seconds.clone()),
+            Box::new(metrics.image_sets.clone()),
+            Box::new(metrics.available_ratio.clone()),
+            Box::new(metrics.leader.clone()),
+        ];
+        register(&metrics.registry, collectors);
+        metrics
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        render(&self.registry)
+    }
+}
+
+impl Default for ControllerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -21,13 +21,17 @@ use crate::index::validate_image_set;
 pub type SecretRefs = Vec<(String, String)>;
 
 /// The images wanted on a node with `labels`: the union of the ImageSets whose selector
-/// matches, each with the pull secrets of those ImageSets. Invalid ImageSets want nothing.
+/// matches, each with the pull secrets of those ImageSets. Invalid ImageSets, and ImageSets
+/// being deleted, want nothing.
 pub fn wanted_images(
     sets: &[&ImageSet],
     labels: &BTreeMap<String, String>,
 ) -> BTreeMap<ImageReference, SecretRefs> {
     let mut wanted: BTreeMap<ImageReference, SecretRefs> = BTreeMap::new();
-    for set in sets {
+    for set in sets
+        .iter()
+        .filter(|s| s.metadata.deletion_timestamp.is_none())
+    {
         let Ok(valid) = validate_image_set(&set.spec) else {
             continue;
         };
@@ -132,8 +136,13 @@ mod tests {
             &[],
         );
         let broken = set("broken", &["UPPER:case"], serde_json::json!({}), &[]);
+        let mut deleted = set("deleted", &["memcached:1.6"], serde_json::json!({}), &[]);
+        deleted.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
         let labels = BTreeMap::from([("pool".to_string(), "web".to_string())]);
-        let wanted = wanted_images(&[&web, &all, &batch, &broken], &labels);
+        let wanted = wanted_images(&[&web, &all, &batch, &broken, &deleted], &labels);
         let names: Vec<String> = wanted.keys().map(ToString::to_string).collect();
         assert_eq!(
             names,

@@ -28,12 +28,15 @@ use super::record::{desired_labels, label_patch, node_image_status, node_pressur
 use super::tracker::Tracker;
 use super::wanted_images;
 use crate::api::{ImageSet, NodeImage, NodeImageSpec, NodeImageStatus};
+use crate::controller::secrets::copy_name;
 use crate::metrics::AgentMetrics;
 
 /// Everything `coral agent` is configured with.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     pub node_name: String,
+    /// Coral's namespace, where the controller keeps copies of the pull secrets.
+    pub coral_namespace: String,
     pub cri_socket: String,
     pub engine: EngineOptions,
     /// Remove images no ImageSet wants any more (when no container uses them).
@@ -190,7 +193,8 @@ impl NodeAgent {
         let sets: Vec<&ImageSet> = sets.iter().map(AsRef::as_ref).collect();
         let wanted = wanted_images(&sets, &labels);
         let secret_refs: BTreeSet<(String, String)> = wanted.values().flatten().cloned().collect();
-        let keyrings = read_pull_secrets(&self.client, &secret_refs).await;
+        let keyrings =
+            read_pull_secrets(&self.client, &self.options.coral_namespace, &secret_refs).await;
         let removed = self
             .engine
             .set_wanted(wanted.into_iter().map(|(image, refs)| {
@@ -240,17 +244,20 @@ fn spawn_watch<K: Send + 'static>(
     });
 }
 
-/// Reads the pull secrets the wanted images may use. Every read of Secrets goes through this
-/// function. A secret that is missing or unreadable is logged and skipped: pulls go on without
-/// it, and fail with the registry's answer if they needed it.
+/// Reads the pull secrets the wanted images may use: the controller's copies of them in
+/// Coral's namespace (so the agent reads Secrets in that one namespace only). Every read of
+/// Secrets goes through this function. A secret that is missing or unreadable is logged and
+/// skipped: pulls go on without it, and fail with the registry's answer if they needed it.
 pub async fn read_pull_secrets(
     client: &Client,
+    coral_namespace: &str,
     refs: &BTreeSet<(String, String)>,
 ) -> BTreeMap<(String, String), Keyring> {
     let mut keyrings = BTreeMap::new();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), coral_namespace);
     for (namespace, name) in refs {
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-        match secrets.get_opt(name).await {
+        let copy = copy_name(namespace, name);
+        match secrets.get_opt(&copy).await {
             Ok(Some(secret)) => {
                 let mut keyring = Keyring::new();
                 match keyring.add_secret(&secret) {
@@ -260,8 +267,10 @@ pub async fn read_pull_secrets(
                     Err(error) => warn!(%error, "pull secret not used"),
                 }
             }
-            Ok(None) => warn!(%namespace, %name, "pull secret not found"),
-            Err(error) => warn!(%namespace, %name, %error, "cannot read pull secret"),
+            Ok(None) => {
+                warn!(%namespace, %name, %copy, "pull secret not copied into Coral's namespace (yet)");
+            }
+            Err(error) => warn!(%namespace, %name, %copy, %error, "cannot read pull secret"),
         }
     }
     keyrings

@@ -148,6 +148,14 @@ pub struct AgentArgs {
     /// This node's name (from the downward API: spec.nodeName).
     #[arg(long, value_name = "NAME", env = "CORAL_NODE_NAME")]
     node_name: String,
+    /// Coral's namespace, where the controller keeps copies of the pull secrets.
+    #[arg(
+        long,
+        value_name = "NAMESPACE",
+        default_value = "coral-system",
+        env = "CORAL_NAMESPACE"
+    )]
+    coral_namespace: String,
     #[command(flatten)]
     pull: PullArgs,
     /// Remove images that no ImageSet wants any more from the runtime (only when no container
@@ -170,6 +178,7 @@ pub fn run_agent(args: AgentArgs) -> Result<ExitCode> {
     super::init_logging();
     let options = coral::agent::node::AgentOptions {
         node_name: args.node_name,
+        coral_namespace: args.coral_namespace,
         cri_socket: args.pull.cri_socket.clone(),
         engine: args.pull.engine_options(args.resync),
         remove_unwanted: args.remove_unwanted,

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 mod agent;
+mod controller;
 mod demo;
 
 use coral::image::{ImageReference, label_key};
@@ -37,6 +38,8 @@ enum Command {
     Policy(PolicyCommand),
     /// Run the admission webhook (HTTPS).
     Webhook(Box<WebhookArgs>),
+    /// Run the controller: ImageSet status, cleanup, pull-secret copies, webhook certificates.
+    Controller(Box<controller::ControllerArgs>),
     /// Run the node agent: keep the images ImageSets want on this node, and record them.
     Agent(Box<agent::AgentArgs>),
     /// Pull what ImageSets want on a node, once, through the container runtime (no cluster):
@@ -331,14 +334,14 @@ fn webhook(args: WebhookArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The host name (a pod's name in Kubernetes), or `coral-webhook` when it cannot be read.
+/// The host name (a pod's name in Kubernetes), or `coral` when it cannot be read.
 fn host_name() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
         .map(|name| name.trim().to_string())
         .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "coral-webhook".to_string())
+        .unwrap_or_else(|| "coral".to_string())
 }
 
 /// Logs to stderr; `CORAL_LOG` (or `RUST_LOG`) sets the filter, `info` by default.
@@ -369,6 +372,7 @@ impl Cli {
             Command::Webhook(args) => webhook(*args),
             Command::Prefetch(args) => agent::run_prefetch(*args),
             Command::Agent(args) => agent::run_agent(*args),
+            Command::Controller(args) => controller::run_controller(*args),
             Command::Version => {
                 println!("coral {}", env!("CARGO_PKG_VERSION"));
                 Ok(ExitCode::SUCCESS)

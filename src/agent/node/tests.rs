@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use super::{AgentOptions, NodeAgent};
 use crate::agent::cri::Cri;
 use crate::agent::engine::{Engine, EngineOptions};
+use crate::controller::secrets::copy_name;
 use crate::fake_api::{
     self, ApiHandle, WatchSender, expected_list_query, expected_watch_query, json_response, list,
     next_request, not_found, send_event, streaming,
@@ -44,7 +45,7 @@ fn pull_secret() -> Value {
     let config = json!({"auths": {"docker.io": {"username": "u", "password": "p"}}}).to_string();
     json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "pull", "namespace": "shop"},
+        "metadata": {"name": copy_name("shop", "pull"), "namespace": "coral-system"},
         "type": "kubernetes.io/dockerconfigjson",
         "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(config)},
     })
@@ -93,7 +94,13 @@ impl Api {
                             .send_response(json_response(StatusCode::OK, &body));
                     }
                 }
-                (Method::GET, "/api/v1/namespaces/shop/secrets/pull") => {
+                (Method::GET, path)
+                    if path
+                        == format!(
+                            "/api/v1/namespaces/coral-system/secrets/{}",
+                            copy_name("shop", "pull")
+                        ) =>
+                {
                     self.secret_reads += 1;
                     seen.respond
                         .send_response(json_response(StatusCode::OK, &pull_secret()));
@@ -144,6 +151,7 @@ fn start_agent() -> (Api, Arc<Engine>) {
     );
     let options = AgentOptions {
         node_name: "node-a".to_string(),
+        coral_namespace: "coral-system".to_string(),
         cri_socket: "unix:///nonexistent/cri.sock".to_string(),
         engine: EngineOptions {
             resync: Duration::from_secs(3600),
