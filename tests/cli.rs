@@ -500,6 +500,15 @@ fn demo_shows_changes_warnings_and_unchanged_workloads() {
     let output = coral(&["demo"]);
     let text = stdout(&output);
     assert!(output.status.success(), "{}", stderr(&output));
+    // Through the real webhook over HTTPS, not an in-process evaluation.
+    assert!(
+        text.contains("the admission webhook, standalone on https://127.0.0.1:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("POST /mutate as an AdmissionReview"),
+        "{text}"
+    );
     assert!(text.contains("Deployment shop/shop: 4 change(s)"), "{text}");
     assert!(
         text.contains("+        imagePullPolicy: IfNotPresent"),

@@ -31,8 +31,25 @@ use crate::metrics::WebhookMetrics;
 /// Time a client has to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The addresses the webhook is bound to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    pub https: std::net::SocketAddr,
+    pub probes: std::net::SocketAddr,
+}
+
 /// Runs the webhook until SIGTERM or SIGINT, then lets in-flight requests finish.
 pub async fn run(options: WebhookOptions) -> anyhow::Result<()> {
+    serve(options, shutdown_signal(), |_| {}).await
+}
+
+/// Runs the webhook until `shutdown` completes, then lets in-flight requests finish.
+/// `on_bound` learns the addresses once both listeners are bound.
+pub async fn serve(
+    options: WebhookOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_bound: impl FnOnce(Bound),
+) -> anyhow::Result<()> {
     let metrics = WebhookMetrics::new();
     let cert = Arc::new(ReloadingCert::load(&options.tls_cert, &options.tls_key)?);
     let tls = TlsAcceptor::from(Arc::new(cert.server_config()?));
@@ -63,10 +80,9 @@ pub async fn run(options: WebhookOptions) -> anyhow::Result<()> {
         }
     };
 
-    crate::probe::spawn(
-        TcpListener::bind(options.probe_listen).await?,
-        shared.clone(),
-    );
+    let probes = TcpListener::bind(options.probe_listen).await?;
+    let probes_address = probes.local_addr()?;
+    crate::probe::spawn(probes, shared.clone());
 
     let listener = TcpListener::bind(options.listen).await?;
     tokio::spawn(poll_files(
@@ -78,6 +94,10 @@ pub async fn run(options: WebhookOptions) -> anyhow::Result<()> {
     // TLS configured and the listener bound; ready once synced too.
     shared.listening.store(true, Ordering::SeqCst);
     info!(address = %listener.local_addr()?, "admission server listening (HTTPS)");
+    on_bound(Bound {
+        https: listener.local_addr()?,
+        probes: probes_address,
+    });
 
     let app = Router::new()
         .route("/mutate", post(mutate))
@@ -85,7 +105,7 @@ pub async fn run(options: WebhookOptions) -> anyhow::Result<()> {
         .with_state(shared.clone());
     let service = TowerToHyperService::new(app);
     let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
