@@ -17,9 +17,15 @@ test:
 policy-test:
     cargo run --quiet -- policy test policies/ policy-tests/ -v --coverage
 
-# Regenerate committed files (the CRDs in crds/).
+# Regenerate committed files: the CRDs in crds/, and their copies and the policies' in deploy/.
 generate:
     cargo run --quiet -- crd --output-dir crds
+    cp crds/*.yaml deploy/base/crds/
+    cp policies/*.rego deploy/base/policies/
+
+# Render deploy/ and its overlays and validate every object offline.
+check-deploy:
+    bash scripts/check-deploy.sh
 
 # Benchmarks; each prints its figures.
 bench:
@@ -28,6 +34,6 @@ bench:
     cargo bench --bench pull
     cargo bench --bench aggregate
 
-# The demo: embedded policies on the example workloads.
+# The demo: the webhook over HTTPS with the embedded policies, sent the example workloads.
 demo:
     bash scripts/demo.sh

@@ -21,4 +21,6 @@ echo "== coral policy test policies/ policy-tests/"
 cargo run --quiet --locked -- policy test policies/ policy-tests/ --coverage --threshold 100
 echo "== coral crd matches crds/"
 diff <(cargo run --quiet --locked -- crd) <(cat crds/*.yaml)
+echo "== deploy/: render with kubectl kustomize, validate offline"
+bash scripts/check-deploy.sh
 echo "all tests passed"

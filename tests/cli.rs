@@ -1,6 +1,7 @@
 //! The real `coral` binary, run as a user would.
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test helpers panic on setup failures
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -522,4 +523,42 @@ fn demo_shows_changes_warnings_and_unchanged_workloads() {
         "{text}"
     );
     assert!(text.contains("Deployment shop/legacy: unchanged"), "{text}");
+}
+
+/// The files of `dir` with one of the extensions, by name.
+fn files_in(dir: &str, extension: &str) -> BTreeMap<String, String> {
+    std::fs::read_dir(root().join(dir))
+        .expect("directory")
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            (path.extension()? == extension).then(|| {
+                let name = path.file_name()?.to_string_lossy().into_owned();
+                Some((name, std::fs::read_to_string(&path).ok()?))
+            })?
+        })
+        .collect()
+}
+
+#[test]
+fn deploy_carries_the_crds_and_the_policies_unchanged() {
+    assert_eq!(
+        files_in("deploy/base/crds", "yaml"),
+        files_in("crds", "yaml"),
+        "deploy/base/crds differs from crds/: run `just generate`"
+    );
+    let policies = files_in("policies", "rego");
+    assert_eq!(
+        files_in("deploy/base/policies", "rego"),
+        policies,
+        "deploy/base/policies differs from policies/: run `just generate`"
+    );
+    // The ConfigMap generator lists every policy file.
+    let kustomization =
+        std::fs::read_to_string(root().join("deploy/base/kustomization.yaml")).expect("read");
+    for name in policies.keys() {
+        assert!(
+            kustomization.contains(&format!("- policies/{name}")),
+            "{name} is missing from deploy/base/kustomization.yaml"
+        );
+    }
 }
