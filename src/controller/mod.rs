@@ -592,16 +592,19 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
         client,
         metrics: metrics.clone(),
     };
+    // A standby checks often whether it leads now, so that a new leader starts at once.
+    let standby_check = (options.lease_duration / 3).min(options.resync);
     loop {
-        metrics
-            .leader
-            .set(i64::from(leading.load(Ordering::SeqCst)));
-        if leading.load(Ordering::SeqCst) {
-            reconcile_all(&writer, &image_sets, &aggregator, &options).await;
-        }
-        tokio::select! {
-            () = changed.notified() => {}
-            () = tokio::time::sleep(options.resync) => {}
+        let leads = leading.load(Ordering::SeqCst);
+        metrics.leader.set(i64::from(leads));
+        if leads {
+            reconcile_all(&writer, &image_sets, &aggregator, &options, &leading).await;
+            tokio::select! {
+                () = changed.notified() => {}
+                () = tokio::time::sleep(options.resync) => {}
+            }
+        } else {
+            tokio::time::sleep(standby_check).await;
         }
         tokio::time::sleep(options.debounce).await;
     }
@@ -624,6 +627,7 @@ async fn reconcile_all(
     image_sets: &Store<ImageSet>,
     aggregator: &Mutex<Aggregator>,
     options: &ControllerOptions,
+    leading: &AtomicBool,
 ) {
     let sets = image_sets.state();
     let sets: Vec<&ImageSet> = sets.iter().map(AsRef::as_ref).collect();
@@ -642,6 +646,10 @@ async fn reconcile_all(
     };
     let now = Timestamp::now();
     for set in &sets {
+        if !leading.load(Ordering::SeqCst) {
+            // Leadership lost mid-pass: the new leader takes over from here.
+            return;
+        }
         let namespace = set.metadata.namespace.clone().unwrap_or_default();
         let problems = Problems {
             secrets: set
