@@ -12,23 +12,23 @@
 #[allow(dead_code)]
 mod runtime;
 
+#[path = "../tests/support/api_server.rs"]
+#[allow(dead_code)]
+mod api_server;
+
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{Method, StatusCode};
-use axum::response::{IntoResponse, Response};
 use coral::agent::auth::Keyring;
 use coral::agent::cri::Cri;
 use coral::agent::engine::{Engine, EngineOptions};
 use coral::agent::tracker::RetryPolicy;
 use coral::image::ImageReference;
 use coral::metrics::AgentMetrics;
-use serde_json::{Value, json};
+use serde_json::json;
 
+use api_server::{ApiServer, list};
 use runtime::{Containerd, Registry};
 
 const IMAGES: usize = 20;
@@ -80,82 +80,6 @@ fn median(mut samples: Vec<Duration>) -> Duration {
     samples[samples.len() / 2]
 }
 
-/// A scripted API server for the idle agent: one node, one ImageSet of the pulled images,
-/// watches that stay open, and writes accepted and counted.
-#[derive(Clone)]
-struct FakeApi {
-    images: Arc<Vec<String>>,
-    writes: Arc<AtomicUsize>,
-}
-
-fn json_response(status: StatusCode, value: Value) -> Response {
-    (
-        status,
-        [("content-type", "application/json")],
-        value.to_string(),
-    )
-        .into_response()
-}
-
-fn node() -> Value {
-    json!({"apiVersion": "v1", "kind": "Node",
-           "metadata": {"name": "node-a", "uid": "node-uid", "resourceVersion": "1"}})
-}
-
-fn node_image() -> Value {
-    json!({"apiVersion": "coral.dev/v1alpha1", "kind": "NodeImage",
-           "metadata": {"name": "node-a", "resourceVersion": "2"}, "spec": {"nodeName": "node-a"}})
-}
-
-async fn api(State(api): State<FakeApi>, request: Request) -> Response {
-    let path = request.uri().path().to_string();
-    let query = request.uri().query().unwrap_or_default().to_string();
-    let method = request.method().clone();
-    if query.contains("watch=true") {
-        return Response::new(Body::from_stream(futures::stream::pending::<
-            Result<Vec<u8>, std::io::Error>,
-        >()));
-    }
-    let list = |api_version: &str, kind: &str, items: Vec<Value>| {
-        json!({"apiVersion": api_version, "kind": kind,
-               "metadata": {"resourceVersion": "1"}, "items": items})
-    };
-    match (method, path.as_str()) {
-        (Method::GET, "/apis/coral.dev/v1alpha1/imagesets") => json_response(
-            StatusCode::OK,
-            list(
-                "coral.dev/v1alpha1",
-                "ImageSetList",
-                vec![json!({
-                    "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
-                    "metadata": {"name": "bench", "namespace": "default", "resourceVersion": "1"},
-                    "spec": {"images": *api.images},
-                })],
-            ),
-        ),
-        (Method::GET, "/api/v1/nodes") => {
-            json_response(StatusCode::OK, list("v1", "NodeList", vec![node()]))
-        }
-        (Method::GET, "/apis/coral.dev/v1alpha1/nodeimages/node-a") => json_response(
-            StatusCode::NOT_FOUND,
-            json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
-                   "reason": "NotFound", "code": 404, "message": "not found"}),
-        ),
-        (_, path) if path.starts_with("/apis/coral.dev/v1alpha1/nodeimages") => {
-            api.writes.fetch_add(1, Ordering::SeqCst);
-            json_response(StatusCode::OK, node_image())
-        }
-        (_, "/api/v1/nodes/node-a") => {
-            api.writes.fetch_add(1, Ordering::SeqCst);
-            json_response(StatusCode::OK, node())
-        }
-        (method, path) => {
-            eprintln!("fake API: unexpected {method} {path}?{query}");
-            json_response(StatusCode::NOT_FOUND, json!({}))
-        }
-    }
-}
-
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -197,26 +121,36 @@ fn probe(address: &str, path: &str) -> String {
 }
 
 async fn idle_agent(containerd: &Containerd, images: &[String], window: Duration) {
-    let writes = Arc::new(AtomicUsize::new(0));
-    let state = FakeApi {
-        images: Arc::new(images.to_vec()),
-        writes: writes.clone(),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        axum::serve(listener, Router::new().fallback(api).with_state(state))
-            .await
-            .unwrap();
-    });
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("kubeconfig"),
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: t\nclusters: [{{name: t, cluster: {{server: \"{server}\"}}}}]\nusers: [{{name: t, user: {{token: t}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\n"
-        ),
+    let node = json!({"apiVersion": "v1", "kind": "Node",
+                      "metadata": {"name": "node-a", "uid": "node-uid", "resourceVersion": "1"}});
+    let server = ApiServer::start(
+        BTreeMap::from([
+            (
+                "/apis/coral.dev/v1alpha1/imagesets".to_string(),
+                list(
+                    "coral.dev/v1alpha1",
+                    "ImageSetList",
+                    vec![json!({
+                        "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+                        "metadata": {"name": "bench", "namespace": "default", "resourceVersion": "1"},
+                        "spec": {"images": images},
+                    })],
+                ),
+            ),
+            ("/api/v1/nodes".to_string(), list("v1", "NodeList", vec![node.clone()])),
+        ]),
+        BTreeMap::new(),
+        BTreeMap::from([
+            ("/api/v1/nodes/node-a".to_string(), node),
+            (
+                "/apis/coral.dev/v1alpha1/nodeimages/node-a".to_string(),
+                json!({"apiVersion": "coral.dev/v1alpha1", "kind": "NodeImage",
+                       "metadata": {"name": "node-a", "resourceVersion": "2"},
+                       "spec": {"nodeName": "node-a"}}),
+            ),
+        ]),
     )
-    .unwrap();
+    .await;
     let probe_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -226,7 +160,7 @@ async fn idle_agent(containerd: &Containerd, images: &[String], window: Duration
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_coral"))
         .args(["agent", "--node-name", "node-a", "--probe-listen", &probes])
         .args(["--cri-socket", &containerd.address()])
-        .env("KUBECONFIG", dir.path().join("kubeconfig"))
+        .env("KUBECONFIG", &server.kubeconfig)
         .env("KUBERNETES_SERVICE_HOST", "")
         .env("CORAL_LOG", "warn")
         .spawn()
@@ -242,7 +176,7 @@ async fn idle_agent(containerd: &Containerd, images: &[String], window: Duration
     }
     // Let the first writes finish, then watch it idle.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let writes_before = writes.load(Ordering::SeqCst);
+    let writes_before = server.writes().len();
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
     tokio::time::sleep(window).await;
@@ -255,7 +189,7 @@ async fn idle_agent(containerd: &Containerd, images: &[String], window: Duration
         100.0 * cpu / elapsed,
         memory_kib(pid, "VmRSS:") as f64 / 1024.0,
         memory_kib(pid, "VmHWM:") as f64 / 1024.0,
-        writes.load(Ordering::SeqCst) - writes_before,
+        server.writes().len() - writes_before,
     );
     let _ = child.kill();
     let _ = child.wait();

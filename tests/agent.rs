@@ -7,6 +7,10 @@
 #[allow(dead_code)]
 mod runtime;
 
+#[path = "support/api_server.rs"]
+#[allow(dead_code)]
+mod api_server;
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -543,9 +547,7 @@ fn agent_binary_reports_readiness_through_its_probes() {
     drop(closed);
     std::fs::write(
         dir.path().join("kubeconfig"),
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: t\nclusters: [{{name: t, cluster: {{server: \"{server}\"}}}}]\nusers: [{{name: t, user: {{token: t}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\n"
-        ),
+        api_server::kubeconfig_for(&server),
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_coral"))
@@ -611,4 +613,167 @@ fn agent_binary_reports_readiness_through_its_probes() {
     let (status, metrics) = probe(&address, "/metrics");
     assert_eq!(status, 200);
     assert!(metrics.contains("coral_agent_paused 0"), "{metrics}");
+}
+
+/// The real `coral agent` against a scripted API server, real containerd and a private
+/// registry: it pulls what the ImageSets selecting its node want, with the credentials of the
+/// pull-secret copy in Coral's namespace, then labels its node and records its NodeImage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_binary_pulls_what_image_sets_want_and_labels_its_node() {
+    use std::collections::BTreeMap;
+
+    use api_server::{ApiServer, list};
+    use coral::controller::secrets::copy_name;
+    use coral::image::label_key;
+    use serde_json::json;
+
+    let containerd = Containerd::start();
+    let registry = Registry::start(Some(("coral", "s3cret")));
+    let app = registry.push("shop/app", "1.0", "app");
+    let worker = registry.push("shop/worker", "1.0", "worker");
+    let batch = registry.push("batch/job", "1", "job");
+    let image_set = |name: &str, pool: &str, images: &[&String]| {
+        json!({
+            "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+            "metadata": {"name": name, "namespace": "shop", "resourceVersion": "1"},
+            "spec": {"images": images, "nodeSelector": {"matchLabels": {"pool": pool}},
+                     "imagePullSecrets": [{"name": "registry"}]},
+        })
+    };
+    let stale = label_key(&reference("busybox:1"));
+    let node = json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node-a", "uid": "uid-a", "resourceVersion": "1",
+                     "labels": {"pool": "web", stale.clone(): "available"}},
+    });
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": copy_name("shop", "registry"), "namespace": "coral-system"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(
+            docker_config(&registry.host(), "coral", "s3cret"))},
+    });
+    let node_image = json!({
+        "apiVersion": "coral.dev/v1alpha1", "kind": "NodeImage",
+        "metadata": {"name": "node-a", "resourceVersion": "2"}, "spec": {"nodeName": "node-a"},
+    });
+    let server = ApiServer::start(
+        BTreeMap::from([
+            (
+                "/apis/coral.dev/v1alpha1/imagesets".to_string(),
+                list(
+                    "coral.dev/v1alpha1",
+                    "ImageSetList",
+                    vec![
+                        image_set("web", "web", &[&app, &worker]),
+                        image_set("batch", "batch", &[&batch]),
+                    ],
+                ),
+            ),
+            (
+                "/api/v1/nodes".to_string(),
+                list("v1", "NodeList", vec![node.clone()]),
+            ),
+        ]),
+        BTreeMap::from([(
+            format!(
+                "/api/v1/namespaces/coral-system/secrets/{}",
+                copy_name("shop", "registry")
+            ),
+            secret,
+        )]),
+        BTreeMap::from([
+            ("/api/v1/nodes/node-a".to_string(), node),
+            (
+                "/apis/coral.dev/v1alpha1/nodeimages/node-a".to_string(),
+                node_image,
+            ),
+        ]),
+    )
+    .await;
+    let child = Command::new(env!("CARGO_BIN_EXE_coral"))
+        .args([
+            "agent",
+            "--node-name",
+            "node-a",
+            "--probe-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--cri-socket", &containerd.address(), "--debounce", "50ms"])
+        .env("KUBECONFIG", &server.kubeconfig)
+        .env("KUBERNETES_SERVICE_HOST", "")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+
+    let (app_key, worker_key) = (label_key(&reference(&app)), label_key(&reference(&worker)));
+    let deadline = Instant::now() + WAIT;
+    let mut labels = serde_json::Map::new();
+    let status = loop {
+        let writes = server.writes();
+        labels.clear();
+        for write in writes
+            .iter()
+            .filter(|w| w.uri.starts_with("/api/v1/nodes/node-a"))
+        {
+            assert_eq!(write.method, "PATCH");
+            assert_eq!(write.content_type, "application/merge-patch+json");
+            labels.extend(
+                write.body["metadata"]["labels"]
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            );
+        }
+        let status = writes
+            .iter()
+            .rev()
+            .find(|w| {
+                w.uri
+                    .starts_with("/apis/coral.dev/v1alpha1/nodeimages/node-a/status")
+            })
+            .map(|w| w.body["status"].clone());
+        if let Some(status) = status.filter(|s| s["available"] == 2) {
+            if labels.get(&app_key) == Some(&json!("available"))
+                && labels.get(&worker_key) == Some(&json!("available"))
+            {
+                break status;
+            }
+        }
+        assert!(Instant::now() < deadline, "never recorded: {writes:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        labels.get(&stale),
+        Some(&serde_json::Value::Null),
+        "the stale label goes"
+    );
+    assert_eq!(labels.len(), 3, "{labels:?}");
+    let images: Vec<&str> = status["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(images, ["available", "available"]);
+    let created = server
+        .writes()
+        .into_iter()
+        .find(|w| w.method == "POST")
+        .expect("the NodeImage is created");
+    assert_eq!(
+        created.body["metadata"]["ownerReferences"][0]["uid"],
+        "uid-a"
+    );
+    assert!(runtime_has(&containerd, &app).await);
+    assert!(runtime_has(&containerd, &worker).await);
+    assert!(!runtime_has(&containerd, &batch).await, "not selected");
 }

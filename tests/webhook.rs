@@ -632,3 +632,129 @@ async fn cluster_mode_waits_for_the_first_list_before_ready() {
     .await;
     assert_eq!(get_probe(&webhook, "/readyz").await.0, 503);
 }
+
+/// The real webhook in cluster mode against a scripted API server: it lists Nodes and
+/// Namespaces (metadata only), ImageSets, NodeImages and the policy ConfigMap, becomes ready,
+/// and decides from that state with the ConfigMap's policies and settings.
+#[tokio::test]
+async fn cluster_mode_decides_from_the_listed_state_and_the_policy_configmap() {
+    use std::collections::BTreeMap;
+    use support::api_server::{ApiServer, list};
+
+    let meta = |name: &str, labels: Value| {
+        json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+               "metadata": {"name": name, "resourceVersion": "1", "labels": labels}})
+    };
+    let mut policies = serde_json::Map::new();
+    for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap()
+    {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        policies.insert(name, json!(std::fs::read_to_string(&path).unwrap()));
+    }
+    // Two nodes must hold an image before pods are steered to it.
+    policies.insert("settings.json".into(), json!("{\"minAvailableNodes\": 2}"));
+    let lists = BTreeMap::from([
+        (
+            "/api/v1/nodes".to_string(),
+            list(
+                "meta.k8s.io/v1",
+                "PartialObjectMetadataList",
+                vec![
+                    meta("a", json!({NGINX_LABEL: "available"})),
+                    meta("b", json!({NGINX_LABEL: "available"})),
+                    meta("c", json!({})),
+                ],
+            ),
+        ),
+        (
+            "/api/v1/namespaces".to_string(),
+            list(
+                "meta.k8s.io/v1",
+                "PartialObjectMetadataList",
+                vec![meta("shop", json!({"coral.dev/inject": "enabled"}))],
+            ),
+        ),
+        (
+            "/apis/coral.dev/v1alpha1/imagesets".to_string(),
+            list(
+                "coral.dev/v1alpha1",
+                "ImageSetList",
+                vec![json!({
+                    "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+                    "metadata": {"name": "web", "namespace": "shop", "resourceVersion": "1"},
+                    "spec": {"images": ["nginx:1.27", "redis:7"]},
+                })],
+            ),
+        ),
+        (
+            "/apis/coral.dev/v1alpha1/nodeimages".to_string(),
+            list("coral.dev/v1alpha1", "NodeImageList", vec![]),
+        ),
+        (
+            "/api/v1/namespaces/coral-system/configmaps".to_string(),
+            list(
+                "v1",
+                "ConfigMapList",
+                vec![json!({
+                    "apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": "coral-policies", "namespace": "coral-system", "uid": "cm-1", "resourceVersion": "3"},
+                    "data": policies,
+                })],
+            ),
+        ),
+    ]);
+    let server = ApiServer::start(lists, BTreeMap::new(), BTreeMap::new()).await;
+    let webhook = Webhook::start_in_cluster(
+        &server.url,
+        &[
+            "--policies-configmap",
+            "coral-system/coral-policies",
+            "--debounce-ms",
+            "50",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = get_probe(&webhook, "/readyz").await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (response, patched) = mutate(&webhook, &annotated("deployment-web.json"), "CREATE").await;
+    assert_eq!(response["allowed"], true);
+    assert_eq!(
+        patched["spec"]["template"]["spec"]["nodeSelector"],
+        json!({NGINX_LABEL: "available"}),
+        "nginx is on two nodes: pods are steered to them"
+    );
+    let (_, metrics) = get_probe(&webhook, "/metrics").await;
+    assert_eq!(
+        metric(&metrics, "coral_index_objects{resource=\"nodes\"}"),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "coral_reloads_total{result=\"success\",what=\"policies\"}"
+        ),
+        1.0
+    );
+    let events: Vec<_> = server
+        .writes()
+        .into_iter()
+        .filter(|w| {
+            w.uri
+                .starts_with("/apis/events.k8s.io/v1/namespaces/coral-system/events")
+        })
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].body["reason"], "PoliciesLoaded");
+    assert!(
+        server.writes().iter().all(|w| w.uri.contains("/events")),
+        "the webhook writes nothing but Events"
+    );
+}

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod api_server;
+
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -79,16 +81,7 @@ impl Webhook {
     pub fn start_in_cluster(server: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
-                 clusters: [{{name: test, cluster: {{server: \"{server}\"}}}}]\n\
-                 users: [{{name: test, user: {{token: test}}}}]\n\
-                 contexts: [{{name: test, context: {{cluster: test, user: test, namespace: coral-system}}}}]\n"
-            ),
-        )
-        .unwrap();
+        std::fs::write(&kubeconfig, api_server::kubeconfig_for(server)).unwrap();
         let kubeconfig = kubeconfig.into_os_string();
         Self::spawn(
             dir,
