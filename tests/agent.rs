@@ -519,6 +519,16 @@ fn prefetch_stops_at_the_image_filesystem_budget() {
     assert!(ok, "{output}");
 }
 
+/// A process killed and waited for when the test ends, even when it fails.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `GET path` on the probe port; returns the status code and body.
 fn probe(address: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
@@ -565,13 +575,6 @@ fn agent_binary_reports_readiness_through_its_probes() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let stderr = child.stderr.take().unwrap();
     let _child = Kill(child);
     let mut lines = BufReader::new(stderr).lines();
@@ -705,13 +708,6 @@ async fn agent_binary_pulls_what_image_sets_want_and_labels_its_node() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let _child = Kill(child);
 
     let (app_key, worker_key) = (label_key(&reference(&app)), label_key(&reference(&worker)));

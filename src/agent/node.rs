@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use anyhow::Context;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -84,9 +83,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         TcpListener::bind(options.probe_listen).await?,
         probes.clone(),
     );
-    let client = Client::try_default().await.context(
-        "cannot configure a Kubernetes client (in-cluster service account or KUBECONFIG)",
-    )?;
+    let client = crate::probe::cluster_client().await?;
     let version = engine.connect().await;
     info!(
         socket = %options.cri_socket,

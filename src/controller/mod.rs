@@ -496,9 +496,7 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
         TcpListener::bind(options.probe_listen).await?,
         probes.clone(),
     );
-    let client = Client::try_default().await.context(
-        "cannot configure a Kubernetes client (in-cluster service account or KUBECONFIG)",
-    )?;
+    let client = crate::probe::cluster_client().await?;
     let leading = Arc::new(AtomicBool::new(false));
     tokio::spawn(leader::run(
         client.clone(),

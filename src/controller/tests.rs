@@ -101,6 +101,13 @@ async fn serve<T>(
 
 type Seen4 = Vec<(String, String, String, Value)>;
 
+/// Method and path-and-query of each request.
+fn calls(seen: &Seen4) -> Vec<(&str, &str)> {
+    seen.iter()
+        .map(|(m, u, _, _)| (m.as_str(), u.as_str()))
+        .collect()
+}
+
 /// Reconciles `set` once against the scripted API.
 async fn reconcile_once(
     set: &ImageSet,
@@ -368,10 +375,7 @@ async fn controller_copies_pull_secrets_updates_them_and_deletes_unreferenced_co
         missing.expect("synced"),
         BTreeSet::from(["shop/missing".to_string()])
     );
-    let calls: Vec<(&str, &str)> = seen
-        .iter()
-        .map(|(m, u, _, _)| (m.as_str(), u.as_str()))
-        .collect();
+    let calls = calls(&seen);
     assert_eq!(
         calls,
         [
@@ -516,10 +520,7 @@ async fn controller_issues_the_webhook_certificate_and_patches_ca_bundles() {
         "coral-webhook,coral-webhook.coral-system,coral-webhook.coral-system.svc,coral-webhook.coral-system.svc.cluster.local"
     );
     let ca = secret["data"]["ca.crt"].as_str().expect("ca.crt");
-    let calls: Vec<(&str, &str)> = seen
-        .iter()
-        .map(|(m, u, _, _)| (m.as_str(), u.as_str()))
-        .collect();
+    let calls = calls(&seen);
     assert_eq!(
         calls,
         [

@@ -62,10 +62,9 @@ pub async fn serve(
             Some((files.clone(), source_stamp(files)))
         }
         Source::Cluster(cluster) => {
-            let client = kube::Client::try_default().await.context(
-                "cannot configure a Kubernetes client (in-cluster service account or \
-                 KUBECONFIG); run with --standalone --state FILE to serve without a cluster",
-            )?;
+            let client = crate::probe::cluster_client()
+                .await
+                .context("run with --standalone --state FILE to serve without a cluster")?;
             info!(
                 policies = %cluster.policies_configmap.as_ref().map_or("embedded".to_string(), ToString::to_string),
                 "watching the cluster; ready after the first full list"
