@@ -103,9 +103,15 @@ pub async fn round(api: &Api<Lease>, options: &LeaseOptions) -> Result<bool, kub
     }
 }
 
-/// Keeps `leading` in step with the lease until the process ends. A replica that cannot
-/// renew stops leading before its lease could have expired.
-pub async fn run(client: Client, options: LeaseOptions, leading: Arc<AtomicBool>) {
+/// Keeps `leading` in step with the lease until the process ends, notifying `elected` when
+/// this replica starts leading. A replica that cannot renew stops leading before its lease
+/// could have expired.
+pub async fn run(
+    client: Client,
+    options: LeaseOptions,
+    leading: Arc<AtomicBool>,
+    elected: Arc<tokio::sync::Notify>,
+) {
     let api: Api<Lease> = Api::namespaced(client, &options.namespace);
     loop {
         let now_leading = match round(&api, &options).await {
@@ -122,6 +128,7 @@ pub async fn run(client: Client, options: LeaseOptions, leading: Arc<AtomicBool>
         if leading.swap(now_leading, Ordering::SeqCst) != now_leading {
             if now_leading {
                 info!(identity = %options.identity, "leading: this replica writes");
+                elected.notify_one();
             } else {
                 info!(identity = %options.identity, "standing by: another replica leads");
             }

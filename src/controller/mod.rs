@@ -498,6 +498,7 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
     );
     let client = crate::probe::cluster_client().await?;
     let leading = Arc::new(AtomicBool::new(false));
+    let elected = Arc::new(Notify::new());
     tokio::spawn(leader::run(
         client.clone(),
         leader::LeaseOptions {
@@ -508,6 +509,7 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
             renew_every: options.lease_duration / 3,
         },
         leading.clone(),
+        elected.clone(),
     ));
 
     let aggregator = Arc::new(Mutex::new(Aggregator::new()));
@@ -590,8 +592,6 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
         client,
         metrics: metrics.clone(),
     };
-    // A standby checks often whether it leads now, so that a new leader starts at once.
-    let standby_check = (options.lease_duration / 3).min(options.resync);
     loop {
         let leads = leading.load(Ordering::SeqCst);
         metrics.leader.set(i64::from(leads));
@@ -602,7 +602,8 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
                 () = tokio::time::sleep(options.resync) => {}
             }
         } else {
-            tokio::time::sleep(standby_check).await;
+            // A new leader starts at once.
+            elected.notified().await;
         }
         tokio::time::sleep(options.debounce).await;
     }
