@@ -106,7 +106,14 @@ fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
 #[derive(Debug, Args)]
 pub struct PrefetchArgs {
     /// ImageSet manifests (YAML; several documents per file allowed).
-    #[arg(short = 'f', long = "filename", value_name = "FILE", required = true)]
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE",
+        required = true,
+        env = "CORAL_FILENAME",
+        value_delimiter = ','
+    )]
     files: Vec<PathBuf>,
     /// Labels of the node being prepared (k=v,k2=v2); ImageSets whose selector matches them
     /// are pulled. Without labels, the ImageSets with an empty selector are.

@@ -45,8 +45,8 @@ enum Command {
     /// Pull what ImageSets want on a node, once, through the container runtime (no cluster):
     /// for baking node images and for CI.
     Prefetch(Box<agent::PrefetchArgs>),
-    /// Run the embedded default policies on example workloads against an example cluster
-    /// state, and show what Coral changes and why.
+    /// Start the webhook on localhost over HTTPS with the embedded policies and an example
+    /// cluster state, send it the example workloads, and show what Coral changes and why.
     Demo,
     /// Print the version.
     Version,
