@@ -562,3 +562,18 @@ fn deploy_carries_the_crds_and_the_policies_unchanged() {
         );
     }
 }
+
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_coral"))
+        .arg("crd")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("coral starts");
+    // Close the reading end before coral writes, as `coral crd | head -0` would.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("coral ends");
+    assert_eq!(output.status.code(), Some(141), "{}", stderr(&output));
+    assert!(output.stderr.is_empty(), "{}", stderr(&output));
+}
