@@ -16,6 +16,9 @@ mod runtime;
 #[allow(dead_code)]
 mod api_server;
 
+#[path = "../tests/support/process.rs"]
+mod process;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +32,7 @@ use coral::metrics::AgentMetrics;
 use serde_json::json;
 
 use api_server::{ApiServer, list};
+use process::{Kill, memory_kib};
 use runtime::{Containerd, Registry};
 
 const IMAGES: usize = 20;
@@ -94,21 +98,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-fn memory_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix(field)?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap()
-}
-
 fn probe(address: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect(address) else {
@@ -157,15 +146,17 @@ async fn idle_agent(containerd: &Containerd, images: &[String], window: Duration
         .unwrap()
         .port();
     let probes = format!("127.0.0.1:{probe_port}");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_coral"))
-        .args(["agent", "--node-name", "node-a", "--probe-listen", &probes])
-        .args(["--cri-socket", &containerd.address()])
-        .env("KUBECONFIG", &server.kubeconfig)
-        .env("KUBERNETES_SERVICE_HOST", "")
-        .env("CORAL_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let pid = child.id();
+    // Killed and waited for when dropped, even if the measurement panics.
+    let child = Kill(
+        server
+            .coral()
+            .args(["agent", "--node-name", "node-a", "--probe-listen", &probes])
+            .args(["--cri-socket", &containerd.address()])
+            .env("CORAL_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id();
     let deadline = Instant::now() + Duration::from_secs(60);
     let settled = format!("coral_agent_images{{state=\"available\"}} {}", images.len());
     while !probe(&probes, "/metrics").contains(&settled)
@@ -191,8 +182,6 @@ async fn idle_agent(containerd: &Containerd, images: &[String], window: Duration
         memory_kib(pid, "VmHWM:") as f64 / 1024.0,
         server.writes().len() - writes_before,
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 fn main() {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
+use support::process::memory_kib;
 use support::{Webhook, read_response, request_bytes, tls_stream};
 
 const IMAGE_SETS: usize = 100;
@@ -167,20 +168,6 @@ async fn load(webhook: &Webhook, connections: usize, rate: Option<f64>, duration
     run.elapsed = started.elapsed();
     run.latencies.sort();
     run
-}
-
-fn memory_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix(field)?
-                .trim()
-                .trim_end_matches(" kB")
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 fn main() {

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod cluster;
 pub mod controller;
 #[cfg(test)]
 mod fake_api;

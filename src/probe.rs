@@ -54,11 +54,3 @@ async fn metrics(State(probes): State<Arc<dyn Probes>>) -> Response {
     )
         .into_response()
 }
-
-/// A client of the cluster the process runs in (its service account), or of `KUBECONFIG`.
-pub async fn cluster_client() -> anyhow::Result<kube::Client> {
-    use anyhow::Context as _;
-    kube::Client::try_default()
-        .await
-        .context("cannot configure a Kubernetes client (in-cluster service account or KUBECONFIG)")
-}

@@ -11,6 +11,10 @@ mod runtime;
 #[allow(dead_code)]
 mod api_server;
 
+#[path = "support/process.rs"]
+#[allow(dead_code)]
+mod process;
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +29,7 @@ use coral::image::ImageReference;
 use coral::metrics::AgentMetrics;
 use k8s_openapi::api::core::v1::Secret;
 
+use process::Kill;
 use runtime::{Containerd, Registry, docker_config};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -519,16 +524,6 @@ fn prefetch_stops_at_the_image_filesystem_budget() {
     assert!(ok, "{output}");
 }
 
-/// A process killed and waited for when the test ends, even when it fails.
-struct Kill(std::process::Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `GET path` on the probe port; returns the status code and body.
 fn probe(address: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
@@ -694,7 +689,8 @@ async fn agent_binary_pulls_what_image_sets_want_and_labels_its_node() {
         ]),
     )
     .await;
-    let child = Command::new(env!("CARGO_BIN_EXE_coral"))
+    let child = server
+        .coral()
         .args([
             "agent",
             "--node-name",
@@ -703,8 +699,6 @@ async fn agent_binary_pulls_what_image_sets_want_and_labels_its_node() {
             "127.0.0.1:0",
         ])
         .args(["--cri-socket", &containerd.address(), "--debounce", "50ms"])
-        .env("KUBECONFIG", &server.kubeconfig)
-        .env("KUBERNETES_SERVICE_HOST", "")
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();

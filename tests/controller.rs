@@ -6,8 +6,12 @@
 #[allow(dead_code)]
 mod api_server;
 
+#[path = "support/process.rs"]
+#[allow(dead_code)]
+mod process;
+
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -16,15 +20,7 @@ use serde_json::{Value, json};
 use api_server::{ApiServer, Write, list};
 use coral::controller::secrets::copy_name;
 use coral::image::{ImageReference, label_key};
-
-struct Kill(std::process::Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use process::Kill;
 
 fn key(image: &str) -> String {
     label_key(&ImageReference::parse(image).unwrap())
@@ -110,7 +106,8 @@ async fn controller_binary_leads_then_reconciles_status_secrets_and_certificates
         )]),
     )
     .await;
-    let child = Command::new(env!("CARGO_BIN_EXE_coral"))
+    let child = server
+        .coral()
         .args([
             "controller",
             "--manage-webhook-certs",
@@ -118,8 +115,6 @@ async fn controller_binary_leads_then_reconciles_status_secrets_and_certificates
             "controller-0",
         ])
         .args(["--probe-listen", "127.0.0.1:0", "--debounce", "50ms"])
-        .env("KUBECONFIG", &server.kubeconfig)
-        .env("KUBERNETES_SERVICE_HOST", "")
         .stderr(Stdio::null())
         .spawn()
         .unwrap();

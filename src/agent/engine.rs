@@ -85,10 +85,6 @@ impl Engine {
         })
     }
 
-    pub fn cri(&self) -> &Cri {
-        &self.cri
-    }
-
     pub fn metrics(&self) -> &AgentMetrics {
         &self.metrics
     }

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -83,7 +82,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         TcpListener::bind(options.probe_listen).await?,
         probes.clone(),
     );
-    let client = crate::probe::cluster_client().await?;
+    let client = crate::cluster::client().await?;
     let version = engine.connect().await;
     info!(
         socket = %options.cri_socket,
@@ -121,10 +120,7 @@ impl NodeAgent {
     pub async fn run(self, synced: impl FnOnce()) {
         let changed = Arc::new(Notify::new());
         let node_changed = Arc::new(Notify::new());
-        let config = || watcher::Config {
-            page_size: None,
-            ..watcher::Config::default().any_semantic()
-        };
+        let config = crate::cluster::watch_config;
         let (image_sets, writer) = reflector::store::<ImageSet>();
         spawn_watch(
             "imagesets",
@@ -223,22 +219,18 @@ fn own_node(nodes: &Store<Node>, name: &str) -> Option<Arc<Node>> {
     nodes.state().into_iter().find(|n| n.name_any() == name)
 }
 
+/// Drives one watch: a change notifies every `notify`.
 fn spawn_watch<K: Send + 'static>(
     resource: &'static str,
     stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     notify: Vec<Arc<Notify>>,
 ) {
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                Ok(_) => notify.iter().for_each(|n| n.notify_one()),
-                Err(error) => warn!(resource, %error, "watch failed; retrying with backoff"),
-            }
-        }
-        error!(resource, "watch stream ended");
-    });
+    crate::cluster::spawn_watch(
+        resource,
+        stream,
+        move || notify.iter().for_each(|n| n.notify_one()),
+        || {},
+    );
 }
 
 /// Reads the pull secrets the wanted images may use: the controller's copies of them in

@@ -84,11 +84,6 @@ impl Inventory {
         let image = &self.images[*self.by_reference.get(&key)?];
         Some(held(image, reference))
     }
-
-    /// Every image the runtime holds.
-    pub fn images(&self) -> &[RuntimeImage] {
-        &self.images
-    }
 }
 
 /// What a runtime image means for one reference.
@@ -170,10 +165,6 @@ impl Tracker {
             records: BTreeMap::new(),
             policy,
         }
-    }
-
-    pub fn policy(&self) -> RetryPolicy {
-        self.policy
     }
 
     /// Replaces the wanted set; returns the records no longer wanted. Records of images still

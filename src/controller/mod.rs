@@ -303,6 +303,32 @@ impl Writer {
         Ok(())
     }
 
+    /// Puts `ca` into the caBundle of every webhook of the named (mutating or validating)
+    /// webhook configuration that lacks it; a configuration that does not exist is left be.
+    async fn patch_ca_bundle<K>(&self, name: &str, ca: &str) -> anyhow::Result<()>
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + serde::Serialize
+            + serde::de::DeserializeOwned,
+    {
+        let api: Api<K> = Api::all(self.client.clone());
+        let Some(configuration) = api.get_opt(name).await? else {
+            return Ok(());
+        };
+        if let Some(patch) = certs::ca_bundle_patch(&serde_json::to_value(&configuration)?, ca) {
+            api.patch(
+                name,
+                &PatchParams::default(),
+                &Patch::<()>::Json(serde_json::from_value(patch)?),
+            )
+            .await?;
+            info!(configuration = %name, kind = %K::kind(&()), "caBundle updated");
+        }
+        Ok(())
+    }
+
     /// Keeps the webhook certificate Secret current and its CA in the webhook configurations.
     pub async fn ensure_certs(
         &self,
@@ -342,34 +368,10 @@ impl Writer {
             .and_then(|d| d.get("ca.crt"))
             .map(|b| String::from_utf8_lossy(&b.0).into_owned())
             .context("the certificate Secret has no ca.crt")?;
-        let mutating: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
-        if let Some(configuration) = mutating.get_opt(&targets.mutating).await? {
-            if let Some(patch) = certs::ca_bundle_patch(&serde_json::to_value(&configuration)?, &ca)
-            {
-                mutating
-                    .patch(
-                        &targets.mutating,
-                        &PatchParams::default(),
-                        &Patch::<()>::Json(serde_json::from_value(patch)?),
-                    )
-                    .await?;
-                info!(configuration = %targets.mutating, "caBundle updated");
-            }
-        }
-        let validating: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
-        if let Some(configuration) = validating.get_opt(&targets.validating).await? {
-            if let Some(patch) = certs::ca_bundle_patch(&serde_json::to_value(&configuration)?, &ca)
-            {
-                validating
-                    .patch(
-                        &targets.validating,
-                        &PatchParams::default(),
-                        &Patch::<()>::Json(serde_json::from_value(patch)?),
-                    )
-                    .await?;
-                info!(configuration = %targets.validating, "caBundle updated");
-            }
-        }
+        self.patch_ca_bundle::<MutatingWebhookConfiguration>(&targets.mutating, &ca)
+            .await?;
+        self.patch_ca_bundle::<ValidatingWebhookConfiguration>(&targets.validating, &ca)
+            .await?;
         Ok(())
     }
 }
@@ -496,7 +498,7 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
         TcpListener::bind(options.probe_listen).await?,
         probes.clone(),
     );
-    let client = crate::probe::cluster_client().await?;
+    let client = crate::cluster::client().await?;
     let leading = Arc::new(AtomicBool::new(false));
     let elected = Arc::new(Notify::new());
     tokio::spawn(leader::run(
@@ -514,10 +516,7 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
 
     let aggregator = Arc::new(Mutex::new(Aggregator::new()));
     let changed = Arc::new(Notify::new());
-    let config = || watcher::Config {
-        page_size: None,
-        ..watcher::Config::default().any_semantic()
-    };
+    let config = crate::cluster::watch_config;
     let (image_sets, writer) = reflector::store::<ImageSet>();
     spawn_fold(
         Fold {

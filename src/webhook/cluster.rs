@@ -3,13 +3,12 @@
 //! snapshot after a short quiet period; requests never rebuild anything.
 
 use std::fmt;
-use std::pin::pin;
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ObjectReference};
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -225,12 +224,7 @@ impl Stores {
         changed: &Arc<Notify>,
         shared: &Arc<Shared>,
     ) -> Self {
-        // Lists are answered from the API server's watch cache (resourceVersion=0), whole: the
-        // server ignores paging for such lists, and kube drops resourceVersion=0 when paging.
-        let config = || watcher::Config {
-            page_size: None,
-            ..watcher::Config::default().any_semantic()
-        };
+        let config = crate::cluster::watch_config;
         let (image_sets, writer) = reflector::store();
         spawn_reflector(
             "imagesets",
@@ -312,36 +306,27 @@ impl Stores {
     }
 }
 
-fn spawn_reflector<K>(
+/// Drives one reflector: a change schedules a rebuild, an error is counted.
+fn spawn_reflector<K: Send + 'static>(
     resource: &'static str,
     stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     changed: &Arc<Notify>,
     shared: &Arc<Shared>,
-) where
-    K: Send + 'static,
-{
+) {
     let changed = changed.clone();
     let shared = shared.clone();
-    tokio::spawn(async move {
-        // Backoff sits between the watcher and the store, so errors are retried and the
-        // store keeps its contents meanwhile.
-        let mut stream = pin!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                Ok(_) => changed.notify_one(),
-                Err(error) => {
-                    shared
-                        .metrics
-                        .watch_errors
-                        .with_label_values(&[resource])
-                        .inc();
-                    warn!(resource, %error, "watch failed; retrying with backoff");
-                }
-            }
-        }
-        error!(resource, "watch stream ended");
-    });
+    crate::cluster::spawn_watch(
+        resource,
+        stream,
+        move || changed.notify_one(),
+        move || {
+            shared
+                .metrics
+                .watch_errors
+                .with_label_values(&[resource])
+                .inc();
+        },
+    );
 }
 
 /// Keeps the shared snapshot in step with the cluster until the process ends.

@@ -62,7 +62,7 @@ pub async fn serve(
             Some((files.clone(), source_stamp(files)))
         }
         Source::Cluster(cluster) => {
-            let client = crate::probe::cluster_client()
+            let client = crate::cluster::client()
                 .await
                 .context("run with --standalone --state FILE to serve without a cluster")?;
             info!(

@@ -152,6 +152,16 @@ impl ApiServer {
         }
     }
 
+    /// The real `coral` binary as a command pointed at this server (and at no in-cluster
+    /// one); the caller adds the arguments.
+    pub fn coral(&self) -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_coral"));
+        command
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("KUBERNETES_SERVICE_HOST", "");
+        command
+    }
+
     /// The writes received so far.
     pub fn writes(&self) -> Vec<Write> {
         self.writes.lock().unwrap().clone()
