@@ -77,6 +77,7 @@ fn main() {
     let data = coral_data(&index, &Settings::default());
     let evaluator =
         Evaluator::new(&policies, data, EvaluatorOptions::default()).expect("evaluator");
+    let placement = index.placement();
     let prepare = started.elapsed();
 
     let deployment = json!({
@@ -104,7 +105,7 @@ fn main() {
     let namespace_labels = BTreeMap::new();
 
     let decision = evaluator
-        .decide(&request, &namespace_labels)
+        .decide(&request, &namespace_labels, &placement)
         .expect("decision");
     assert_eq!(
         decision.patch.0.len(),
@@ -121,14 +122,14 @@ fn main() {
         .unwrap_or(if benchmarking { SAMPLES } else { 20 });
     for _ in 0..if benchmarking { WARMUP } else { 0 } {
         evaluator
-            .decide(&request, &namespace_labels)
+            .decide(&request, &namespace_labels, &placement)
             .expect("decision");
     }
 
     let mut samples: Vec<Duration> = (0..samples_wanted)
         .map(|_| {
             let start = Instant::now();
-            let decision = evaluator.decide(&request, &namespace_labels);
+            let decision = evaluator.decide(&request, &namespace_labels, &placement);
             let elapsed = start.elapsed();
             assert!(decision.is_ok());
             elapsed

@@ -87,8 +87,10 @@ warn contains msg if {
 	msg := sprintf("container %q: image %q is not managed by any ImageSet; left unchanged", [c.name, c.image])
 }
 
+# With selectors injected, feasibility.rego says why an image is left out.
 warn contains msg if {
 	injecting
+	not inject_selectors
 	some i in selected
 	c := input.containers[i]
 	info := data.coral.images[c.normalized]

@@ -81,7 +81,7 @@ test_image_below_min_available_nodes_warns if {
 	ops := mutate.patch with input as req with data.coral.images as images
 	count(ops) == 0
 	warnings := mutate.warn with input as req with data.coral.images as images
-	warnings == {`container "cache": image "redis:7.4" is on 0 node(s), fewer than the 1 required (minAvailableNodes); left unchanged`}
+	warnings == {`container "cache": image "redis:7.4" not steered to: no node holds it yet; left unchanged`}
 }
 
 test_min_available_nodes_setting_is_honoured if {

@@ -40,8 +40,26 @@ init_web := container("initContainers", 0, "setup", "nginx:1.27", "docker.io/lib
 
 debug := container("ephemeralContainers", 0, "debug", "nginx:1.27", "docker.io/library/nginx:1.27")
 
-# An input for a Deployment with these annotations, pod spec and containers.
-request(annotations, pod_spec, containers) := {
+# Where the pod may run, as Coral computes it per request: three nodes it may use, two of
+# them holding nginx; redis is on none.
+everywhere := {
+	"nodes": 3,
+	"images": {
+		nginx_label: usable(2),
+		redis_label: usable(0),
+	},
+	"groups": [{"labels": [nginx_label], "nodes": 2}],
+}
+
+# An image on n nodes, all of which the pod may use.
+usable(n) := {"held": n, "nodes": n, "cordoned": 0, "tainted": 0, "unselected": 0}
+
+# An input for a Deployment with these annotations, pod spec and containers, placed as
+# `everywhere`.
+request(annotations, pod_spec, containers) := placed(annotations, pod_spec, containers, everywhere)
+
+# The same with its own placement.
+placed(annotations, pod_spec, containers, placement) := {
 	"operation": "CREATE",
 	"kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
 	"namespace": "shop",
@@ -53,6 +71,7 @@ request(annotations, pod_spec, containers) := {
 		"spec": {"template": {"spec": pod_spec}},
 	},
 	"containers": containers,
+	"placement": placement,
 }
 
 inject(value) := {"coral.dev/inject": value}

@@ -13,7 +13,10 @@ test_selector_added_to_existing_node_selector if {
 	pod_spec := {"nodeSelector": {"kubernetes.io/os": "linux"}}
 	ops := mutate.patch with input as request(inject("selectors"), pod_spec, [web])
 		with data.coral.images as images
-	ops == {{"op": "add", "path": "/spec/template/spec/nodeSelector/image.coral.dev~1nginx", "value": "available"}}
+	ops == {{
+		"op": "add", "path": "/spec/template/spec/nodeSelector",
+		"value": {"kubernetes.io/os": "linux", nginx_label: "available"},
+	}}
 }
 
 test_null_node_selector_is_replaced_whole if {
@@ -26,7 +29,7 @@ test_wrong_selector_value_is_corrected if {
 	pod_spec := {"nodeSelector": {nginx_label: "no"}}
 	ops := mutate.patch with input as request(inject("selectors"), pod_spec, [web])
 		with data.coral.images as images
-	ops == {{"op": "add", "path": "/spec/template/spec/nodeSelector/image.coral.dev~1nginx", "value": "available"}}
+	ops == {{"op": "add", "path": "/spec/template/spec/nodeSelector", "value": {nginx_label: "available"}}}
 }
 
 test_selector_already_present_changes_nothing if {
@@ -100,8 +103,8 @@ test_preferred_scheduling_appends_to_existing_terms if {
 		with data.coral.settings as preferred
 	ops == {{
 		"op": "add",
-		"path": "/spec/template/spec/affinity/nodeAffinity/preferredDuringSchedulingIgnoredDuringExecution/-",
-		"value": nginx_term,
+		"path": "/spec/template/spec/affinity/nodeAffinity/preferredDuringSchedulingIgnoredDuringExecution",
+		"value": [other, nginx_term],
 	}}
 }
 

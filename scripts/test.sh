@@ -19,6 +19,8 @@ echo "== cargo test"
 cargo test --all-targets --locked
 echo "== coral policy test policies/ policy-tests/"
 cargo run --quiet --locked -- policy test policies/ policy-tests/ --coverage --threshold 100
+echo "== the same policy tests under the real OPA engine"
+bash scripts/opa-policy-test.sh policies/ policy-tests/
 echo "== coral crd matches crds/"
 diff <(cargo run --quiet --locked -- crd) <(cat crds/*.yaml)
 echo "== deploy/: render with kubectl kustomize, validate offline"

@@ -22,8 +22,8 @@ imageSets:
     spec:
       images: ["nginx:1.27", "ghcr.io/example/migrate:1.0", "ghcr.io/example/report:3"]
 nodes:
-  - {name: a, images: ["nginx:1.27", "ghcr.io/example/migrate:1.0", "ghcr.io/example/report:3"]}
-  - {name: b, images: ["nginx:1.27"]}
+  - {name: a, labels: {kubernetes.io/os: linux}, images: ["nginx:1.27", "ghcr.io/example/migrate:1.0", "ghcr.io/example/report:3"]}
+  - {name: b, labels: {kubernetes.io/os: linux}, images: ["nginx:1.27"]}
 namespaces:
   - {name: shop, labels: {coral.dev/inject: enabled}}
 "#;
@@ -454,8 +454,8 @@ async fn state_file_changes_are_picked_up() {
 
     // nginx leaves every node: nothing to steer to any more.
     let without_nginx = STATE
-        .replace("{name: a, images: [\"nginx:1.27\", ", "{name: a, images: [")
-        .replace("{name: b, images: [\"nginx:1.27\"]}", "{name: b}");
+        .replace("linux}, images: [\"nginx:1.27\", ", "linux}, images: [")
+        .replace("linux}, images: [\"nginx:1.27\"]}", "linux}}");
     assert_ne!(without_nginx, STATE);
     replace_file(&webhook.path("state.yaml"), &without_nginx);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -466,7 +466,7 @@ async fn state_file_changes_are_picked_up() {
                 response["warnings"][0]
                     .as_str()
                     .unwrap()
-                    .contains("on 0 node(s)"),
+                    .contains("no node holds it yet"),
                 "{response}"
             );
             break;
@@ -484,7 +484,7 @@ async fn state_file_changes_are_picked_up() {
         response["warnings"][0]
             .as_str()
             .unwrap()
-            .contains("on 0 node(s)"),
+            .contains("no node holds it yet"),
         "the last good state is still in effect: {response}"
     );
     let (_, metrics) = get_probe(&webhook, "/metrics").await;
@@ -645,6 +645,12 @@ async fn cluster_mode_decides_from_the_listed_state_and_the_policy_configmap() {
         json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
                "metadata": {"name": name, "resourceVersion": "1", "labels": labels}})
     };
+    let node = |name: &str, labels: Value, spec: Value| {
+        json!({"apiVersion": "v1", "kind": "Node",
+               "metadata": {"name": name, "resourceVersion": "1", "labels": labels},
+               "spec": spec,
+               "status": {"images": [{"names": ["docker.io/library/nginx:1.27"], "sizeBytes": 1}]}})
+    };
     let mut policies = serde_json::Map::new();
     for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap()
     {
@@ -658,12 +664,16 @@ async fn cluster_mode_decides_from_the_listed_state_and_the_policy_configmap() {
         (
             "/api/v1/nodes".to_string(),
             list(
-                "meta.k8s.io/v1",
-                "PartialObjectMetadataList",
+                "v1",
+                "NodeList",
                 vec![
-                    meta("a", json!({NGINX_LABEL: "available"})),
-                    meta("b", json!({NGINX_LABEL: "available"})),
-                    meta("c", json!({})),
+                    node("a", json!({NGINX_LABEL: "available"}), json!({})),
+                    node(
+                        "b",
+                        json!({NGINX_LABEL: "available"}),
+                        json!({"taints": [{"key": "dedicated", "value": "db", "effect": "NoSchedule"}]}),
+                    ),
+                    node("c", json!({}), json!({"unschedulable": true})),
                 ],
             ),
         ),
@@ -724,12 +734,31 @@ async fn cluster_mode_decides_from_the_listed_state_and_the_policy_configmap() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let (response, patched) = mutate(&webhook, &annotated("deployment-web.json"), "CREATE").await;
+    // nginx is on two nodes, but b's taint keeps this pod off it: not steered.
+    let deployment = annotated("deployment-web.json");
+    let (response, patched) = mutate(&webhook, &deployment, "CREATE").await;
+    assert_eq!(response["allowed"], true);
+    assert!(
+        patched["spec"]["template"]["spec"]
+            .get("nodeSelector")
+            .is_none(),
+        "{patched}"
+    );
+    let warnings = response["warnings"].to_string();
+    assert!(
+        warnings.contains("2 node(s) hold it, 1 of them usable by this pod (0 cordoned, 1 with taints it does not tolerate"),
+        "{warnings}"
+    );
+    // Tolerating the taint, it may use both: steered.
+    let mut tolerant = deployment.clone();
+    tolerant["spec"]["template"]["spec"]["tolerations"] =
+        json!([{"key": "dedicated", "operator": "Equal", "value": "db", "effect": "NoSchedule"}]);
+    let (response, patched) = mutate(&webhook, &tolerant, "CREATE").await;
     assert_eq!(response["allowed"], true);
     assert_eq!(
         patched["spec"]["template"]["spec"]["nodeSelector"],
         json!({NGINX_LABEL: "available"}),
-        "nginx is on two nodes: pods are steered to them"
+        "nginx is on two nodes the pod may use: pods are steered to them"
     );
     let (_, metrics) = get_probe(&webhook, "/metrics").await;
     assert_eq!(

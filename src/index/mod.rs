@@ -4,6 +4,7 @@
 //! readers ask it for image availability. It holds no client.
 
 mod objects;
+mod placement;
 mod selector;
 mod state_file;
 
@@ -12,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use thiserror::Error;
 
 pub use objects::ClusterObjects;
+pub use placement::{NodeTaint, Placement, PlacementNode, UNSCHEDULABLE_TAINT};
 pub use selector::{Selector, SelectorError};
 pub use state_file::{StateError, StateFile, StateNamespace, StateNode};
 
@@ -90,6 +92,10 @@ struct IndexedNode {
     labels: BTreeMap<String, String>,
     /// Normalized references whose pulls failed on the node (from its NodeImage).
     failed: BTreeSet<String>,
+    /// Taints of the node, every effect.
+    taints: Vec<NodeTaint>,
+    /// `spec.unschedulable`: the node is cordoned.
+    unschedulable: bool,
 }
 
 /// Availability of one managed image across the cluster.
@@ -150,6 +156,13 @@ impl ClusterIndex {
         self.nodes.entry(name.to_string()).or_default().failed = failed;
     }
 
+    /// Records a node's taints and whether it is cordoned.
+    pub fn set_node_scheduling(&mut self, name: &str, taints: Vec<NodeTaint>, unschedulable: bool) {
+        let node = self.nodes.entry(name.to_string()).or_default();
+        node.taints = taints;
+        node.unschedulable = unschedulable;
+    }
+
     pub fn delete_node(&mut self, name: &str) {
         self.nodes.remove(name);
     }
@@ -170,6 +183,16 @@ impl ClusterIndex {
     /// Number of nodes.
     pub fn node_count(&self) -> usize {
         self.nodes.len()
+    }
+
+    /// The nodes indexed for placement questions.
+    pub fn placement(&self) -> Placement {
+        Placement::new(self.nodes.iter().map(|(name, node)| PlacementNode {
+            name,
+            labels: &node.labels,
+            taints: &node.taints,
+            unschedulable: node.unschedulable,
+        }))
     }
 
     /// For each Coral image label key, the number of nodes labelled as holding the image.

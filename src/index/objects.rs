@@ -2,18 +2,19 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::ClusterIndex;
+use super::{ClusterIndex, NodeTaint};
 use crate::api::{ImageSet, ImageState, NodeImage};
 use crate::image::ImageReference;
 
-/// The objects an index is built from, as the watches hold them. Nodes and namespaces are
-/// metadata only: their labels are all the index reads.
+/// The objects an index is built from, as the watches hold them. Namespaces are metadata
+/// only; of a Node the index reads its labels, taints and `spec.unschedulable`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ClusterObjects<'a> {
     pub image_sets: &'a [&'a ImageSet],
-    pub nodes: &'a [&'a ObjectMeta],
+    pub nodes: &'a [&'a Node],
     pub namespaces: &'a [&'a ObjectMeta],
     pub node_images: &'a [&'a NodeImage],
 }
@@ -27,8 +28,21 @@ impl ClusterIndex {
             index.apply_image_set(set);
         }
         for node in objects.nodes {
-            if let Some(name) = &node.name {
-                index.apply_node(name, labels(node));
+            if let Some(name) = &node.metadata.name {
+                index.apply_node(name, labels(&node.metadata));
+                let spec = node.spec.as_ref();
+                let taints = spec
+                    .and_then(|spec| spec.taints.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|taint| NodeTaint {
+                        key: taint.key.clone(),
+                        value: taint.value.clone().unwrap_or_default(),
+                        effect: taint.effect.clone(),
+                    })
+                    .collect();
+                let unschedulable = spec.and_then(|spec| spec.unschedulable) == Some(true);
+                index.set_node_scheduling(name, taints, unschedulable);
             }
         }
         for namespace in objects.namespaces {

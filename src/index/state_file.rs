@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 use thiserror::Error;
 
-use super::{ClusterIndex, ImageSetError, validate_image_set};
+use super::{ClusterIndex, ImageSetError, NodeTaint, validate_image_set};
 use crate::api::ImageSet;
 use crate::image::{ImageReference, LABEL_AVAILABLE, ReferenceError, label_key};
 use crate::policy::Settings;
@@ -40,6 +40,15 @@ pub enum StateError {
         node: String,
         source: ReferenceError,
     },
+    #[error(
+        "state file {path}: node {node:?}: taints[{index}]: {reason} (a taint needs a key and an effect NoSchedule, PreferNoSchedule or NoExecute)"
+    )]
+    Taint {
+        path: String,
+        node: String,
+        index: usize,
+        reason: String,
+    },
     #[error("state file {path}: settings: {source}")]
     Settings {
         path: String,
@@ -63,7 +72,8 @@ pub struct StateFile {
 }
 
 /// A node: its labels, the images it holds (each stands for the label the agent would set),
-/// and the images whose pulls failed on it.
+/// the images whose pulls failed on it, and, in the Node's own shapes, its taints and whether
+/// it is cordoned.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateNode {
@@ -74,6 +84,10 @@ pub struct StateNode {
     pub images: Vec<String>,
     #[serde(default)]
     pub failed: Vec<String>,
+    #[serde(default)]
+    pub taints: Vec<NodeTaint>,
+    #[serde(default)]
+    pub unschedulable: bool,
 }
 
 /// A namespace and its labels.
@@ -124,6 +138,23 @@ impl StateFile {
                     source,
                 })?;
             }
+            for (index, taint) in node.taints.iter().enumerate() {
+                let reason = if taint.key.is_empty() {
+                    "the key is empty".to_string()
+                } else if !["NoSchedule", "PreferNoSchedule", "NoExecute"]
+                    .contains(&taint.effect.as_str())
+                {
+                    format!("unknown effect {:?}", taint.effect)
+                } else {
+                    continue;
+                };
+                return Err(StateError::Taint {
+                    path: origin.to_string(),
+                    node: node.name.clone(),
+                    index,
+                    reason,
+                });
+            }
         }
         if let Some(settings) = &state.settings {
             settings.validate().map_err(|source| StateError::Settings {
@@ -159,6 +190,7 @@ impl StateFile {
             }
             index.apply_node(&node.name, labels);
             index.set_node_failures(&node.name, failed);
+            index.set_node_scheduling(&node.name, node.taints.clone(), node.unschedulable);
         }
         for namespace in &self.namespaces {
             index.apply_namespace(&namespace.name, namespace.labels.clone());

@@ -12,12 +12,12 @@ use regorus::utils::limits::ExecutionTimerConfig;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::input::{containers, containers_after};
+use super::input::{containers, containers_after, pod_placement};
 use super::rails::checked_patch;
 use super::{
     AllowedPaths, PolicyError, PolicyRequest, PolicySet, Settings, build_input, coral_data,
 };
-use crate::index::ClusterIndex;
+use crate::index::{ClusterIndex, Placement};
 
 /// Package whose `patch`, `warn` and `deny` rules make the decision.
 pub const DECISION_PACKAGE: &str = "data.coral.mutate";
@@ -213,6 +213,13 @@ struct RuleOutput {
     deny: Vec<String>,
 }
 
+/// What a decision reads besides the request.
+#[derive(Clone, Copy)]
+struct Context<'a> {
+    namespace_labels: &'a BTreeMap<String, String>,
+    placement: &'a Placement,
+}
+
 /// What the policies decided for one object, after the rails.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Decision {
@@ -290,13 +297,22 @@ impl Evaluator {
         &self,
         request: &PolicyRequest,
         namespace_labels: &BTreeMap<String, String>,
+        placement: &Placement,
     ) -> Result<Decision, PolicyError> {
         let started = Instant::now();
         let kind = request.workload_kind()?;
         let original = &request.object;
         let entries = containers(original, kind);
+        let where_to = pod_placement(placement, original, kind, &entries);
         let first = self.evaluate(
-            build_input(request, kind, original, entries.clone(), namespace_labels),
+            build_input(
+                request,
+                kind,
+                original,
+                entries.clone(),
+                namespace_labels,
+                where_to,
+            ),
             Pass::Decide,
         )?;
         if !first.deny.is_empty() {
@@ -320,7 +336,11 @@ impl Evaluator {
                 rule: "patched object is not a valid Kubernetes object",
                 message: format!("{} does not deserialize: {e}", kind.name()),
             })?;
-            self.check_convergence(request, kind, &patched, &entries, namespace_labels)?;
+            let context = Context {
+                namespace_labels,
+                placement,
+            };
+            self.check_convergence(request, kind, &patched, &entries, context)?;
         }
         if started.elapsed() > self.options.timeout {
             return Err(PolicyError::Timeout(self.options.timeout));
@@ -341,15 +361,18 @@ impl Evaluator {
         kind: crate::policy::WorkloadKind,
         patched: &Value,
         previous: &[Value],
-        namespace_labels: &BTreeMap<String, String>,
+        context: Context<'_>,
     ) -> Result<(), PolicyError> {
+        let entries = containers_after(patched, kind, previous);
+        let where_to = pod_placement(context.placement, patched, kind, &entries);
         let second = self.evaluate(
             build_input(
                 request,
                 kind,
                 patched,
-                containers_after(patched, kind, previous),
-                namespace_labels,
+                entries,
+                context.namespace_labels,
+                where_to,
             ),
             Pass::Converge,
         )?;

@@ -11,6 +11,7 @@ use serde_json::{Map, Value, json};
 
 use super::PolicyError;
 use crate::image::{ImageReference, label_key};
+use crate::index::Placement;
 
 /// The kinds Coral mutates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -271,15 +272,35 @@ pub fn containers_after(object: &Value, kind: WorkloadKind, previous: &[Value]) 
     entries
 }
 
+/// `input.placement` of an object: where its pod spec's own constraints let it run, and which
+/// of those nodes hold the images of its containers and init containers.
+pub fn pod_placement(
+    placement: &Placement,
+    object: &Value,
+    kind: WorkloadKind,
+    containers: &[Value],
+) -> Value {
+    let empty = Value::Object(Map::new());
+    let pod_spec = object.pointer(kind.pod_spec_path()).unwrap_or(&empty);
+    let labels: Vec<&str> = containers
+        .iter()
+        .filter(|c| c["list"] != "ephemeralContainers")
+        .filter_map(|c| c.get("label").and_then(Value::as_str))
+        .collect();
+    placement.for_pod(pod_spec, &labels)
+}
+
 /// The `input` document for a request of a known kind.
 ///
-/// `containers` are the object's entries from [`containers`].
+/// `containers` are the object's entries from [`containers`], `placement` its
+/// [`pod_placement`].
 pub fn build_input(
     request: &PolicyRequest,
     kind: WorkloadKind,
     object: &Value,
     containers: Vec<Value>,
     namespace_labels: &BTreeMap<String, String>,
+    placement: Value,
 ) -> Value {
     // Built field by field from clones: `json!` would serialize each borrowed value instead.
     let labels: Map<String, Value> = namespace_labels
@@ -328,5 +349,6 @@ pub fn build_input(
     input.insert("namespace_labels".into(), Value::Object(labels));
     input.insert("pod_spec_path".into(), kind.pod_spec_path().into());
     input.insert("containers".into(), Value::Array(containers));
+    input.insert("placement".into(), placement);
     Value::Object(input)
 }

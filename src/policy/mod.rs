@@ -20,7 +20,7 @@ pub use engine::{
 };
 pub use input::{
     CONTAINER_LISTS, GroupVersionKind, GroupVersionResource, PolicyRequest, WorkloadKind,
-    build_input, containers, containers_after,
+    build_input, containers, containers_after, pod_placement,
 };
 pub use rails::{AllowedPaths, DEFAULT_ALLOWED_PATHS, checked_patch};
 pub use settings::{INJECTIONS, PullPolicy, Scheduling, Settings, SettingsError};

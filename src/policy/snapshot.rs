@@ -3,14 +3,17 @@
 use std::collections::BTreeMap;
 
 use super::{
-    CompiledPolicies, Evaluator, EvaluatorOptions, PolicyError, PolicySet, Settings, coral_data,
+    CompiledPolicies, Decision, Evaluator, EvaluatorOptions, PolicyError, PolicyRequest, PolicySet,
+    Settings, coral_data,
 };
-use crate::index::{ClusterIndex, StateFile};
+use crate::index::{ClusterIndex, Placement, StateFile};
 
 /// An evaluator and the index it was prepared from, immutable once built.
 pub struct Snapshot {
     pub evaluator: Evaluator,
     pub index: ClusterIndex,
+    /// The index's nodes, for placement questions.
+    pub placement: Placement,
     /// `settings.skipControlledPods`, which the webhook applies before any policy runs.
     pub skip_controlled_pods: bool,
     /// Where the policies came from (`embedded`, a directory, a ConfigMap).
@@ -45,10 +48,20 @@ impl Snapshot {
         let evaluator = Evaluator::new(compiled, coral_data(&index, settings), options)?;
         Ok(Self {
             evaluator,
+            placement: index.placement(),
             index,
             skip_controlled_pods: settings.skip_controlled_pods,
             policy_origin: compiled.origin().to_string(),
         })
+    }
+
+    /// Decides one request with this snapshot's namespaces and nodes.
+    pub fn decide(&self, request: &PolicyRequest) -> Result<Decision, PolicyError> {
+        self.evaluator.decide(
+            request,
+            &self.namespace_labels(&request.namespace),
+            &self.placement,
+        )
     }
 
     /// Labels of a namespace, empty when the state does not know it.

@@ -12,8 +12,12 @@ use super::{PolicyError, Settings};
 pub const SETTINGS_FILE: &str = "settings.json";
 
 /// The default policies, compiled into the binary from `policies/`.
-const EMBEDDED: [(&str, &str); 3] = [
+const EMBEDDED: [(&str, &str); 4] = [
     ("common.rego", include_str!("../../policies/common.rego")),
+    (
+        "feasibility.rego",
+        include_str!("../../policies/feasibility.rego"),
+    ),
     (
         "node_selector.rego",
         include_str!("../../policies/node_selector.rego"),

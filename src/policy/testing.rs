@@ -8,11 +8,10 @@ use std::time::{Duration, Instant};
 
 use regex::Regex;
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{Map, Value, json};
 
 use super::source::read;
-use super::{PolicyError, SETTINGS_FILE, Settings, coral_data, is_test_file};
-use crate::index::ClusterIndex;
+use super::{PolicyError, is_test_file};
 
 /// What to run.
 #[derive(Debug, Clone, Default)]
@@ -229,38 +228,100 @@ fn format_duration(d: Duration) -> String {
     }
 }
 
-/// Every `.rego` file under the paths (files or directories, walked recursively), sorted,
-/// and the first `settings.json` met.
-fn collect(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, Option<PathBuf>), PolicyError> {
+/// Names of the data files loaded beside the policies, as `opa test` loads them.
+const DATA_FILES: [&str; 3] = ["data.json", "data.yaml", "data.yml"];
+
+/// A data file and the data path its value goes to.
+type DataFile = (PathBuf, Vec<String>);
+
+/// What the paths hold: every `.rego` file (files or directories, walked recursively),
+/// sorted, and every data file with the data path of its directory below the path it was
+/// found under (`policy-tests/data.json` is the root of `data`, `policy-tests/x/data.json`
+/// is `data.x`), as `opa test` loads them.
+fn collect(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<DataFile>), PolicyError> {
     let mut files = Vec::new();
-    let mut settings = None;
-    let mut pending: Vec<PathBuf> = paths.to_vec();
-    while let Some(path) = pending.pop() {
-        let metadata = std::fs::metadata(&path).map_err(|source| PolicyError::Read {
+    let mut data = Vec::new();
+    let mut pending: Vec<(PathBuf, Vec<String>)> = paths
+        .iter()
+        .map(|path| (path.clone(), Vec::new()))
+        .collect();
+    while let Some((path, prefix)) = pending.pop() {
+        let read_error = |source| PolicyError::Read {
             path: path.display().to_string(),
             source,
-        })?;
+        };
+        let metadata = std::fs::metadata(&path).map_err(read_error)?;
         if metadata.is_dir() {
-            let entries = std::fs::read_dir(&path).map_err(|source| PolicyError::Read {
-                path: path.display().to_string(),
-                source,
-            })?;
-            for entry in entries {
-                let entry = entry.map_err(|source| PolicyError::Read {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                pending.push(entry.path());
+            for entry in std::fs::read_dir(&path).map_err(read_error)? {
+                let entry = entry.map_err(read_error)?;
+                let mut below = prefix.clone();
+                if entry.file_type().map_err(read_error)?.is_dir() {
+                    below.push(entry.file_name().to_string_lossy().into_owned());
+                }
+                pending.push((entry.path(), below));
             }
         } else if path.extension().is_some_and(|e| e == "rego") {
             files.push(path);
-        } else if path.file_name().is_some_and(|n| n == SETTINGS_FILE) {
-            settings.get_or_insert(path);
+        } else if path
+            .file_name()
+            .is_some_and(|n| DATA_FILES.iter().any(|d| n == *d))
+        {
+            data.push((path, prefix));
         }
     }
     files.sort();
     files.dedup();
-    Ok((files, settings))
+    data.sort();
+    data.dedup();
+    Ok((files, data))
+}
+
+/// The `data` document of the data files: each file's value at its path, merged.
+fn load_data(files: &[DataFile]) -> Result<Value, PolicyError> {
+    let mut data = Value::Object(Map::new());
+    for (path, prefix) in files {
+        let origin = path.display().to_string();
+        let invalid = |message: String| PolicyError::Data(format!("{origin}: {message}"));
+        let text = read(path)?;
+        let mut value: Value = if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?
+        } else {
+            serde_yaml::from_str(&text).map_err(|e| invalid(e.to_string()))?
+        };
+        if !value.is_object() {
+            return Err(invalid("a data file must hold an object".to_string()));
+        }
+        for key in prefix.iter().rev() {
+            value = Value::Object(Map::from_iter([(key.clone(), value)]));
+        }
+        merge(&mut data, value, &mut Vec::new()).map_err(|at| {
+            invalid(format!(
+                "data.{} is already defined by another data file",
+                at.join(".")
+            ))
+        })?;
+    }
+    Ok(data)
+}
+
+/// Merges objects key by key; anything else defined twice is a conflict, reported by path.
+fn merge(into: &mut Value, value: Value, at: &mut Vec<String>) -> Result<(), Vec<String>> {
+    match (into, value) {
+        (Value::Object(into), Value::Object(value)) => {
+            for (key, value) in value {
+                at.push(key.clone());
+                match into.get_mut(&key) {
+                    Some(existing) => merge(existing, value, at)?,
+                    None => {
+                        into.insert(key, value);
+                    }
+                }
+                at.pop();
+            }
+            Ok(())
+        }
+        _ => Err(at.clone()),
+    }
 }
 
 /// Rule heads named `test_*` in a test file, with their line numbers, first definition kept.
@@ -281,20 +342,12 @@ fn discover(source: &str) -> Vec<(String, usize)> {
 
 /// Loads every `.rego` file under `paths` into one engine and runs the tests.
 ///
-/// `data.coral` starts with no images, no nodes and the settings of the first `settings.json`
-/// under the paths (or the defaults), so tests override only what they need with
-/// `with data.coral.… as …`.
+/// `data` is what the data files under the paths hold (see [`collect`]) and nothing else, as
+/// under `opa test`: defaults the tests rely on, such as `data.coral.settings`, come from such
+/// a file or from the tests themselves.
 pub fn run_tests(paths: &[PathBuf], options: &TestOptions) -> Result<TestReport, PolicyError> {
-    let (files, settings_file) = collect(paths)?;
-    let settings = match settings_file {
-        Some(path) => {
-            Settings::from_json(&read(&path)?).map_err(|source| PolicyError::Settings {
-                origin: path.display().to_string(),
-                source,
-            })?
-        }
-        None => Settings::default(),
-    };
+    let (files, data_files) = collect(paths)?;
+    let data = load_data(&data_files)?;
     let mut engine = regorus::Engine::new();
     let mut cases = Vec::new();
     for path in &files {
@@ -317,7 +370,6 @@ pub fn run_tests(paths: &[PathBuf], options: &TestOptions) -> Result<TestReport,
             }
         }
     }
-    let data = coral_data(&ClusterIndex::new(), &settings);
     engine
         .add_data(regorus::Value::from(data))
         .map_err(|e| PolicyError::Data(e.to_string()))?;

@@ -12,9 +12,9 @@ imageSets:
       images: ["nginx:1.27", "ghcr.io/example/api:1.4", "ghcr.io/example/migrate:1.0"]
       nodeSelector: {matchLabels: {pool: web}}
 nodes:
-  - {name: a, labels: {pool: web}, images: ["nginx:1.27", "ghcr.io/example/api:1.4", "ghcr.io/example/migrate:1.0"]}
-  - {name: b, labels: {pool: web}, images: ["nginx:1.27"]}
-  - {name: c, labels: {pool: batch}}
+  - {name: a, labels: {pool: web, kubernetes.io/os: linux}, images: ["nginx:1.27", "ghcr.io/example/api:1.4", "ghcr.io/example/migrate:1.0"]}
+  - {name: b, labels: {pool: web, kubernetes.io/os: linux}, images: ["nginx:1.27"]}
+  - {name: c, labels: {pool: batch, kubernetes.io/os: linux}}
 namespaces:
   - {name: shop, labels: {coral.dev/inject: enabled}}
 "#;
@@ -37,10 +37,18 @@ fn evaluator_with(settings: Settings) -> Evaluator {
     evaluator
 }
 
+/// The nodes of [`STATE`].
+fn placement() -> crate::index::Placement {
+    StateFile::parse(STATE, "test")
+        .expect("state")
+        .to_index()
+        .placement()
+}
+
 fn decide(evaluator: &Evaluator, object: Value) -> Decision {
     let request = PolicyRequest::create(object, "shop").expect("request");
     evaluator
-        .decide(&request, &BTreeMap::new())
+        .decide(&request, &BTreeMap::new(), &placement())
         .expect("decision")
 }
 
@@ -98,7 +106,7 @@ fn custom_evaluator(rego: &str) -> Evaluator {
 fn custom_error(rego: &str) -> PolicyError {
     let request = PolicyRequest::create(fixture("deployment-web.json"), "shop").expect("request");
     custom_evaluator(rego)
-        .decide(&request, &BTreeMap::new())
+        .decide(&request, &BTreeMap::new(), &placement())
         .expect_err("the rails must reject this decision")
 }
 
@@ -262,7 +270,7 @@ warn contains "never" if { some a in xs; some b in xs; a * b < 0 }"#,
     let request = PolicyRequest::create(fixture("deployment-web.json"), "shop").expect("request");
     let started = std::time::Instant::now();
     let error = evaluator
-        .decide(&request, &BTreeMap::new())
+        .decide(&request, &BTreeMap::new(), &placement())
         .expect_err("must time out");
     assert_eq!(error.metric_label(), "timeout", "{error}");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));

@@ -1,5 +1,6 @@
-//! Cluster mode: reflectors on Nodes and Namespaces (metadata only), ImageSets, NodeImages and
-//! the policy ConfigMap feed the index. A change to any of them schedules one rebuild of the
+//! Cluster mode: reflectors on Nodes (labels, taints and `spec.unschedulable` kept; the rest
+//! stripped before it is stored), Namespaces (metadata only), ImageSets, NodeImages and the
+//! policy ConfigMap feed the index. A change to any of them schedules one rebuild of the
 //! snapshot after a short quiet period; requests never rebuild anything.
 
 use std::fmt;
@@ -9,7 +10,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::Stream;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ObjectReference};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, NodeSpec, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -210,7 +212,7 @@ impl PolicyTracker {
 /// The reflectors' stores.
 struct Stores {
     image_sets: Store<ImageSet>,
-    nodes: Store<PartialObjectMeta<Node>>,
+    nodes: Store<Node>,
     namespaces: Store<PartialObjectMeta<Namespace>>,
     node_images: Store<NodeImage>,
     configmap: Option<Store<ConfigMap>>,
@@ -237,12 +239,10 @@ impl Stores {
         let (nodes, writer) = reflector::store();
         spawn_reflector(
             "nodes",
-            watcher(
-                Api::<PartialObjectMeta<Node>>::all(client.clone()),
-                config(),
-            )
-            .default_backoff()
-            .reflect(writer),
+            watcher(Api::<Node>::all(client.clone()), config())
+                .default_backoff()
+                .modify(strip_node)
+                .reflect(writer),
             changed,
             shared,
         );
@@ -304,6 +304,27 @@ impl Stores {
         };
         waits.iter().all(Result::is_ok) && configmap.is_ok()
     }
+}
+
+/// Keeps of a Node what placement reads: its name, labels, taints and `spec.unschedulable`.
+/// Its status (conditions, the images it holds, addresses) and everything else in its
+/// metadata go before the reflector stores it, so memory follows the number of nodes, not
+/// the size of their status.
+pub(crate) fn strip_node(node: &mut Node) {
+    let metadata = &mut node.metadata;
+    *metadata = ObjectMeta {
+        name: metadata.name.take(),
+        labels: metadata.labels.take(),
+        resource_version: metadata.resource_version.take(),
+        uid: metadata.uid.take(),
+        ..ObjectMeta::default()
+    };
+    node.spec = node.spec.take().map(|spec| NodeSpec {
+        taints: spec.taints,
+        unschedulable: spec.unschedulable,
+        ..NodeSpec::default()
+    });
+    node.status = None;
 }
 
 /// Drives one reflector: a change schedules a rebuild, an error is counted.
@@ -390,7 +411,7 @@ async fn rebuild(
     let tracker = tracker.clone();
     let built = tokio::task::spawn_blocking(move || {
         let image_sets: Vec<&ImageSet> = image_sets.iter().map(AsRef::as_ref).collect();
-        let nodes: Vec<_> = nodes.iter().map(|n| &n.metadata).collect();
+        let nodes: Vec<&Node> = nodes.iter().map(AsRef::as_ref).collect();
         let namespaces: Vec<_> = namespaces.iter().map(|n| &n.metadata).collect();
         let node_images: Vec<&NodeImage> = node_images.iter().map(AsRef::as_ref).collect();
         let index = ClusterIndex::from_objects(ClusterObjects {

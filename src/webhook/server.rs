@@ -337,10 +337,7 @@ async fn mutate(State(shared): State<Arc<Shared>>, request: Request) -> Response
                     let snapshot = snapshot.clone();
                     tokio::time::timeout(
                         shared.evaluation_timeout * 2,
-                        tokio::task::spawn_blocking(move || {
-                            let labels = snapshot.namespace_labels(&request.namespace);
-                            snapshot.evaluator.decide(&request, &labels)
-                        }),
+                        tokio::task::spawn_blocking(move || snapshot.decide(&request)),
                     )
                     .await
                 };

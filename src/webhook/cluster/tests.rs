@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use serde_json::{Value, json};
 
 use super::{ClusterOptions, ObjectName, PolicyChange, PolicyTracker, sync};
@@ -36,11 +36,21 @@ fn shared() -> Arc<Shared> {
     })
 }
 
+/// A Node as the API server lists it, with a status Coral must not keep.
 fn node(name: &str, labels: Value) -> Value {
+    node_with_spec(name, labels, json!({"podCIDR": "10.0.0.0/24"}))
+}
+
+fn node_with_spec(name: &str, labels: Value, spec: Value) -> Value {
     json!({
-        "apiVersion": "meta.k8s.io/v1",
-        "kind": "PartialObjectMetadata",
+        "apiVersion": "v1",
+        "kind": "Node",
         "metadata": {"name": name, "resourceVersion": "7", "labels": labels},
+        "spec": spec,
+        "status": {
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "images": [{"names": ["docker.io/library/nginx:1.27"], "sizeBytes": 70000000}],
+        },
     })
 }
 
@@ -81,7 +91,7 @@ impl FakeApi {
         let metadata = json!({"resourceVersion": "100"});
         match path {
             "/api/v1/nodes" => json!({
-                "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": metadata,
+                "apiVersion": "v1", "kind": "NodeList", "metadata": metadata,
                 "items": [
                     node("node-a", json!({"pool": "web", key("nginx:1.27"): "available"})),
                     node("node-b", json!({"pool": "web", key("nginx:1.27"): "available", key("redis:7"): "available"})),
@@ -133,14 +143,14 @@ impl FakeApi {
                 continue;
             }
             assert_eq!(seen.method, Method::GET, "{}", seen.uri);
-            let metadata_only = path == "/api/v1/nodes" || path == "/api/v1/namespaces";
-            if metadata_only {
-                assert!(
-                    seen.accept.contains("as=PartialObjectMetadata"),
-                    "{path} is watched as metadata only, Accept was {:?}",
-                    seen.accept
-                );
-            }
+            // Namespaces are watched as metadata only; Nodes whole, for their taints and
+            // spec.unschedulable.
+            assert_eq!(
+                seen.accept.contains("as=PartialObjectMetadata"),
+                path == "/api/v1/namespaces",
+                "{path}: Accept was {:?}",
+                seen.accept
+            );
             let expected_field_selector = if path.ends_with("/configmaps") {
                 "&fieldSelector=metadata.name%3Dcoral-policies"
             } else {
@@ -270,14 +280,15 @@ async fn cluster_sync_lists_and_watches_each_resource_then_follows_changes() {
     assert_eq!(loaded["reportingController"], "coral-webhook");
     assert_eq!(loaded["reportingInstance"], "coral-webhook-0");
 
-    // node-c joins the web pool and reports redis: one rebuild picks both changes up.
+    // node-c joins the web pool, reports redis and is cordoned: one rebuild picks all up.
     let nodes = api.watches["/api/v1/nodes"].clone();
     send_event(
         &nodes,
         "MODIFIED",
-        node(
+        node_with_spec(
             "node-c",
             json!({"pool": "web", key("redis:7"): "available"}),
+            json!({"unschedulable": true}),
         ),
     );
     send_event(&nodes, "DELETED", node("node-a", json!({})));
@@ -293,6 +304,9 @@ async fn cluster_sync_lists_and_watches_each_resource_then_follows_changes() {
             ) == (2, 2, 0)
     })
     .await;
+    // Of node-b and the cordoned node-c, a pod may use node-b only.
+    let snapshot = shared.snapshot().expect("snapshot");
+    assert_eq!(snapshot.placement.eligible_count(&json!({})), 1);
     let text = shared.metrics.render();
     assert!(
         text.contains("coral_index_objects{resource=\"nodes\"} 2"),
@@ -444,11 +458,11 @@ fn cluster_object_names_parse_namespace_and_name() {
 #[test]
 fn cluster_index_from_objects_ignores_node_images_of_unknown_nodes() {
     let set: ImageSet = serde_json::from_value(image_set()).expect("ImageSet");
-    let node_a = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-        name: Some("node-a".into()),
-        labels: Some([("pool".to_string(), "web".to_string())].into()),
-        ..Default::default()
-    };
+    let node_a: Node = serde_json::from_value(json!({
+        "metadata": {"name": "node-a", "labels": {"pool": "web"}},
+        "spec": {"unschedulable": true, "taints": [{"key": "gpu", "effect": "NoSchedule"}]},
+    }))
+    .expect("Node");
     let failed = |node: &str| -> NodeImage {
         serde_json::from_value(json!({
             "apiVersion": "coral.dev/v1alpha1", "kind": "NodeImage",
@@ -469,4 +483,42 @@ fn cluster_index_from_objects_ignores_node_images_of_unknown_nodes() {
     assert_eq!(index.node_count(), 1);
     let nginx = &index.image_availability()["docker.io/library/nginx:1.27"];
     assert_eq!((nginx.nodes_targeted, nginx.nodes_failed), (1, 1));
+    // The node's taint and cordon reach placement: only a pod tolerating both may use it.
+    let placement = index.placement();
+    assert_eq!(placement.eligible_count(&json!({})), 0);
+    let gpu = json!({"key": "gpu", "operator": "Exists"});
+    let cordon = json!({"key": "node.kubernetes.io/unschedulable", "operator": "Exists"});
+    assert_eq!(placement.eligible_count(&json!({"tolerations": [gpu]})), 0);
+    assert_eq!(
+        placement.eligible_count(&json!({"tolerations": [gpu, cordon]})),
+        1
+    );
+}
+
+#[test]
+fn stored_nodes_keep_only_what_placement_reads() {
+    let mut node: Node = serde_json::from_value(json!({
+        "metadata": {
+            "name": "node-a", "uid": "u1", "resourceVersion": "7",
+            "labels": {"pool": "web"},
+            "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
+            "managedFields": [{"manager": "kubelet", "operation": "Update"}],
+        },
+        "spec": {"podCIDR": "10.0.0.0/24", "providerID": "x://1", "unschedulable": true,
+                 "taints": [{"key": "gpu", "value": "a100", "effect": "NoSchedule"}]},
+        "status": {
+            "images": [{"names": ["docker.io/library/nginx:1.27"], "sizeBytes": 1}],
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }))
+    .expect("Node");
+    super::strip_node(&mut node);
+    assert_eq!(
+        serde_json::to_value(&node).expect("json"),
+        json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "uid": "u1", "resourceVersion": "7", "labels": {"pool": "web"}},
+            "spec": {"unschedulable": true, "taints": [{"key": "gpu", "value": "a100", "effect": "NoSchedule"}]},
+        })
+    );
 }
