@@ -577,3 +577,487 @@ fn a_closed_stdout_ends_quietly() {
     assert_eq!(output.status.code(), Some(141), "{}", stderr(&output));
     assert!(output.stderr.is_empty(), "{}", stderr(&output));
 }
+
+/// A node of `tests/data/placement/state.yaml`, as the scheduler would see it.
+struct JudgedNode {
+    name: String,
+    labels: BTreeMap<String, String>,
+    taints: Vec<Value>,
+    unschedulable: bool,
+}
+
+/// The nodes of a state file, with the label the agent sets for each image they hold.
+fn judged_nodes(state: &str) -> Vec<JudgedNode> {
+    let state: Value = serde_yaml::from_str(state).expect("state");
+    state["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|node| {
+            let mut labels: BTreeMap<String, String> =
+                serde_json::from_value(node.get("labels").cloned().unwrap_or(json!({})))
+                    .expect("labels");
+            for image in node
+                .get("images")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                labels.insert(label_of(image.as_str().expect("image")), "available".into());
+            }
+            JudgedNode {
+                name: node["name"].as_str().expect("name").into(),
+                labels,
+                taints: node
+                    .get("taints")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default(),
+                unschedulable: node.get("unschedulable") == Some(&json!(true)),
+            }
+        })
+        .collect()
+}
+
+fn label_of(image: &str) -> String {
+    coral::image::label_key(&coral::image::ImageReference::parse(image).expect("reference"))
+}
+
+/// The nodes a pod spec could be scheduled on, judged here independently of Coral: every
+/// nodeSelector entry, required node-affinity terms (In and NotIn), taints with effect
+/// NoSchedule or NoExecute against tolerations, and cordoned nodes.
+fn schedulable_on(spec: &Value, nodes: &[JudgedNode]) -> Vec<String> {
+    let tolerations = spec["tolerations"].as_array().cloned().unwrap_or_default();
+    let tolerated = |key: &str, value: &str, effect: &str| {
+        tolerations.iter().any(|t| {
+            let field = |f: &str| t[f].as_str().unwrap_or("");
+            (field("effect").is_empty() || field("effect") == effect)
+                && (field("key").is_empty() || field("key") == key)
+                && (field("operator") == "Exists" || field("value") == value)
+        })
+    };
+    let terms = spec
+        .pointer("/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms")
+        .and_then(Value::as_array)
+        .cloned();
+    nodes
+        .iter()
+        .filter(|node| {
+            let selector_ok = spec["nodeSelector"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .all(|(k, v)| node.labels.get(k).map(String::as_str) == v.as_str());
+            let affinity_ok = terms.as_ref().is_none_or(|terms| {
+                terms.iter().any(|term| {
+                    term["matchExpressions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .all(|e| {
+                            let values: Vec<&str> = e["values"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter_map(Value::as_str)
+                                .collect();
+                            let value = node.labels.get(e["key"].as_str().unwrap_or(""));
+                            match e["operator"].as_str() {
+                                Some("In") => value.is_some_and(|v| values.contains(&v.as_str())),
+                                Some("NotIn") => {
+                                    value.is_none_or(|v| !values.contains(&v.as_str()))
+                                }
+                                other => panic!("the judge does not know {other:?}"),
+                            }
+                        })
+                })
+            });
+            let taints_ok = node.taints.iter().all(|t| {
+                let effect = t["effect"].as_str().unwrap_or("");
+                !matches!(effect, "NoSchedule" | "NoExecute")
+                    || tolerated(
+                        t["key"].as_str().unwrap_or(""),
+                        t["value"].as_str().unwrap_or(""),
+                        effect,
+                    )
+            });
+            let cordon_ok = !node.unschedulable
+                || tolerated("node.kubernetes.io/unschedulable", "", "NoSchedule");
+            selector_ok && affinity_ok && taints_ok && cordon_ok
+        })
+        .map(|node| node.name.clone())
+        .collect()
+}
+
+/// `coral policy eval` of a Deployment running `images`, with `pod_spec` merged into its pod
+/// spec, against `state`: the decision, and the nodes its pod template can be scheduled on.
+fn eval_placement(
+    state: &str,
+    images: &[&str],
+    pod_spec: Value,
+    inject: Option<&str>,
+) -> (Value, Vec<String>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut deployment = fixture("deployment-web.json");
+    let spec = &mut deployment["spec"]["template"]["spec"];
+    spec["containers"] = Value::Array(
+        images
+            .iter()
+            .enumerate()
+            .map(|(i, image)| json!({"name": format!("c{i}"), "image": image}))
+            .collect(),
+    );
+    for (key, value) in pod_spec.as_object().expect("pod spec") {
+        spec[key] = value.clone();
+    }
+    if let Some(inject) = inject {
+        deployment["metadata"]["annotations"] = json!({"coral.dev/inject": inject});
+    }
+    let file = write_temp(dir.path(), "deployment.json", &deployment);
+    let state_path = dir.path().join("state.yaml");
+    std::fs::write(&state_path, state).expect("write");
+    let output = coral(&[
+        "policy",
+        "eval",
+        "-f",
+        &file,
+        "--state",
+        state_path.to_str().expect("utf-8"),
+        "-o",
+        "json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let decision: Value = serde_json::from_str(&stdout(&output)).expect("json");
+    // The patch is what the API server applies: judge the object it produces.
+    let patch: json_patch::Patch =
+        serde_json::from_value(decision["patch"].clone()).expect("RFC 6902 patch");
+    json_patch::patch(&mut deployment, &patch).expect("patch applies");
+    assert_eq!(deployment, decision["object"]);
+    let nodes = schedulable_on(
+        &deployment["spec"]["template"]["spec"],
+        &judged_nodes(state),
+    );
+    (decision, nodes)
+}
+
+fn placement_state() -> String {
+    std::fs::read_to_string(root().join("tests/data/placement/state.yaml")).expect("state")
+}
+
+fn node_selector(decision: &Value) -> Value {
+    decision["object"]["spec"]["template"]["spec"]
+        .get("nodeSelector")
+        .cloned()
+        .unwrap_or(json!({}))
+}
+
+fn warnings(decision: &Value) -> String {
+    decision["warnings"].to_string()
+}
+
+#[test]
+fn placement_images_on_different_nodes_leave_the_pod_somewhere_to_run() {
+    let (decision, nodes) = eval_placement(
+        &placement_state(),
+        &["nginx:1.27", "redis:7.4"],
+        json!({}),
+        Some("selectors,pull-policy"),
+    );
+    assert_eq!(nodes.len(), 1, "{nodes:?}: {decision}");
+    assert_eq!(
+        node_selector(&decision)
+            .as_object()
+            .expect("selector")
+            .len(),
+        1
+    );
+    assert!(warnings(&decision).contains("not steered to"), "{decision}");
+}
+
+#[test]
+fn placement_respects_the_pods_own_node_selector_and_affinity() {
+    let in_db = json!({"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["db"]}]},
+    ]}});
+    for pod_spec in [
+        json!({"nodeSelector": {"pool": "db"}}),
+        json!({"affinity": {"nodeAffinity": in_db}}),
+    ] {
+        let (decision, nodes) = eval_placement(
+            &placement_state(),
+            &["nginx:1.27"],
+            pod_spec.clone(),
+            Some("selectors"),
+        );
+        assert_eq!(nodes, ["db-a"], "{pod_spec}: {decision}");
+        assert!(
+            warnings(&decision).contains("1 outside its nodeSelector, node affinity or nodeName"),
+            "{decision}"
+        );
+    }
+}
+
+#[test]
+fn placement_an_image_on_untolerated_tainted_or_cordoned_nodes_only_is_not_steered_to() {
+    for (image, reason) in [
+        ("busybox:1.36", "1 with taints it does not tolerate"),
+        ("alpine:3.20", "(1 cordoned,"),
+    ] {
+        let (decision, nodes) = eval_placement(
+            &placement_state(),
+            &[image],
+            json!({}),
+            Some("selectors,pull-policy"),
+        );
+        assert_eq!(nodes, ["web-a", "web-b", "db-a"], "{image}: {decision}");
+        assert!(warnings(&decision).contains(reason), "{image}: {decision}");
+    }
+}
+
+#[test]
+fn placement_a_tolerated_taint_keeps_the_label() {
+    let tolerate = json!({"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]});
+    let (decision, nodes) = eval_placement(
+        &placement_state(),
+        &["busybox:1.36"],
+        tolerate,
+        Some("selectors,pull-policy"),
+    );
+    assert_eq!(nodes, ["gpu-a"], "{decision}");
+    assert_eq!(
+        node_selector(&decision),
+        json!({label_of("busybox:1.36"): "available"})
+    );
+}
+
+#[test]
+fn placement_a_node_holding_every_image_gets_every_label() {
+    let (decision, nodes) = eval_placement(
+        &placement_state(),
+        &["nginx:1.27", "nginx:1.28"],
+        json!({}),
+        Some("selectors"),
+    );
+    assert_eq!(nodes, ["web-a"], "{decision}");
+    assert_eq!(
+        node_selector(&decision),
+        json!({label_of("nginx:1.27"): "available", label_of("nginx:1.28"): "available"})
+    );
+}
+
+#[test]
+fn placement_an_updated_image_does_not_keep_its_old_key() {
+    // kubectl set image nginx:1.27 -> nginx:1.28 leaves the 1.27 key in the template.
+    let stale = json!({"nodeSelector": {"pool": "web", label_of("nginx:1.27"): "available"}});
+    // Steered to 1.28 with selectors injected; without, only the stale key goes.
+    for (inject, expected) in [
+        (Some("selectors"), vec!["web-a"]),
+        (None, vec!["web-a", "web-b"]),
+    ] {
+        let (decision, nodes) =
+            eval_placement(&placement_state(), &["nginx:1.28"], stale.clone(), inject);
+        assert_eq!(nodes, expected, "{inject:?}: {decision}");
+        assert!(
+            node_selector(&decision)
+                .get(label_of("nginx:1.27"))
+                .is_none(),
+            "{decision}"
+        );
+    }
+}
+
+#[test]
+fn placement_keys_of_an_image_no_longer_managed_go() {
+    let state = placement_state().replace(
+        "\"nginx:1.27\", \"nginx:1.28\", \"redis",
+        "\"nginx:1.28\", \"redis",
+    );
+    assert_ne!(state, placement_state());
+    let keyed = json!({"nodeSelector": {label_of("nginx:1.27"): "available"}});
+    let (decision, nodes) = eval_placement(&state, &["nginx:1.27"], keyed, None);
+    assert_eq!(nodes, ["web-a", "web-b", "db-a"], "{decision}");
+    assert_eq!(node_selector(&decision), json!({}));
+}
+
+#[test]
+fn state_file_taints_are_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state =
+        json!({"nodes": [{"name": "g", "taints": [{"key": "gpu", "effect": "Sometimes"}]}]});
+    let state = write_temp(dir.path(), "state.json", &state);
+    let file = write_temp(dir.path(), "web.json", &fixture("deployment-web.json"));
+    let output = coral(&["policy", "eval", "-f", &file, "--state", &state]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("node \"g\": taints[0]: unknown effect \"Sometimes\""),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn policy_test_loads_data_files_as_opa_test_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("team")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("limits_test.rego"),
+        "package limits\n\ntest_root if data.max == 3\n\ntest_nested if data.team.name == \"a\"\n\ntest_no_coral_defaults if not data.coral\n",
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("data.json"), r#"{"max": 3}"#).expect("write");
+    std::fs::write(dir.path().join("team/data.yaml"), "name: a\n").expect("write");
+    let output = coral(&["policy", "test", dir.path().to_str().expect("utf-8"), "-v"]);
+    assert!(
+        output.status.success(),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    assert!(stdout(&output).contains("PASS: 3/3"), "{}", stdout(&output));
+
+    // Two files defining one value is an error, as under opa test.
+    std::fs::write(dir.path().join("team/data.json"), r#"{"name": "b"}"#).expect("write");
+    let output = coral(&["policy", "test", dir.path().to_str().expect("utf-8")]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("data.team.name is already defined by another data file"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn the_policy_tests_data_file_holds_the_default_settings() {
+    let text = std::fs::read_to_string(root().join("policy-tests/data.json")).expect("data.json");
+    let data: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(
+        data["coral"]["settings"],
+        serde_json::to_value(coral::policy::Settings::default()).expect("settings"),
+        "policy-tests/data.json must hold the defaults of settings.json"
+    );
+}
+
+/// A workload manifest whose pod template carries these nodeSelector entries.
+fn workload(kind: &str, name: &str, selector: Value) -> Value {
+    let mut object = fixture("deployment-web.json");
+    object["kind"] = json!(kind);
+    object["metadata"]["name"] = json!(name);
+    object["metadata"]["namespace"] = json!("shop");
+    object["spec"]["template"]["spec"]["nodeSelector"] = selector;
+    object
+}
+
+#[test]
+fn audit_lists_stranded_workloads_from_a_state_file_and_manifests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let both = json!({label_of("nginx:1.27"): "available", label_of("redis:7.4"): "available"});
+    let nginx = json!({label_of("nginx:1.27"): "available"});
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).expect("mkdir");
+    write_temp(
+        &manifests,
+        "both.json",
+        &workload("Deployment", "both", both),
+    );
+    write_temp(
+        &manifests,
+        "fine.json",
+        &workload("Deployment", "fine", nginx.clone()),
+    );
+    // A YAML stream: a List holding a StatefulSet on the cordoned node's image, and a
+    // ReplicaSet its Deployment owns (judged through its owner, not itself).
+    let cordoned = workload(
+        "StatefulSet",
+        "old",
+        json!({label_of("alpine:3.20"): "available"}),
+    );
+    let mut owned = workload(
+        "ReplicaSet",
+        "both-123",
+        json!({label_of("alpine:3.20"): "available"}),
+    );
+    owned["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "Deployment", "name": "both", "uid": "u", "controller": true}]);
+    let stream = format!(
+        "{}\n---\n{}\n",
+        serde_yaml::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": [cordoned]}))
+            .expect("yaml"),
+        serde_yaml::to_string(&owned).expect("yaml"),
+    );
+    std::fs::write(manifests.join("more.yaml"), stream).expect("write");
+    let state = "tests/data/placement/state.yaml";
+    let dir_arg = manifests.to_str().expect("utf-8");
+
+    let output = coral(&["audit", "--state", state, "-f", dir_arg]);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let text = stdout(&output);
+    assert!(
+        text.contains("Deployment shop/both: its pod template requires"),
+        "{text}"
+    );
+    assert!(text.contains("StatefulSet shop/old: its pod template requires docker.io/library/alpine:3.20 on 1 node(s), 0 usable; 0 schedulable node(s) satisfy it, 1 needed"), "{text}");
+    assert!(!text.contains("shop/fine"), "{text}");
+    assert!(!text.contains("both-123"), "{text}");
+    assert!(
+        text.contains("2 stranded workload(s) of 4 checked"),
+        "{text}"
+    );
+
+    let output = coral(&["audit", "--state", state, "-f", dir_arg, "-o", "json"]);
+    let found: Value = serde_json::from_str(&stdout(&output)).expect("json");
+    let names: Vec<&str> = found
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|s| s["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["both", "old"]);
+    assert_eq!(found[0]["nodes"], 0);
+
+    // minAvailableNodes 2: nginx alone is on one node only, so `fine` is stranded too.
+    let output = coral(&[
+        "audit",
+        "--state",
+        state,
+        "-f",
+        dir_arg,
+        "--min-available-nodes",
+        "2",
+    ]);
+    assert!(
+        stdout(&output).contains("Deployment shop/fine"),
+        "{}",
+        stdout(&output)
+    );
+
+    // Nothing stranded: exit 0. The audit cannot run: exit 2 with the reason.
+    let fine = write_temp(
+        dir.path(),
+        "fine.json",
+        &workload("Deployment", "fine", nginx),
+    );
+    let output = coral(&["audit", "--state", state, "-f", &fine]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("no stranded workloads (1 workload(s) checked against 5 node(s))")
+    );
+    let output = coral(&["audit", "--state", state]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("--state needs the workloads to audit"),
+        "{}",
+        stderr(&output)
+    );
+    let output = coral(&["audit", "--state", state, "-f", "no/such/file.yaml"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("cannot read no/such/file.yaml"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 mod agent;
+mod audit;
 mod controller;
 mod demo;
 
@@ -45,6 +46,10 @@ enum Command {
     /// Pull what ImageSets want on a node, once, through the container runtime (no cluster):
     /// for baking node images and for CI.
     Prefetch(Box<agent::PrefetchArgs>),
+    /// List workloads whose pod template requires image labels that too few schedulable nodes
+    /// satisfy (against a state file and manifests, or the cluster of the kubeconfig); exits 1
+    /// when it finds any.
+    Audit(Box<audit::AuditArgs>),
     /// Start the webhook on localhost over HTTPS with the embedded policies and an example
     /// cluster state, send it the example workloads, and show what Coral changes and why.
     Demo,
@@ -369,6 +374,7 @@ impl Cli {
             Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
             Command::Policy(PolicyCommand::Eval(args)) => policy_eval(args),
             Command::Demo => demo::run(),
+            Command::Audit(args) => audit::run(*args),
             Command::Webhook(args) => webhook(*args),
             Command::Prefetch(args) => agent::run_prefetch(*args),
             Command::Agent(args) => agent::run_agent(*args),

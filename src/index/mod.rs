@@ -7,15 +7,19 @@ mod objects;
 mod placement;
 mod selector;
 mod state_file;
+mod stranded;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
 pub use objects::ClusterObjects;
-pub use placement::{NodeTaint, Placement, PlacementNode, UNSCHEDULABLE_TAINT};
+pub use placement::{
+    NodeTaint, Placement, PlacementNode, RequiredImages, RequiredLabel, UNSCHEDULABLE_TAINT,
+};
 pub use selector::{Selector, SelectorError};
 pub use state_file::{StateError, StateFile, StateNamespace, StateNode};
+pub use stranded::{Stranded, stranded_workload};
 
 use crate::api::{ImageSet, ImageSetSpec};
 use crate::image::{ImageReference, LABEL_AVAILABLE, ReferenceError, is_image_label, label_key};
@@ -206,6 +210,15 @@ impl ClusterIndex {
             }
         }
         counts
+    }
+
+    /// The normalized reference of every managed image, by its label key.
+    pub fn images_by_label(&self) -> BTreeMap<String, String> {
+        self.image_sets
+            .values()
+            .flat_map(|set| &set.images)
+            .map(|image| (label_key(image), image.to_string()))
+            .collect()
     }
 
     /// Availability of every managed image, by normalized reference.

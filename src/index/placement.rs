@@ -163,6 +163,25 @@ pub struct Placement {
     taints: Vec<(NodeTaint, NodeSet)>,
 }
 
+/// The image labels a pod spec requires, and where it can run with them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequiredImages {
+    /// Nodes that satisfy every constraint of the pod spec, its image labels included.
+    pub nodes: usize,
+    /// The image labels it requires, sorted.
+    pub labels: Vec<RequiredLabel>,
+}
+
+/// One image label a pod spec requires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequiredLabel {
+    pub label: String,
+    /// Nodes holding the image.
+    pub held: usize,
+    /// Of those, the nodes the pod spec's other constraints allow.
+    pub usable: usize,
+}
+
 /// The nodes a pod's own constraints rule out, by reason.
 struct Judgement {
     /// Nodes the pod's constraints and tolerations allow.
@@ -420,6 +439,68 @@ impl Placement {
             }
             _ => Bits::empty(self.nodes),
         }
+    }
+
+    /// The image labels a pod spec requires (Coral's nodeSelector entries, and `image.coral.dev/`
+    /// keys of its required node affinity), judged with the rest of its constraints: `None`
+    /// when it requires none.
+    pub fn required_images(&self, pod_spec: &Value) -> Option<RequiredImages> {
+        let mut labels: Vec<&str> = Vec::new();
+        let selector = pod_spec.get("nodeSelector").and_then(Value::as_object);
+        labels.extend(
+            selector
+                .into_iter()
+                .flatten()
+                .map(|(key, _)| key.as_str())
+                .filter(|key| key.starts_with(LABEL_PREFIX)),
+        );
+        let terms = pod_spec
+            .pointer("/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution")
+            .map(|required| array(required, "nodeSelectorTerms"))
+            .unwrap_or_default();
+        for term in terms {
+            labels.extend(
+                array(term, "matchExpressions")
+                    .iter()
+                    .filter_map(|e| e.get("key").and_then(Value::as_str))
+                    .filter(|key| key.starts_with(LABEL_PREFIX)),
+            );
+        }
+        if labels.is_empty() {
+            return None;
+        }
+        labels.sort_unstable();
+        labels.dedup();
+        let judgement = self.judge(pod_spec);
+        let mut nodes = judgement.eligible.clone();
+        for (key, value) in selector.into_iter().flatten() {
+            match (key.starts_with(LABEL_PREFIX), value.as_str()) {
+                (false, _) => {}
+                (true, Some(value)) => match self.with_label(key, value) {
+                    Some(set) => nodes.and(&set.dense(self.nodes)),
+                    None => nodes = Bits::empty(self.nodes),
+                },
+                (true, None) => nodes = Bits::empty(self.nodes),
+            }
+        }
+        let images = labels
+            .into_iter()
+            .map(|label| {
+                let held = self
+                    .with_label(label, LABEL_AVAILABLE)
+                    .map(|set| set.dense(self.nodes))
+                    .unwrap_or_else(|| Bits::empty(self.nodes));
+                RequiredLabel {
+                    label: label.to_string(),
+                    held: held.count(),
+                    usable: held.count_and(&judgement.eligible),
+                }
+            })
+            .collect();
+        Some(RequiredImages {
+            nodes: nodes.count(),
+            labels: images,
+        })
     }
 
     /// Number of nodes a pod spec's own constraints allow.
