@@ -1,12 +1,19 @@
-//! One decision of the default policies for a Deployment with three containers, against a
+//! One decision of the default policies for a Deployment with three containers and its own
+//! nodeSelector, against a cluster of 1,000 managed images and 5,000 nodes in 10 pools (unique
+//! host names, 5 % tainted, 1 % cordoned), the state prepared once.
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark stops on setup failures
-//! cluster of 1,000 managed images and 5,000 nodes, the state prepared once.
 //!
-//! Run with `cargo bench --bench decision` (or `just bench`). Prints the median and tail
-//! latency of `Evaluator::decide`, which includes building the input, both evaluations
-//! (decision and convergence check), the rails and the final diff.
+//! Run with `cargo bench --bench decision` (or `just bench`). In one run it prints the median
+//! and tail latency of `Evaluator::decide` (building the input with its placement, both
+//! evaluations, the rails, the final diff), beside the same decision without placement (the
+//! policies as they were before it, `benches/data/policies-before-placement`, and no node
+//! index), and beside the real OPA engine evaluating the same policies, data and inputs through
+//! the PyPI bindings (`target/opa-venv`, made by `scripts/opa-policy-test.sh`), with the
+//! bindings' own cost measured by a trivial query on the same input.
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The allocator of the `coral` binary.
@@ -15,12 +22,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use coral::api::{ImageSet, ImageSetSpec};
 use coral::image::{ImageReference, LABEL_AVAILABLE, label_key};
-use coral::index::ClusterIndex;
+use coral::index::{ClusterIndex, NodeTaint, Placement};
 use coral::policy::{
-    CompiledPolicies, Evaluator, EvaluatorOptions, PolicyRequest, PolicySet, Settings, coral_data,
+    CompiledPolicies, Evaluator, EvaluatorOptions, PolicyRequest, PolicySet, Settings, build_input,
+    containers, coral_data, pod_placement,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use serde_json::json;
+use serde_json::{Value, json};
 
 const IMAGE_SETS: usize = 100;
 const IMAGES_PER_SET: usize = 10;
@@ -29,6 +37,8 @@ const POOLS: usize = 10;
 const WARMUP: usize = 200;
 /// Samples measured; `CORAL_BENCH_SAMPLES` overrides (a profiler wants more).
 const SAMPLES: usize = 5_000;
+/// OPA samples: it is slower, and each crosses into Go.
+const OPA_SAMPLES: usize = 500;
 
 fn image(set: usize, i: usize) -> String {
     format!("registry.example.com/team-{set}/service-{i}:1.{i}")
@@ -54,9 +64,10 @@ fn state() -> ClusterIndex {
     }
     for node in 0..NODES {
         let pool = node % POOLS;
+        let name = format!("node-{node}");
         let mut labels = BTreeMap::from([
             ("pool".to_string(), format!("pool-{pool}")),
-            ("kubernetes.io/hostname".to_string(), format!("node-{node}")),
+            ("kubernetes.io/hostname".to_string(), name.clone()),
         ]);
         // Every node holds the images of its pool's ImageSets.
         for set in (pool..IMAGE_SETS).step_by(POOLS) {
@@ -65,19 +76,76 @@ fn state() -> ClusterIndex {
                 labels.insert(label_key(&reference), LABEL_AVAILABLE.to_string());
             }
         }
-        index.apply_node(&format!("node-{node}"), labels);
+        index.apply_node(&name, labels);
+        // 5 % tainted, 1 % cordoned.
+        let taints = if node % 20 == 1 {
+            vec![NodeTaint {
+                key: "dedicated".into(),
+                value: "batch".into(),
+                effect: "NoSchedule".into(),
+            }]
+        } else {
+            Vec::new()
+        };
+        index.set_node_scheduling(&name, taints, node % 100 == 2);
     }
     index
+}
+
+/// Latency figures of one series, sorted.
+struct Series(Vec<Duration>);
+
+impl Series {
+    fn measure(samples: usize, warmup: usize, mut run: impl FnMut()) -> Self {
+        for _ in 0..warmup {
+            run();
+        }
+        let mut times: Vec<Duration> = (0..samples)
+            .map(|_| {
+                let start = Instant::now();
+                run();
+                start.elapsed()
+            })
+            .collect();
+        times.sort();
+        Self(times)
+    }
+
+    fn at(&self, q: f64) -> f64 {
+        self.0[((self.0.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "median {:.1} µs   p90 {:.1} µs   p99 {:.1} µs",
+            self.at(0.5),
+            self.at(0.9),
+            self.at(0.99)
+        )
+    }
 }
 
 fn main() {
     let started = Instant::now();
     let index = state();
-    let policies = CompiledPolicies::compile(&PolicySet::embedded()).expect("policies compile");
-    let data = coral_data(&index, &Settings::default());
+    let settings = Settings::default();
+    let data = coral_data(&index, &settings);
+    // CORAL_BENCH_POLICIES: another policy directory in place of the embedded policies.
+    let set = match std::env::var("CORAL_BENCH_POLICIES") {
+        Ok(dir) => PolicySet::from_dir(Path::new(&dir)).expect("policies"),
+        Err(_) => PolicySet::embedded(),
+    };
+    let policies = CompiledPolicies::compile(&set).expect("policies compile");
     let evaluator =
-        Evaluator::new(&policies, data, EvaluatorOptions::default()).expect("evaluator");
+        Evaluator::new(&policies, data.clone(), EvaluatorOptions::default()).expect("evaluator");
     let placement = index.placement();
+    let before_dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/data/policies-before-placement");
+    let before = CompiledPolicies::compile(&PolicySet::from_dir(&before_dir).expect("policies"))
+        .expect("policies before placement compile");
+    let before =
+        Evaluator::new(&before, data.clone(), EvaluatorOptions::default()).expect("evaluator");
+    let no_nodes = Placement::default();
     let prepare = started.elapsed();
 
     let deployment = json!({
@@ -93,11 +161,14 @@ fn main() {
             "selector": {"matchLabels": {"app": "shop"}},
             "template": {
                 "metadata": {"labels": {"app": "shop"}},
-                "spec": {"containers": [
-                    {"name": "web", "image": image(3, 0)},
-                    {"name": "api", "image": image(3, 1)},
-                    {"name": "cache", "image": image(13, 2)},
-                ]},
+                "spec": {
+                    "nodeSelector": {"pool": "pool-3"},
+                    "containers": [
+                        {"name": "web", "image": image(3, 0)},
+                        {"name": "api", "image": image(3, 1)},
+                        {"name": "cache", "image": image(13, 2)},
+                    ],
+                },
             },
         },
     });
@@ -107,56 +178,124 @@ fn main() {
     let decision = evaluator
         .decide(&request, &namespace_labels, &placement)
         .expect("decision");
+    let selector = &decision.object["spec"]["template"]["spec"]["nodeSelector"];
+    assert_eq!(
+        selector.as_object().map(|s| s.len()),
+        Some(4),
+        "the pool and three image labels: {selector}"
+    );
     assert_eq!(
         decision.patch.0.len(),
-        4,
-        "selector and three pull policies"
+        6,
+        "three selector entries and three pull policies"
+    );
+    let unplaced = before
+        .decide(&request, &namespace_labels, &no_nodes)
+        .expect("decision without placement");
+    assert_eq!(
+        unplaced.patch.0.len(),
+        6,
+        "three selector entries and three pull policies"
     );
 
     // `cargo test --all-targets` runs this file too, unoptimized and without `--bench`: then a
     // few samples only check that it works.
     let benchmarking = std::env::args().any(|arg| arg == "--bench");
-    let samples_wanted = std::env::var("CORAL_BENCH_SAMPLES")
+    let samples = std::env::var("CORAL_BENCH_SAMPLES")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(if benchmarking { SAMPLES } else { 20 });
-    for _ in 0..if benchmarking { WARMUP } else { 0 } {
-        evaluator
-            .decide(&request, &namespace_labels, &placement)
-            .expect("decision");
-    }
+    let warmup = if benchmarking { WARMUP } else { 0 };
 
-    let mut samples: Vec<Duration> = (0..samples_wanted)
-        .map(|_| {
-            let start = Instant::now();
-            let decision = evaluator.decide(&request, &namespace_labels, &placement);
-            let elapsed = start.elapsed();
-            assert!(decision.is_ok());
-            elapsed
-        })
-        .collect();
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
-    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+    let with = Series::measure(samples, warmup, || {
+        assert!(
+            evaluator
+                .decide(&request, &namespace_labels, &placement)
+                .is_ok()
+        );
+    });
+    let without = Series::measure(samples, warmup, || {
+        assert!(
+            before
+                .decide(&request, &namespace_labels, &no_nodes)
+                .is_ok()
+        );
+    });
+
+    let kind = request.workload_kind().expect("kind");
+    let entries = containers(&request.object, kind);
+    let rust_placement = Series::measure(samples, warmup, || {
+        let answer = pod_placement(&placement, &request.object, kind, &entries);
+        assert!(answer.is_object());
+    });
 
     println!(
-        "state: {} managed images, {NODES} nodes ({} ImageSets); prepared in {:.1} ms",
+        "state: {} managed images, {NODES} nodes in {POOLS} pools (5 % tainted, 1 % cordoned, {} ImageSets); prepared in {:.1} ms",
         IMAGE_SETS * IMAGES_PER_SET,
         IMAGE_SETS,
         prepare.as_secs_f64() * 1000.0
     );
     println!(
-        "decision (Deployment, 3 containers, selectors + pull-policy), {samples_wanted} samples:"
+        "decision (Deployment, 3 containers, its own nodeSelector, selectors + pull-policy), {samples} samples:"
+    );
+    println!("  with placement:    {}", with.line());
+    println!("  without placement: {}", without.line());
+    println!(
+        "  of which input.placement (Rust, per pass; two passes per decision): {}",
+        rust_placement.line()
     );
     println!(
-        "  median {:.1} µs   p90 {:.1} µs   p99 {:.1} µs   mean {:.1} µs   target: median < 100 µs",
-        micros(at(0.5)),
-        micros(at(0.9)),
-        micros(at(0.99)),
-        micros(mean)
+        "  placement costs {:+.0} % on the median   target: at most +30 %",
+        (with.at(0.5) / without.at(0.5) - 1.0) * 100.0
     );
+
+    // The same work under OPA: the decision rules on the input, then the patch rule on the
+    // patched object's input (the convergence pass).
+    let input_for = |object: &Value| {
+        let entries = containers(object, kind);
+        let where_to = pod_placement(&placement, object, kind, &entries);
+        build_input(&request, kind, object, entries, &namespace_labels, where_to)
+    };
+    let inputs = json!([input_for(&request.object), input_for(&decision.object)]);
+    match opa_figures(&data, &inputs, if benchmarking { OPA_SAMPLES } else { 5 }) {
+        Ok((opa, trivial)) => {
+            println!(
+                "  OPA (PyPI bindings), same policies, data and inputs: median {opa:.1} µs; a trivial query on the same input: {trivial:.1} µs (the bindings' share)"
+            );
+            println!(
+                "  Coral is {:.1}x faster than OPA ({:.1}x against OPA without the bindings' share)   target: at least 5x",
+                opa / with.at(0.5),
+                (opa - trivial) / with.at(0.5)
+            );
+        }
+        Err(why) => println!("  OPA: not measured: {why}"),
+    }
 }
 
-fn micros(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
+/// Median microseconds of OPA making the decision, and of a trivial query with the same input.
+fn opa_figures(data: &Value, inputs: &Value, samples: usize) -> Result<(f64, f64), String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join("target/opa-venv/bin/python");
+    if !python.exists() {
+        return Err("run `bash scripts/opa-policy-test.sh` once to install the OPA bindings into target/opa-venv".into());
+    }
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    std::fs::write(dir.path().join("data.json"), data.to_string()).map_err(|e| e.to_string())?;
+    std::fs::write(dir.path().join("inputs.json"), inputs.to_string())
+        .map_err(|e| e.to_string())?;
+    let output = Command::new(python)
+        .arg(root.join("benches/opa_decision.py"))
+        .arg(root.join("policies"))
+        .arg(dir.path())
+        .arg(samples.to_string())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    let figures: Value = serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())?;
+    Ok((
+        figures["decision_us"].as_f64().ok_or("no decision_us")?,
+        figures["trivial_us"].as_f64().ok_or("no trivial_us")?,
+    ))
 }

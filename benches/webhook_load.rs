@@ -1,10 +1,13 @@
 //! Load on the real `coral webhook --standalone` over HTTPS with keep-alive: Deployments with
-//! three containers against a state of 1,000 managed images and 5,000 nodes.
+//! three containers and their own nodeSelector against a state of 1,000 managed images and
+//! 5,000 nodes (5 % tainted, 1 % cordoned).
 //!
 //! `cargo bench --bench webhook_load` (or `just bench`) prints: latency at a fixed 1,000
-//! requests/s, the highest rate closed-loop clients reach and its latency, and the server's
-//! resident memory (now and peak). The load generator runs in this process, on the same two
-//! cores as the server, so the highest rate is a floor of what the server can do alone.
+//! requests/s, the highest rate closed-loop clients reach and its latency, the same closed
+//! loop against a no-op AdmissionReview responder on the same TLS and HTTP stack (the floor,
+//! this benchmark re-run as a server in its own process: it parses the review and answers
+//! allowed), Coral's rate as a share of the floor's, and the server's resident memory (now
+//! and peak). The load generator runs in this process, on the same two cores as the servers.
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark stops on setup failures
 
 #[path = "../tests/support/mod.rs"]
@@ -13,11 +16,19 @@ mod support;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 use support::process::memory_kib;
-use support::{Webhook, read_response, request_bytes, tls_stream};
+use support::{Authority, Webhook, read_response, request_bytes, tls_stream};
+
+/// Set in the environment of the floor server: its certificate and key files.
+const FLOOR_ENV: &str = "CORAL_BENCH_FLOOR_TLS";
 
 const IMAGE_SETS: usize = 100;
 const IMAGES_PER_SET: usize = 10;
@@ -47,9 +58,20 @@ fn state_yaml() -> String {
         let images: Vec<String> = (0..IMAGES_PER_SET)
             .map(|i| format!("\"{}\"", image(pool, i)))
             .collect();
+        // 5 % tainted, 1 % cordoned, every node with its own host name.
+        let taints = if node % 20 == 1 {
+            ", taints: [{key: dedicated, value: batch, effect: NoSchedule}]"
+        } else {
+            ""
+        };
+        let cordoned = if node % 100 == 2 {
+            ", unschedulable: true"
+        } else {
+            ""
+        };
         writeln!(
             yaml,
-            "  - {{name: node-{node}, labels: {{pool: p{pool}}}, images: [{}]}}",
+            "  - {{name: node-{node}, labels: {{pool: p{pool}, kubernetes.io/hostname: node-{node}}}, images: [{}]{taints}{cordoned}}}",
             images.join(", ")
         )
         .unwrap();
@@ -69,7 +91,10 @@ fn review_body() -> Vec<u8> {
         "spec": {
             "replicas": 3,
             "selector": {"matchLabels": {"app": "shop"}},
-            "template": {"metadata": {"labels": {"app": "shop"}}, "spec": {"containers": containers}},
+            "template": {"metadata": {"labels": {"app": "shop"}}, "spec": {
+                "nodeSelector": {"pool": "p7"},
+                "containers": containers,
+            }},
         },
     });
     serde_json::to_vec(&json!({
@@ -113,14 +138,19 @@ impl Run {
 /// `connections` keep-alive connections; with `rate`, each sends on a fixed schedule and
 /// latency counts from the scheduled time (no coordinated omission); without, each sends as
 /// fast as answers come.
-async fn load(webhook: &Webhook, connections: usize, rate: Option<f64>, duration: Duration) -> Run {
+async fn load(
+    server: (SocketAddr, &str),
+    connections: usize,
+    rate: Option<f64>,
+    duration: Duration,
+) -> Run {
+    let (address, ca) = server;
     let body = request_bytes("/mutate", &review_body(), true);
-    let ca = webhook.authority.pem();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..connections {
         let body = body.clone();
-        let mut stream = tls_stream(webhook.https, &ca).await.expect("connect");
+        let mut stream = tls_stream(address, ca).await.expect("connect");
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0;
@@ -170,7 +200,99 @@ async fn load(webhook: &Webhook, connections: usize, rate: Option<f64>, duration
     run
 }
 
+/// The floor: the webhook's TLS and HTTP stack (`coral::webhook::accept_https`) with a
+/// handler that parses the AdmissionReview and answers allowed. Runs as this benchmark
+/// re-executed, on the runtime the `coral` binary uses, and prints its address.
+fn serve_floor(tls_files: &str) {
+    use axum::Router;
+    use axum::body::Bytes;
+    use axum::routing::post;
+    use coral::webhook::admission::Review;
+
+    let (cert, key) = tls_files.split_once(',').unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let cert = Arc::new(
+            coral::webhook::tls::ReloadingCert::load(cert.as_ref(), key.as_ref()).unwrap(),
+        );
+        let tls = tokio_rustls::TlsAcceptor::from(Arc::new(cert.server_config().unwrap()));
+        let app = Router::new().route(
+            "/mutate",
+            post(|body: Bytes| async move {
+                match Review::parse(&body) {
+                    Ok(review) => axum::Json(json!({
+                        "apiVersion": "admission.k8s.io/v1",
+                        "kind": "AdmissionReview",
+                        "response": {"uid": review.uid, "allowed": true},
+                    })),
+                    Err(error) => axum::Json(json!({"error": error.to_string()})),
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("floor address={}", listener.local_addr().unwrap());
+        coral::webhook::accept_https(
+            listener,
+            tls,
+            app,
+            Duration::from_secs(5),
+            std::future::pending::<()>(),
+        )
+        .await;
+    });
+}
+
+/// The floor server in its own process; killed and waited for when dropped.
+struct Floor {
+    child: Child,
+    address: SocketAddr,
+    authority: Authority,
+    _dir: tempfile::TempDir,
+}
+
+impl Floor {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = Authority::new();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        authority.issue(&cert, &key);
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env(FLOOR_ENV, format!("{},{}", cert.display(), key.display()))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let address = line
+            .trim()
+            .rsplit("address=")
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        Self {
+            child,
+            address,
+            authority,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn main() {
+    if let Ok(tls_files) = std::env::var(FLOOR_ENV) {
+        serve_floor(&tls_files);
+        return;
+    }
     // `cargo test --all-targets` runs this file too, without `--bench`: then a short run only
     // checks that it works.
     let benchmarking = std::env::args().any(|arg| arg == "--bench");
@@ -190,17 +312,31 @@ fn main() {
         .unwrap();
     let started = Instant::now();
     let webhook = Webhook::start(&state_yaml(), &["--workers", "2"]);
+    let ca = webhook.authority.pem();
+    let coral = (webhook.https, ca.as_str());
     println!(
-        "webhook ready in {:.1} s with {} managed images, {NODES} nodes; RSS {:.1} MiB, peak {:.1} MiB",
+        "webhook ready in {:.1} s with {} managed images, {NODES} nodes (5 % tainted, 1 % cordoned); RSS {:.1} MiB, peak {:.1} MiB",
         started.elapsed().as_secs_f64(),
         IMAGE_SETS * IMAGES_PER_SET,
         memory_kib(webhook.child.id(), "VmRSS:") as f64 / 1024.0,
         memory_kib(webhook.child.id(), "VmHWM:") as f64 / 1024.0
     );
-    runtime.block_on(async {
-        load(&webhook, 4, None, phase / 5).await;
+    let (coral_max, floor_max) = runtime.block_on(async {
+        let (_, answer) = {
+            let mut stream = tls_stream(webhook.https, &ca).await.expect("connect");
+            stream
+                .write_all(&request_bytes("/mutate", &review_body(), false))
+                .await
+                .unwrap();
+            read_response(&mut stream).await
+        };
+        assert!(
+            answer.contains("\"patch\""),
+            "the benchmark request must be mutated: {answer}"
+        );
+        load(coral, 4, None, phase / 5).await;
 
-        let fixed = load(&webhook, 8, Some(1000.0), phase).await;
+        let fixed = load(coral, 8, Some(1000.0), phase).await;
         println!(
             "fixed 1,000 req/s, 8 connections: {:.0} req/s done, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, errors {}   target: p99 < 2 ms",
             fixed.rate(),
@@ -210,15 +346,33 @@ fn main() {
             fixed.errors
         );
 
-        let max = load(&webhook, 16, None, phase).await;
+        let max = load(coral, 16, None, phase).await;
         println!(
-            "closed loop, 16 connections: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}   aim: > 5,000 req/s",
+            "closed loop, 16 connections: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
             max.rate(),
             max.at(0.5),
             max.at(0.99),
             max.errors
         );
+
+        let floor = Floor::start();
+        let floor_ca = floor.authority.pem();
+        let server = (floor.address, floor_ca.as_str());
+        load(server, 4, None, phase / 5).await;
+        let floor_max = load(server, 16, None, phase).await;
+        println!(
+            "floor (no-op AdmissionReview responder, same TLS and HTTP stack), closed loop, 16 connections: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+            floor_max.rate(),
+            floor_max.at(0.5),
+            floor_max.at(0.99),
+            floor_max.errors
+        );
+        (max, floor_max)
     });
+    println!(
+        "Coral / floor throughput: {:.0} %   goal: at least 50 %",
+        coral_max.rate() / floor_max.rate() * 100.0
+    );
     let pid = webhook.child.id();
     println!(
         "server memory: RSS {:.1} MiB, peak RSS {:.1} MiB   target: peak < 64 MiB",

@@ -105,7 +105,15 @@ kept_term(term) := term if {
 
 wanted_terms := array.concat([term | some term in current_terms; not is_coral_term(term)], coral_terms)
 
-changing_terms if wanted_terms != current_terms
+# Preferred terms change only when Coral steers with them or the pod has some already.
+preferred_in_play if steering("preferred")
+
+preferred_in_play if count(current_terms) > 0
+
+changing_terms if {
+	preferred_in_play
+	wanted_terms != current_terms
+}
 
 affinity_path := concat("", [input.pod_spec_path, "/affinity"])
 

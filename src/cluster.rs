@@ -5,6 +5,8 @@ use std::pin::pin;
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, NodeSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::watcher;
 use tracing::{error, warn};
 
@@ -48,4 +50,31 @@ pub fn spawn_watch<K: Send + 'static>(
         }
         error!(resource, "watch stream ended");
     });
+}
+
+/// Keeps of a Node what Coral reads: its name, labels, taints and `spec.unschedulable`. Its
+/// status (conditions, the images it holds, addresses) and the rest of its metadata go before
+/// a reflector stores it, so memory follows the number of nodes, not the size of their status.
+pub fn strip_node(node: &mut Node) {
+    node.metadata = strip_metadata(&mut node.metadata);
+    node.spec = node.spec.take().map(|spec| NodeSpec {
+        taints: spec.taints,
+        unschedulable: spec.unschedulable,
+        ..NodeSpec::default()
+    });
+    node.status = None;
+}
+
+/// The identity of an object's metadata, its labels and its owners; annotations, managed
+/// fields and the rest dropped.
+pub fn strip_metadata(metadata: &mut ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        name: metadata.name.take(),
+        namespace: metadata.namespace.take(),
+        labels: metadata.labels.take(),
+        owner_references: metadata.owner_references.take(),
+        resource_version: metadata.resource_version.take(),
+        uid: metadata.uid.take(),
+        ..ObjectMeta::default()
+    }
 }

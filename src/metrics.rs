@@ -298,6 +298,9 @@ pub struct ControllerMetrics {
     pub available_ratio: Gauge,
     /// 1 while this replica leads.
     pub leader: IntGauge,
+    /// Workloads whose pod template requires image labels too few schedulable nodes satisfy,
+    /// by kind.
+    pub stranded_workloads: IntGaugeVec,
 }
 
 impl ControllerMetrics {
@@ -333,6 +336,14 @@ impl ControllerMetrics {
             .expect("valid metric definition"),
             leader: IntGauge::new("coral_controller_leader", "1 while this replica leads.")
                 .expect("valid metric definition"),
+            stranded_workloads: IntGaugeVec::new(
+                Opts::new(
+                    "coral_stranded_workloads",
+                    "Workloads whose pod template requires image labels that fewer than minAvailableNodes schedulable nodes satisfy, by kind.",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric definition"),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.reconciles.clone()),
@@ -340,6 +351,7 @@ impl ControllerMetrics {
             Box::new(metrics.image_sets.clone()),
             Box::new(metrics.available_ratio.clone()),
             Box::new(metrics.leader.clone()),
+            Box::new(metrics.stranded_workloads.clone()),
         ];
         register(&metrics.registry, collectors);
         metrics

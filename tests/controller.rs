@@ -39,10 +39,20 @@ async fn controller_binary_leads_then_reconciles_status_secrets_and_certificates
         "metadata": {"name": "web", "namespace": "shop", "uid": "uid-web", "generation": 2, "resourceVersion": "5"},
         "spec": {"images": ["nginx:1.27"], "imagePullSecrets": [{"name": "registry"}]},
     });
-    let meta = |name: &str, labels: Value| {
-        json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-               "metadata": {"name": name, "resourceVersion": "1", "labels": labels}})
+    let node = |name: &str, labels: Value| {
+        json!({"apiVersion": "v1", "kind": "Node",
+               "metadata": {"name": name, "resourceVersion": "1", "labels": labels},
+               "status": {"images": [{"names": ["docker.io/library/nginx:1.27"], "sizeBytes": 1}]}})
     };
+    // `stuck` requires the label of an image no node holds; `web` one node `a` holds.
+    let deployment = |name: &str, image: &str| {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "resourceVersion": "1"},
+               "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
+                   "metadata": {"labels": {"app": name}},
+                   "spec": {"nodeSelector": {key(image): "available"}, "containers": [{"name": "c", "image": image}]}}}})
+    };
+    let empty = |api_version: &str, kind: &str| list(api_version, kind, vec![]);
     let source = json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "registry", "namespace": "shop"},
@@ -67,13 +77,52 @@ async fn controller_binary_leads_then_reconciles_status_secrets_and_certificates
             (
                 "/api/v1/nodes".to_string(),
                 list(
-                    "meta.k8s.io/v1",
-                    "PartialObjectMetadataList",
+                    "v1",
+                    "NodeList",
                     vec![
-                        meta("a", json!({key("nginx:1.27"): "available"})),
-                        meta("b", json!({})),
+                        node("a", json!({key("nginx:1.27"): "available"})),
+                        node("b", json!({})),
                     ],
                 ),
+            ),
+            (
+                "/apis/apps/v1/deployments".to_string(),
+                list(
+                    "apps/v1",
+                    "DeploymentList",
+                    vec![
+                        deployment("web", "nginx:1.27"),
+                        deployment("stuck", "redis:7.4"),
+                    ],
+                ),
+            ),
+            (
+                "/apis/apps/v1/statefulsets".to_string(),
+                empty("apps/v1", "StatefulSetList"),
+            ),
+            (
+                "/apis/apps/v1/daemonsets".to_string(),
+                empty("apps/v1", "DaemonSetList"),
+            ),
+            (
+                "/apis/apps/v1/replicasets".to_string(),
+                empty("apps/v1", "ReplicaSetList"),
+            ),
+            (
+                "/api/v1/replicationcontrollers".to_string(),
+                empty("v1", "ReplicationControllerList"),
+            ),
+            (
+                "/apis/batch/v1/jobs".to_string(),
+                empty("batch/v1", "JobList"),
+            ),
+            (
+                "/apis/batch/v1/cronjobs".to_string(),
+                empty("batch/v1", "CronJobList"),
+            ),
+            (
+                "/api/v1/namespaces/coral-system/configmaps".to_string(),
+                empty("v1", "ConfigMapList"),
             ),
             (
                 "/apis/coral.dev/v1alpha1/nodeimages".to_string(),
@@ -106,6 +155,10 @@ async fn controller_binary_leads_then_reconciles_status_secrets_and_certificates
         )]),
     )
     .await;
+    let probes = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
     let child = server
         .coral()
         .args([
@@ -114,7 +167,14 @@ async fn controller_binary_leads_then_reconciles_status_secrets_and_certificates
             "--pod-name",
             "controller-0",
         ])
-        .args(["--probe-listen", "127.0.0.1:0", "--debounce", "50ms"])
+        .args([
+            "--probe-listen",
+            &probes.to_string(),
+            "--debounce",
+            "50ms",
+            "--resync",
+            "1s",
+        ])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -174,13 +234,37 @@ async fn controller_binary_leads_then_reconciles_status_secrets_and_certificates
         (json!(2), json!(1))
     );
     assert_eq!(status.body["status"]["observedGeneration"], 2);
-    let event = find(
-        &writes,
-        "POST",
-        "/apis/events.k8s.io/v1/namespaces/shop/events",
-    )
-    .expect("an Event");
-    assert_eq!(event.body["reason"], "ImageAvailable");
+    let events: Vec<&Write> = writes
+        .iter()
+        .filter(|w| {
+            w.method == "POST"
+                && w.uri
+                    .starts_with("/apis/events.k8s.io/v1/namespaces/shop/events")
+        })
+        .collect();
+    let mut reasons: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e.body["reason"].as_str())
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, ["ImageAvailable", "Stranded"], "{events:#?}");
+    // The stranded Deployment, and only it, gets a Warning naming the image it requires.
+    let stranded = &events
+        .iter()
+        .find(|e| e.body["reason"] == "Stranded")
+        .unwrap()
+        .body;
+    assert_eq!(stranded["type"], "Warning");
+    assert_eq!(stranded["regarding"]["kind"], "Deployment");
+    assert_eq!(stranded["regarding"]["name"], "stuck");
+    assert_eq!(stranded["regarding"]["uid"], "uid-stuck");
+    assert_eq!(
+        stranded["note"],
+        format!(
+            "its pod template requires {} (no ImageSet manages it) on 0 node(s), 0 usable; 0 schedulable node(s) satisfy it, 1 needed (minAvailableNodes)",
+            key("redis:7.4")
+        )
+    );
     let certificate = writes
         .iter()
         .find(|w| w.method == "POST" && w.body["metadata"]["name"] == "coral-webhook-tls")
@@ -193,4 +277,35 @@ async fn controller_binary_leads_then_reconciles_status_secrets_and_certificates
     )
     .expect("the caBundle");
     assert_eq!(bundle.body[1]["value"], ca);
+
+    // The metric counts it; later passes (resync every second) record no second Event.
+    let metrics = get_metrics(probes).await;
+    assert!(
+        metrics.contains("coral_stranded_workloads{kind=\"Deployment\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("coral_stranded_workloads{kind=\"Job\"} 0"),
+        "{metrics}"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stranded_events = server
+        .writes()
+        .iter()
+        .filter(|w| w.method == "POST" && w.body["reason"] == "Stranded")
+        .count();
+    assert_eq!(stranded_events, 1);
+}
+
+/// GET /metrics from the probe server.
+async fn get_metrics(address: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    text
 }

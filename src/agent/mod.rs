@@ -21,25 +21,33 @@ use crate::index::validate_image_set;
 pub type SecretRefs = Vec<(String, String)>;
 
 /// The images wanted on a node with `labels`: the union of the ImageSets whose selector
-/// matches, each with the pull secrets of those ImageSets. Invalid ImageSets, and ImageSets
-/// being deleted, want nothing.
+/// matches, each with the pull secrets of those ImageSets. An ImageSet's retiring images (in
+/// its status: gone from it while workloads still require their labels) stay wanted, and are
+/// all that an ImageSet being deleted still wants. Invalid ImageSets want nothing.
 pub fn wanted_images(
     sets: &[&ImageSet],
     labels: &BTreeMap<String, String>,
 ) -> BTreeMap<ImageReference, SecretRefs> {
     let mut wanted: BTreeMap<ImageReference, SecretRefs> = BTreeMap::new();
-    for set in sets
-        .iter()
-        .filter(|s| s.metadata.deletion_timestamp.is_none())
-    {
+    for set in sets {
         let Ok(valid) = validate_image_set(&set.spec) else {
             continue;
         };
         if !valid.selector.matches(labels) {
             continue;
         }
+        let retiring = set
+            .status
+            .iter()
+            .flat_map(|status| &status.retiring)
+            .filter_map(|retiring| ImageReference::parse(&retiring.image).ok());
+        let images: Vec<ImageReference> = if set.metadata.deletion_timestamp.is_some() {
+            retiring.collect()
+        } else {
+            valid.images.into_iter().chain(retiring).collect()
+        };
         let namespace = set.metadata.namespace.clone().unwrap_or_default();
-        for image in valid.images {
+        for image in images {
             let secrets = wanted.entry(image).or_default();
             for secret in &set.spec.image_pull_secrets {
                 let key = (namespace.clone(), secret.name.clone());
@@ -97,6 +105,47 @@ mod tests {
         for bad in ["", "10", "m", "10x", "-1s", "1.5s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn retiring_images_stay_wanted_even_when_their_set_is_being_deleted() {
+        let set = |name: &str, images: &[&str], retiring: &[&str]| -> ImageSet {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"images": images, "imagePullSecrets": [{"name": "creds"}]},
+                "status": {"retiring": retiring.iter().map(|i| serde_json::json!({
+                    "image": i, "label": "image.coral.dev/x", "workloadCount": 1,
+                })).collect::<Vec<_>>()},
+            }))
+            .expect("ImageSet")
+        };
+        let names = |wanted: &BTreeMap<ImageReference, SecretRefs>| -> Vec<String> {
+            wanted.keys().map(ToString::to_string).collect()
+        };
+        let live = set("web", &["nginx:1.28"], &["docker.io/library/nginx:1.27"]);
+        let wanted = wanted_images(&[&live], &BTreeMap::new());
+        assert_eq!(
+            names(&wanted),
+            [
+                "docker.io/library/nginx:1.27",
+                "docker.io/library/nginx:1.28"
+            ]
+        );
+        assert_eq!(
+            wanted[&ImageReference::parse("nginx:1.27").expect("valid")],
+            vec![("shop".to_string(), "creds".to_string())],
+            "pulled again, if it must be, with the set's secrets"
+        );
+        let mut deleting = live.clone();
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        assert_eq!(
+            names(&wanted_images(&[&deleting], &BTreeMap::new())),
+            ["docker.io/library/nginx:1.27"]
+        );
     }
 
     #[test]

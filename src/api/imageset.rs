@@ -6,6 +6,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Annotation on an ImageSet that removes its retiring images at once, stranding the
+/// workloads that still require their labels (`"true"`).
+pub const FORCE_REMOVE_ANNOTATION: &str = "coral.dev/force-remove";
+
 /// Images to prefetch onto every node that the node selector picks.
 // kube-derive repeats `type_` once per printer column, which clippy takes for a duplicate.
 #[allow(clippy::duplicated_attributes)]
@@ -101,6 +105,29 @@ pub struct ImageSetStatus {
     /// Per-image availability.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub images: Vec<ImageSetImageStatus>,
+
+    /// Images removed from the set (or the whole set, being deleted) whose node label live
+    /// workloads still require. Agents keep them on the selected nodes, labelled, until no
+    /// workload requires the label; the annotation `coral.dev/force-remove: "true"` removes
+    /// them at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retiring: Vec<RetiringImage>,
+}
+
+/// An image leaving an ImageSet while workloads still require its node label.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetiringImage {
+    /// The normalized reference.
+    pub image: String,
+    /// The node label the workloads require.
+    pub label: String,
+    /// Up to 10 of the workloads, as `Kind namespace/name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<String>,
+    /// How many workloads require the label.
+    #[serde(default)]
+    pub workload_count: i32,
 }
 
 /// Availability of one image of an ImageSet.

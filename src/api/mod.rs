@@ -5,7 +5,10 @@ mod imageset;
 mod nodeimage;
 
 pub use crd::{CrdError, crd_files, crd_stream, write_crds};
-pub use imageset::{ImageSet, ImageSetImageStatus, ImageSetSpec, ImageSetStatus};
+pub use imageset::{
+    FORCE_REMOVE_ANNOTATION, ImageSet, ImageSetImageStatus, ImageSetSpec, ImageSetStatus,
+    RetiringImage,
+};
 pub use nodeimage::{ImageState, NodeImage, NodeImageEntry, NodeImageSpec, NodeImageStatus};
 
 /// API group of Coral's resources.

@@ -57,6 +57,15 @@ pub struct ControllerArgs {
     /// Plain-HTTP address of /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:8080", env = "CORAL_PROBE_LISTEN")]
     probe_listen: std::net::SocketAddr,
+    /// The policy ConfigMap (the webhook's) whose settings.json gives minAvailableNodes for
+    /// judging stranded workloads; watched. Absent: the default settings.
+    #[arg(
+        long,
+        value_name = "NAMESPACE/NAME",
+        default_value = "coral-system/coral-policies",
+        env = "CORAL_POLICIES_CONFIGMAP"
+    )]
+    policies_configmap: coral::webhook::ObjectName,
 }
 
 pub fn run_controller(args: ControllerArgs) -> Result<ExitCode> {
@@ -75,6 +84,7 @@ pub fn run_controller(args: ControllerArgs) -> Result<ExitCode> {
             validating: args.webhook_configuration,
         }),
         probe_listen: args.probe_listen,
+        policies_configmap: Some(args.policies_configmap),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -391,10 +391,12 @@ pub fn image_set_status(
         nodes_targeted: clamp(targeted),
         images_complete: clamp(complete),
         images,
+        // The controller adds what is retiring; see `retiring`.
+        retiring: Vec::new(),
     }
 }
 
-fn condition(
+pub(crate) fn condition(
     kind: &str,
     status: &str,
     reason: &str,

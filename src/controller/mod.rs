@@ -5,8 +5,10 @@
 pub mod aggregate;
 pub mod certs;
 pub mod leader;
+pub mod retiring;
 pub mod scale;
 pub mod secrets;
+pub mod workloads;
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
@@ -20,10 +22,10 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
-use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, PartialObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -34,9 +36,14 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use self::aggregate::{Aggregator, Problems, image_set_status, transitions};
-use crate::api::{ImageSet, NodeImage};
+use self::retiring::{LabelUsers, with_retiring};
+use self::workloads::Workloads;
+use crate::api::{ImageSet, ImageSetStatus, NodeImage};
 use crate::image::{ImageReference, label_key};
+use crate::index::{ClusterIndex, ClusterObjects, Stranded, stranded_workload};
 use crate::metrics::ControllerMetrics;
+use crate::policy::{SETTINGS_FILE, Settings, WorkloadKind};
+use crate::webhook::ObjectName;
 
 /// The finalizer the controller puts on every ImageSet.
 pub const FINALIZER: &str = "coral.dev/cleanup";
@@ -72,6 +79,9 @@ pub struct ControllerOptions {
     pub debounce: Duration,
     pub certs: Option<CertTargets>,
     pub probe_listen: SocketAddr,
+    /// The policy ConfigMap whose `settings.json` gives `minAvailableNodes` for judging
+    /// stranded workloads; the default settings when `None` or absent.
+    pub policies_configmap: Option<ObjectName>,
 }
 
 /// The API calls of a reconcile.
@@ -89,6 +99,18 @@ pub struct Outcome {
     pub status_patched: bool,
     pub labels_removed: usize,
     pub events: usize,
+}
+
+/// The merge patch writing a status. An empty `retiring` is written as null: a merge patch
+/// leaves alone a field it does not name, and the list would stay.
+pub fn status_patch(status: &ImageSetStatus) -> Value {
+    let mut value = serde_json::to_value(status).unwrap_or_default();
+    if status.retiring.is_empty()
+        && let Some(fields) = value.as_object_mut()
+    {
+        fields.insert("retiring".into(), Value::Null);
+    }
+    json!({ "status": value })
 }
 
 /// The JSON patch adding the finalizer.
@@ -159,22 +181,46 @@ impl Writer {
     /// Reconciles one ImageSet: its finalizer, its status (patched only when it changed),
     /// the Events of its transitions, and, while it is being deleted, the cleanup of labels
     /// no other ImageSet needs.
+    #[allow(clippy::too_many_arguments)] // the reconcile's inputs, each read once
     pub async fn reconcile(
         &self,
         set: &ImageSet,
         all: &[&ImageSet],
         aggregator: &Mutex<Aggregator>,
         problems: &Problems,
+        users: &LabelUsers,
         options: &ControllerOptions,
         now: Timestamp,
     ) -> Result<Outcome, kube::Error> {
         let mut outcome = Outcome::default();
         let name = set.name_any();
         let api = self.image_sets(set);
+        let retiring = retiring::retiring_images(set, all, users);
         if set.metadata.deletion_timestamp.is_some() {
             if has_finalizer(set) {
-                self.finalize(set, all, aggregator, options, now, &mut outcome)
+                // What is still retiring keeps the finalizer, and its labels on the nodes.
+                let releasing = retiring.is_empty();
+                let previous = set.status.clone().unwrap_or_default();
+                let status = with_retiring(
+                    previous.clone(),
+                    retiring,
+                    users,
+                    set.status.as_ref(),
+                    &Time(now),
+                );
+                if status != previous {
+                    api.patch_status(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(status_patch(&status)),
+                    )
                     .await?;
+                    outcome.status_patched = true;
+                }
+                if releasing {
+                    self.finalize(set, all, aggregator, options, now, &mut outcome)
+                        .await?;
+                }
             }
             return Ok(outcome);
         }
@@ -195,10 +241,16 @@ impl Writer {
             let Some(summary) = aggregator.summary(namespace, &name) else {
                 return Ok(outcome);
             };
-            let status = image_set_status(
-                set.metadata.generation,
-                &summary,
-                problems,
+            let status = with_retiring(
+                image_set_status(
+                    set.metadata.generation,
+                    &summary,
+                    problems,
+                    set.status.as_ref(),
+                    &Time(now),
+                ),
+                retiring,
+                users,
                 set.status.as_ref(),
                 &Time(now),
             );
@@ -209,7 +261,7 @@ impl Writer {
             api.patch_status(
                 &name,
                 &PatchParams::default(),
-                &Patch::Merge(json!({ "status": status })),
+                &Patch::Merge(status_patch(&status)),
             )
             .await?;
             outcome.status_patched = true;
@@ -373,6 +425,80 @@ impl Writer {
         self.patch_ca_bundle::<ValidatingWebhookConfiguration>(&targets.validating, &ca)
             .await?;
         Ok(())
+    }
+}
+
+/// The stranded workloads among `workloads`, each with the object it was found in.
+pub fn find_stranded<'a>(
+    workloads: &'a [Value],
+    index: &ClusterIndex,
+    min_nodes: usize,
+) -> Vec<(Stranded, &'a Value)> {
+    let placement = index.placement();
+    let images = index.images_by_label();
+    workloads
+        .iter()
+        .filter_map(|object| {
+            stranded_workload(object, &placement, &images, min_nodes).map(|found| (found, object))
+        })
+        .collect()
+}
+
+impl Writer {
+    /// Counts stranded workloads by kind, and records a Warning Event `Stranded` on each that
+    /// was not stranded in the last pass (`seen`, which this updates).
+    pub async fn report_stranded(
+        &self,
+        found: &[(Stranded, &Value)],
+        seen: &Mutex<BTreeSet<String>>,
+    ) {
+        for kind in WorkloadKind::ALL {
+            let count = found.iter().filter(|(s, _)| s.kind == kind.name()).count();
+            self.metrics
+                .stranded_workloads
+                .with_label_values(&[kind.name()])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        let now: BTreeSet<String> = found
+            .iter()
+            .map(|(s, _)| format!("{} {}/{}", s.kind, s.namespace, s.name))
+            .collect();
+        let new: Vec<&(Stranded, &Value)> = {
+            let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+            let new = found
+                .iter()
+                .filter(|(s, _)| !seen.contains(&format!("{} {}/{}", s.kind, s.namespace, s.name)))
+                .collect();
+            *seen = now;
+            new
+        };
+        for (stranded, object) in new {
+            warn!(kind = stranded.kind, namespace = %stranded.namespace, name = %stranded.name, reason = %stranded.reason(), "workload stranded");
+            let text = |pointer: &str| {
+                object
+                    .pointer(pointer)
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            };
+            let reference = ObjectReference {
+                api_version: text("/apiVersion"),
+                kind: Some(stranded.kind.to_string()),
+                namespace: Some(stranded.namespace.clone()),
+                name: Some(stranded.name.clone()),
+                uid: text("/metadata/uid"),
+                ..ObjectReference::default()
+            };
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "Stranded".to_string(),
+                note: Some(stranded.reason().chars().take(1000).collect()),
+                action: "CheckPlacement".to_string(),
+                secondary: None,
+            };
+            if let Err(error) = self.recorder.publish(&event, &reference).await {
+                warn!(%error, name = %stranded.name, "cannot record an Event on a stranded workload");
+            }
+        }
     }
 }
 
@@ -540,11 +666,11 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
         aggregator.clone(),
         changed.clone(),
     );
-    let (nodes, writer) = reflector::store::<PartialObjectMeta<Node>>();
+    let (nodes, writer) = reflector::store::<Node>();
     spawn_fold(
         Fold {
             resource: "nodes",
-            key: |node: &PartialObjectMeta<Node>| node.name_any(),
+            key: |node: &Node| node.name_any(),
             apply: |aggregator, node| {
                 aggregator.apply_node_labels(
                     &node.name_any(),
@@ -553,12 +679,10 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
             },
             delete: Aggregator::delete_node,
         },
-        watcher(
-            Api::<PartialObjectMeta<Node>>::all(client.clone()),
-            config(),
-        )
-        .default_backoff()
-        .reflect(writer),
+        watcher(Api::<Node>::all(client.clone()), config())
+            .default_backoff()
+            .modify(crate::cluster::strip_node)
+            .reflect(writer),
         aggregator.clone(),
         changed.clone(),
     );
@@ -576,9 +700,37 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
         aggregator.clone(),
         changed.clone(),
     );
+    let workloads = Workloads::watch(&client, &changed);
+    let policies = options.policies_configmap.as_ref().map(|name| {
+        let (store, writer) = reflector::store::<ConfigMap>();
+        let changed = changed.clone();
+        crate::cluster::spawn_watch(
+            "configmaps",
+            watcher(
+                Api::<ConfigMap>::namespaced(client.clone(), &name.namespace),
+                config().fields(&format!("metadata.name={}", name.name)),
+            )
+            .default_backoff()
+            .reflect(writer),
+            move || changed.notify_one(),
+            || {},
+        );
+        store
+    });
     wait_ready(&image_sets, &nodes, &node_images).await?;
+    workloads.wait_until_ready().await?;
+    if let Some(policies) = &policies {
+        policies.wait_until_ready().await?;
+    }
     probes.synced.store(true, Ordering::SeqCst);
-    info!("ImageSets, Nodes and NodeImages listed");
+    info!("ImageSets, Nodes, NodeImages and workloads listed");
+    let watched = Watched {
+        image_sets,
+        nodes,
+        workloads,
+        policies,
+        stranded: Mutex::new(BTreeSet::new()),
+    };
 
     let writer = Writer {
         recorder: Recorder::new(
@@ -595,7 +747,7 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
         let leads = leading.load(Ordering::SeqCst);
         metrics.leader.set(i64::from(leads));
         if leads {
-            reconcile_all(&writer, &image_sets, &aggregator, &options, &leading).await;
+            reconcile_all(&writer, &watched, &aggregator, &options, &leading).await;
             tokio::select! {
                 () = changed.notified() => {}
                 () = tokio::time::sleep(options.resync) => {}
@@ -608,9 +760,42 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
     }
 }
 
+/// What the controller watches besides the aggregation's inputs.
+struct Watched {
+    image_sets: Store<ImageSet>,
+    nodes: Store<Node>,
+    workloads: Workloads,
+    policies: Option<Store<ConfigMap>>,
+    /// `Kind namespace/name` of the workloads found stranded in the last pass.
+    stranded: Mutex<BTreeSet<String>>,
+}
+
+impl Watched {
+    /// `minAvailableNodes` of the policy ConfigMap's settings (the default when absent or
+    /// invalid: the webhook rejects an invalid one too).
+    fn min_available_nodes(&self) -> u32 {
+        let configmap = self
+            .policies
+            .as_ref()
+            .and_then(|store| store.state().into_iter().next());
+        let text = configmap
+            .as_ref()
+            .and_then(|c| c.data.as_ref())
+            .and_then(|data| data.get(SETTINGS_FILE));
+        match text.map(|text| Settings::from_json(text)) {
+            Some(Ok(settings)) => settings.min_available_nodes,
+            Some(Err(error)) => {
+                warn!(%error, "the policy ConfigMap's settings.json is not valid; judging stranded workloads with the default minAvailableNodes");
+                Settings::default().min_available_nodes
+            }
+            None => Settings::default().min_available_nodes,
+        }
+    }
+}
+
 async fn wait_ready(
     image_sets: &Store<ImageSet>,
-    nodes: &Store<PartialObjectMeta<Node>>,
+    nodes: &Store<Node>,
     node_images: &Store<NodeImage>,
 ) -> anyhow::Result<()> {
     image_sets.wait_until_ready().await?;
@@ -622,13 +807,25 @@ async fn wait_ready(
 /// One pass over everything: pull-secret copies, every ImageSet, the webhook certificate.
 async fn reconcile_all(
     writer: &Writer,
-    image_sets: &Store<ImageSet>,
+    watched: &Watched,
     aggregator: &Mutex<Aggregator>,
     options: &ControllerOptions,
     leading: &AtomicBool,
 ) {
-    let sets = image_sets.state();
+    let sets = watched.image_sets.state();
     let sets: Vec<&ImageSet> = sets.iter().map(AsRef::as_ref).collect();
+    let workloads = watched.workloads.values();
+    let users = LabelUsers::of(&workloads);
+    let nodes = watched.nodes.state();
+    let nodes: Vec<&Node> = nodes.iter().map(AsRef::as_ref).collect();
+    let index = ClusterIndex::from_objects(ClusterObjects {
+        image_sets: &sets,
+        nodes: &nodes,
+        ..ClusterObjects::default()
+    });
+    let min = watched.min_available_nodes() as usize;
+    let stranded = find_stranded(&workloads, &index, min);
+    writer.report_stranded(&stranded, &watched.stranded).await;
     let missing = match secrets::sync_copies(
         &writer.client,
         &options.namespace,
@@ -660,7 +857,7 @@ async fn reconcile_all(
         };
         let started = Instant::now();
         let result = writer
-            .reconcile(set, &sets, aggregator, &problems, options, now)
+            .reconcile(set, &sets, aggregator, &problems, &users, options, now)
             .await;
         writer
             .metrics

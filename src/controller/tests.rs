@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::aggregate::{Aggregator, Problems};
 use super::leader::{LeaseOptions, round};
+use super::retiring::LabelUsers;
 use super::secrets::{copy_name, sync_copies};
 use super::{CertTargets, ControllerOptions, Outcome, Writer};
 use crate::api::ImageSet;
@@ -37,6 +38,7 @@ fn options() -> ControllerOptions {
         debounce: Duration::from_millis(10),
         certs: None,
         probe_listen: "127.0.0.1:0".parse().expect("address"),
+        policies_configmap: None,
     }
 }
 
@@ -115,11 +117,31 @@ async fn reconcile_once(
     aggregator: &Mutex<Aggregator>,
     answer: impl FnMut(&Seen) -> http::Response<fake_api::MockBody>,
 ) -> (Result<Outcome, kube::Error>, Seen4) {
+    reconcile_with_users(set, all, aggregator, &LabelUsers::default(), answer).await
+}
+
+/// Reconciles `set` once, with these workloads requiring image labels.
+async fn reconcile_with_users(
+    set: &ImageSet,
+    all: &[&ImageSet],
+    aggregator: &Mutex<Aggregator>,
+    users: &LabelUsers,
+    answer: impl FnMut(&Seen) -> http::Response<fake_api::MockBody>,
+) -> (Result<Outcome, kube::Error>, Seen4) {
     let (writer, handle) = writer();
     let options = options();
     let problems = Problems::default();
-    let work = writer.reconcile(set, all, aggregator, &problems, &options, now());
+    let work = writer.reconcile(set, all, aggregator, &problems, users, &options, now());
     serve(handle, work, answer).await
+}
+
+/// The status a merge patch leaves on the server: fields patched to null are gone.
+fn stored_status(patch: &Value) -> crate::api::ImageSetStatus {
+    let mut status = patch["status"].clone();
+    if let Some(fields) = status.as_object_mut() {
+        fields.retain(|_, value| !value.is_null());
+    }
+    serde_json::from_value(status).expect("status")
 }
 
 fn without_times(mut value: Value) -> Value {
@@ -194,6 +216,7 @@ async fn controller_adds_its_finalizer_patches_status_and_records_events() {
                 "image": "nginx:1.27", "normalized": "docker.io/library/nginx:1.27", "label": key("nginx:1.27"),
                 "nodesTargeted": 2, "nodesAvailable": 1, "nodesPulling": 1, "nodesFailed": 0,
             }],
+            "retiring": null,
         }})
     );
     let (method, uri, _, event) = &seen[2];
@@ -214,7 +237,7 @@ async fn controller_adds_its_finalizer_patches_status_and_records_events() {
     // Written back as the API server holds it: nothing changed, nothing is written.
     let mut current = set.clone();
     current.metadata.finalizers = Some(vec!["coral.dev/cleanup".into()]);
-    current.status = Some(serde_json::from_value(seen[1].3["status"].clone()).expect("status"));
+    current.status = Some(stored_status(&seen[1].3));
     let (outcome, seen) = reconcile_once(&current, &[&current], &aggregator, |_| {
         panic!("no request expected")
     })
@@ -551,5 +574,246 @@ async fn controller_issues_the_webhook_certificate_and_patches_ca_bundles() {
             {"op": "test", "path": "/webhooks/0/name", "value": "mutate.coral.dev"},
             {"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": ca},
         ])
+    );
+}
+
+fn deployment_requiring(name: &str, image: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}")},
+        "spec": {"template": {"spec": {"nodeSelector": {key(image): "available"}, "containers": []}}},
+    })
+}
+
+#[tokio::test]
+async fn an_image_dropped_while_a_workload_requires_its_label_is_retiring() {
+    let mut aggregator = Aggregator::new();
+    aggregator.apply_node_labels("a", labels(&["nginx:1.27", "nginx:1.28"]));
+    let mut set = image_set(
+        "web",
+        &["nginx:1.28"],
+        json!({"finalizers": ["coral.dev/cleanup"]}),
+    );
+    // The last status still lists nginx:1.27: it was in the spec until now.
+    set.status = Some(serde_json::from_value(json!({"images": [
+        {"image": "nginx:1.27", "normalized": "docker.io/library/nginx:1.27", "label": key("nginx:1.27")},
+    ]})).expect("status"));
+    aggregator.apply_image_set(&set);
+    let aggregator = Mutex::new(aggregator);
+    let users = LabelUsers::of(&[deployment_requiring("web", "nginx:1.27")]);
+    let echo = serde_json::to_value(&set).expect("json");
+    let (outcome, seen) =
+        reconcile_with_users(
+            &set,
+            &[&set],
+            &aggregator,
+            &users,
+            |request| match request.method {
+                Method::POST => json_response(StatusCode::CREATED, &request.body),
+                _ => json_response(StatusCode::OK, &echo),
+            },
+        )
+        .await;
+    assert!(outcome.expect("reconciled").status_patched);
+    let (method, uri, _, body) = &seen[0];
+    assert_eq!(
+        (method.as_str(), uri.as_str()),
+        (
+            "PATCH",
+            "/apis/coral.dev/v1alpha1/namespaces/shop/imagesets/web/status?"
+        )
+    );
+    assert_eq!(
+        body["status"]["retiring"],
+        json!([{
+            "image": "docker.io/library/nginx:1.27", "label": key("nginx:1.27"),
+            "workloads": ["Deployment shop/web"], "workloadCount": 1,
+        }])
+    );
+    let retiring = body["status"]["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "Retiring")
+        .expect("the Retiring condition");
+    assert_eq!(
+        (&retiring["status"], &retiring["reason"]),
+        (&json!("True"), &json!("StillRequired"))
+    );
+    assert!(
+        retiring["message"]
+            .as_str()
+            .expect("message")
+            .contains("Deployment shop/web")
+    );
+
+    // Written back, unchanged: nothing more to write.
+    let mut current = set.clone();
+    current.status = Some(stored_status(body));
+    let (_, seen) =
+        reconcile_with_users(
+            &current,
+            &[&current],
+            &aggregator,
+            &users,
+            |request| match request.method {
+                Method::POST => json_response(StatusCode::CREATED, &request.body),
+                _ => panic!("no write expected: {}", request.uri),
+            },
+        )
+        .await;
+    assert!(seen.iter().all(|(m, ..)| m == "POST"), "{seen:#?}");
+
+    // No workload requires it any more: retiring ends, written as null.
+    let (_, seen) = reconcile_with_users(
+        &current,
+        &[&current],
+        &aggregator,
+        &LabelUsers::default(),
+        |request| match request.method {
+            Method::POST => json_response(StatusCode::CREATED, &request.body),
+            _ => json_response(StatusCode::OK, &echo),
+        },
+    )
+    .await;
+    let status = &seen
+        .iter()
+        .find(|(m, u, ..)| m == "PATCH" && u.contains("/status"))
+        .expect("status")
+        .3;
+    assert_eq!(status["status"]["retiring"], Value::Null);
+    assert!(
+        status["status"]["conditions"]
+            .as_array()
+            .expect("conditions")
+            .iter()
+            .all(|c| c["type"] != "Retiring"),
+        "{status}"
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_set_keeps_its_finalizer_and_labels_while_its_images_are_retiring() {
+    let deleted = json!({
+        "deletionTimestamp": Timestamp::from_second(1_800_000_000 - 600).expect("time").to_string(),
+        "finalizers": ["coral.dev/cleanup"],
+    });
+    let mut aggregator = Aggregator::new();
+    aggregator.apply_node_labels("a", labels(&["nginx:1.27"]));
+    let aggregator = Mutex::new(aggregator);
+    let set = image_set("web", &["nginx:1.27"], deleted);
+    let users = LabelUsers::of(&[deployment_requiring("web", "nginx:1.27")]);
+    let echo = serde_json::to_value(&set).expect("json");
+    // Past the cleanup timeout, but a workload requires the label: only the status is written.
+    let (outcome, seen) = reconcile_with_users(&set, &[&set], &aggregator, &users, |_| {
+        json_response(StatusCode::OK, &echo)
+    })
+    .await;
+    assert_eq!(
+        outcome.expect("reconciled"),
+        Outcome {
+            status_patched: true,
+            ..Outcome::default()
+        }
+    );
+    assert_eq!(
+        calls(&seen),
+        [(
+            "PATCH",
+            "/apis/coral.dev/v1alpha1/namespaces/shop/imagesets/web/status?"
+        )]
+    );
+    assert_eq!(
+        seen[0].3["status"]["retiring"][0]["image"],
+        "docker.io/library/nginx:1.27"
+    );
+
+    // Released: retiring ends, then the usual cleanup (the label, past the timeout).
+    let mut released = set.clone();
+    released.status = Some(stored_status(&seen[0].3));
+    let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "a"}});
+    let (outcome, seen) = reconcile_with_users(
+        &released,
+        &[&released],
+        &aggregator,
+        &LabelUsers::default(),
+        |request| {
+            if request.uri.starts_with("/api/v1/nodes") {
+                json_response(StatusCode::OK, &node)
+            } else {
+                json_response(StatusCode::OK, &echo)
+            }
+        },
+    )
+    .await;
+    let outcome = outcome.expect("reconciled");
+    assert!(outcome.status_patched);
+    assert_eq!(outcome.labels_removed, 1);
+    assert_eq!(
+        calls(&seen),
+        [
+            (
+                "PATCH",
+                "/apis/coral.dev/v1alpha1/namespaces/shop/imagesets/web/status?"
+            ),
+            ("PATCH", "/api/v1/nodes/a?"),
+        ]
+    );
+    assert_eq!(
+        seen[1].3,
+        json!({"metadata": {"labels": {key("nginx:1.27"): null}}})
+    );
+}
+
+#[tokio::test]
+async fn stranded_workloads_get_one_warning_event_and_are_counted_by_kind() {
+    let (writer, handle) = writer();
+    let index =
+        crate::index::StateFile::parse("nodes:\n  - {name: a, images: [\"nginx:1.27\"]}\n", "test")
+            .expect("state")
+            .to_index();
+    let workloads = vec![
+        deployment_requiring("fine", "nginx:1.27"),
+        deployment_requiring("stuck", "redis:7.4"),
+    ];
+    let found = super::find_stranded(&workloads, &index, 1);
+    assert_eq!(found.len(), 1);
+    let seen_before = Mutex::new(BTreeSet::new());
+    let work = async {
+        writer.report_stranded(&found, &seen_before).await;
+        // The same again: no second Event.
+        writer.report_stranded(&found, &seen_before).await;
+    };
+    let ((), seen) = serve(handle, work, |request| {
+        json_response(StatusCode::CREATED, &request.body)
+    })
+    .await;
+    assert_eq!(
+        calls(&seen),
+        [("POST", "/apis/events.k8s.io/v1/namespaces/shop/events?")]
+    );
+    let event = &seen[0].3;
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "Stranded");
+    assert_eq!(event["action"], "CheckPlacement");
+    assert_eq!(
+        event["regarding"],
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "namespace": "shop", "name": "stuck", "uid": "uid-stuck"})
+    );
+    assert_eq!(
+        event["note"],
+        format!(
+            "its pod template requires {} (no ImageSet manages it) on 0 node(s), 0 usable; 0 schedulable node(s) satisfy it, 1 needed (minAvailableNodes)",
+            key("redis:7.4")
+        )
+    );
+    let metrics = writer.metrics.render();
+    assert!(
+        metrics.contains("coral_stranded_workloads{kind=\"Deployment\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("coral_stranded_workloads{kind=\"CronJob\"} 0"),
+        "{metrics}"
     );
 }

@@ -16,10 +16,11 @@ use thiserror::Error;
 pub use objects::ClusterObjects;
 pub use placement::{
     NodeTaint, Placement, PlacementNode, RequiredImages, RequiredLabel, UNSCHEDULABLE_TAINT,
+    required_image_labels,
 };
 pub use selector::{Selector, SelectorError};
 pub use state_file::{StateError, StateFile, StateNamespace, StateNode};
-pub use stranded::{Stranded, stranded_workload};
+pub use stranded::{Stranded, scheduling_pod_spec, stranded_workload, workload_name};
 
 use crate::api::{ImageSet, ImageSetSpec};
 use crate::image::{ImageReference, LABEL_AVAILABLE, ReferenceError, is_image_label, label_key};

@@ -445,32 +445,11 @@ impl Placement {
     /// keys of its required node affinity), judged with the rest of its constraints: `None`
     /// when it requires none.
     pub fn required_images(&self, pod_spec: &Value) -> Option<RequiredImages> {
-        let mut labels: Vec<&str> = Vec::new();
-        let selector = pod_spec.get("nodeSelector").and_then(Value::as_object);
-        labels.extend(
-            selector
-                .into_iter()
-                .flatten()
-                .map(|(key, _)| key.as_str())
-                .filter(|key| key.starts_with(LABEL_PREFIX)),
-        );
-        let terms = pod_spec
-            .pointer("/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution")
-            .map(|required| array(required, "nodeSelectorTerms"))
-            .unwrap_or_default();
-        for term in terms {
-            labels.extend(
-                array(term, "matchExpressions")
-                    .iter()
-                    .filter_map(|e| e.get("key").and_then(Value::as_str))
-                    .filter(|key| key.starts_with(LABEL_PREFIX)),
-            );
-        }
+        let labels = required_image_labels(pod_spec);
         if labels.is_empty() {
             return None;
         }
-        labels.sort_unstable();
-        labels.dedup();
+        let selector = pod_spec.get("nodeSelector").and_then(Value::as_object);
         let judgement = self.judge(pod_spec);
         let mut nodes = judgement.eligible.clone();
         for (key, value) in selector.into_iter().flatten() {
@@ -575,6 +554,34 @@ impl Placement {
             "groups": groups,
         })
     }
+}
+
+/// The image labels a pod spec requires, sorted: the `image.coral.dev/` keys of its
+/// nodeSelector and of its required node affinity.
+pub fn required_image_labels(pod_spec: &Value) -> Vec<&str> {
+    let mut labels: Vec<&str> = pod_spec
+        .get("nodeSelector")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(key, _)| key.as_str())
+        .filter(|key| key.starts_with(LABEL_PREFIX))
+        .collect();
+    let terms = pod_spec
+        .pointer("/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution")
+        .map(|required| array(required, "nodeSelectorTerms"))
+        .unwrap_or_default();
+    for term in terms {
+        labels.extend(
+            array(term, "matchExpressions")
+                .iter()
+                .filter_map(|e| e.get("key").and_then(Value::as_str))
+                .filter(|key| key.starts_with(LABEL_PREFIX)),
+        );
+    }
+    labels.sort_unstable();
+    labels.dedup();
+    labels
 }
 
 fn array<'a>(value: &'a Value, field: &str) -> &'a [Value] {

@@ -61,19 +61,13 @@ impl Stranded {
     }
 }
 
-/// Judges one workload object. Objects a controller owns (a Deployment's ReplicaSets and
-/// Pods, a CronJob's Jobs) are left to their owner, and Pods already bound to a node are
-/// running where they are: both give `None`, as does an object with enough nodes.
-pub fn stranded_workload(
-    object: &Value,
-    placement: &Placement,
-    images_by_label: &BTreeMap<String, String>,
-    min_nodes: usize,
-) -> Option<Stranded> {
+/// The kind and pod spec of a workload that schedules pods of its own. Objects a controller
+/// owns (a Deployment's ReplicaSets and Pods, a CronJob's Jobs) are left to their owner, and
+/// Pods already bound to a node are running where they are: both give `None`.
+pub fn scheduling_pod_spec(object: &Value) -> Option<(WorkloadKind, &Value)> {
     let kind = WorkloadKind::of_object(object)?;
-    let metadata = object.get("metadata")?;
-    let controlled = metadata
-        .get("ownerReferences")
+    let controlled = object
+        .pointer("/metadata/ownerReferences")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
@@ -82,14 +76,37 @@ pub fn stranded_workload(
         return None;
     }
     let pod_spec = object.pointer(kind.pod_spec_path())?;
-    if kind == WorkloadKind::Pod
-        && pod_spec
-            .get("nodeName")
-            .and_then(Value::as_str)
-            .is_some_and(|name| !name.is_empty())
-    {
+    let bound = pod_spec
+        .get("nodeName")
+        .and_then(Value::as_str)
+        .is_some_and(|name| !name.is_empty());
+    if kind == WorkloadKind::Pod && bound {
         return None;
     }
+    Some((kind, pod_spec))
+}
+
+/// `Kind namespace/name` of an object, as Coral names workloads in messages.
+pub fn workload_name(kind: WorkloadKind, object: &Value) -> String {
+    let field = |name: &str| {
+        object
+            .pointer(&format!("/metadata/{name}"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    };
+    format!("{} {}/{}", kind.name(), field("namespace"), field("name"))
+}
+
+/// Judges one workload object (see [`scheduling_pod_spec`] for which are judged): `None`
+/// unless its pod template requires image labels too few nodes satisfy.
+pub fn stranded_workload(
+    object: &Value,
+    placement: &Placement,
+    images_by_label: &BTreeMap<String, String>,
+    min_nodes: usize,
+) -> Option<Stranded> {
+    let (kind, pod_spec) = scheduling_pod_spec(object)?;
+    let metadata = object.get("metadata")?;
     let required = placement.required_images(pod_spec)?;
     let needed = min_nodes.max(1);
     if required.nodes >= needed {

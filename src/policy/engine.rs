@@ -12,7 +12,7 @@ use regorus::utils::limits::ExecutionTimerConfig;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::input::{containers, containers_after, pod_placement};
+use super::input::{containers, containers_after, placement_key, pod_placement};
 use super::rails::checked_patch;
 use super::{
     AllowedPaths, PolicyError, PolicyRequest, PolicySet, Settings, build_input, coral_data,
@@ -214,10 +214,11 @@ struct RuleOutput {
 }
 
 /// What a decision reads besides the request.
-#[derive(Clone, Copy)]
 struct Context<'a> {
     namespace_labels: &'a BTreeMap<String, String>,
     placement: &'a Placement,
+    /// The original object's placement, and what it was computed from.
+    original: (Value, &'a Value),
 }
 
 /// What the policies decided for one object, after the rails.
@@ -311,7 +312,7 @@ impl Evaluator {
                 original,
                 entries.clone(),
                 namespace_labels,
-                where_to,
+                where_to.clone(),
             ),
             Pass::Decide,
         )?;
@@ -339,6 +340,7 @@ impl Evaluator {
             let context = Context {
                 namespace_labels,
                 placement,
+                original: (placement_key(original, kind, &entries), &where_to),
             };
             self.check_convergence(request, kind, &patched, &entries, context)?;
         }
@@ -364,7 +366,14 @@ impl Evaluator {
         context: Context<'_>,
     ) -> Result<(), PolicyError> {
         let entries = containers_after(patched, kind, previous);
-        let where_to = pod_placement(context.placement, patched, kind, &entries);
+        // A patch that leaves what placement reads alone (the usual one: Coral's own
+        // nodeSelector entries, pull policies) leaves the placement as it was.
+        let (key, known) = &context.original;
+        let where_to = if placement_key(patched, kind, &entries) == *key {
+            (*known).clone()
+        } else {
+            pod_placement(context.placement, patched, kind, &entries)
+        };
         let second = self.evaluate(
             build_input(
                 request,

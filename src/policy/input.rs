@@ -290,6 +290,41 @@ pub fn pod_placement(
     placement.for_pod(pod_spec, &labels)
 }
 
+/// What [`pod_placement`] reads of an object: the pod spec's constraints (Coral's own
+/// nodeSelector entries aside) and the image labels of its containers. Equal keys give equal
+/// placements.
+pub fn placement_key(object: &Value, kind: WorkloadKind, containers: &[Value]) -> Value {
+    let pod_spec = object.pointer(kind.pod_spec_path());
+    let field = |name: &str| pod_spec.and_then(|spec| spec.get(name)).cloned();
+    let selector: Option<Map<String, Value>> = pod_spec
+        .and_then(|spec| spec.get("nodeSelector"))
+        .and_then(Value::as_object)
+        .map(|entries| {
+            entries
+                .iter()
+                .filter(|(key, _)| !key.starts_with(crate::image::LABEL_PREFIX))
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect()
+        });
+    let required = pod_spec
+        .and_then(|spec| {
+            spec.pointer("/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution")
+        })
+        .cloned();
+    let labels: Vec<Value> = containers
+        .iter()
+        .filter(|c| c["list"] != "ephemeralContainers")
+        .map(|c| c.get("label").cloned().unwrap_or(Value::Null))
+        .collect();
+    json!([
+        selector,
+        required,
+        field("tolerations"),
+        field("nodeName"),
+        labels
+    ])
+}
+
 /// The `input` document for a request of a known kind.
 ///
 /// `containers` are the object's entries from [`containers`], `placement` its

@@ -10,8 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::Stream;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, NodeSpec, ObjectReference};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ObjectReference};
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -241,7 +240,7 @@ impl Stores {
             "nodes",
             watcher(Api::<Node>::all(client.clone()), config())
                 .default_backoff()
-                .modify(strip_node)
+                .modify(crate::cluster::strip_node)
                 .reflect(writer),
             changed,
             shared,
@@ -304,27 +303,6 @@ impl Stores {
         };
         waits.iter().all(Result::is_ok) && configmap.is_ok()
     }
-}
-
-/// Keeps of a Node what placement reads: its name, labels, taints and `spec.unschedulable`.
-/// Its status (conditions, the images it holds, addresses) and everything else in its
-/// metadata go before the reflector stores it, so memory follows the number of nodes, not
-/// the size of their status.
-pub(crate) fn strip_node(node: &mut Node) {
-    let metadata = &mut node.metadata;
-    *metadata = ObjectMeta {
-        name: metadata.name.take(),
-        labels: metadata.labels.take(),
-        resource_version: metadata.resource_version.take(),
-        uid: metadata.uid.take(),
-        ..ObjectMeta::default()
-    };
-    node.spec = node.spec.take().map(|spec| NodeSpec {
-        taints: spec.taints,
-        unschedulable: spec.unschedulable,
-        ..NodeSpec::default()
-    });
-    node.status = None;
 }
 
 /// Drives one reflector: a change schedules a rebuild, an error is counted.

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 pub use admission::FailureMode;
 pub use cluster::{ClusterOptions, ObjectName, ObjectNameError};
-pub use server::{Bound, run, serve};
+pub use server::{Bound, accept_https, run, serve};
 pub use standalone::{SnapshotSource, load_snapshot};
 
 use crate::metrics::WebhookMetrics;

@@ -102,6 +102,27 @@ pub async fn serve(
         .route("/mutate", post(mutate))
         .route("/validate/imagesets", post(validate))
         .with_state(shared.clone());
+    // The listener closes when the loop ends: no new connections.
+    let graceful = accept_https(listener, tls, app, options.request_timeout, shutdown).await;
+    info!("shutting down: no new connections; waiting for in-flight requests");
+    shared.listening.store(false, Ordering::SeqCst);
+    tokio::select! {
+        () = graceful.shutdown() => info!("all connections closed"),
+        () = tokio::time::sleep(options.shutdown_grace) => warn!("shutdown grace period over; exiting with connections open"),
+    }
+    Ok(())
+}
+
+/// Serves `app` over TLS on `listener` (HTTP/1.1 with keep-alive, TCP_NODELAY, handshake and
+/// header timeouts) until `shutdown` completes; the answer is what tracks the connections
+/// still open. The benchmarks' no-op responder serves on the same stack.
+pub async fn accept_https(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    app: Router,
+    request_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> GracefulShutdown {
     let service = TowerToHyperService::new(app);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -122,7 +143,6 @@ pub async fn serve(
                 let tls = tls.clone();
                 let service = service.clone();
                 let watcher = graceful.watcher();
-                let request_timeout = options.request_timeout;
                 tokio::spawn(async move {
                     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
                         Ok(Ok(stream)) => stream,
@@ -147,14 +167,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         }
     }
-    info!("shutting down: no new connections; waiting for in-flight requests");
-    shared.listening.store(false, Ordering::SeqCst);
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => info!("all connections closed"),
-        () = tokio::time::sleep(options.shutdown_grace) => warn!("shutdown grace period over; exiting with connections open"),
-    }
-    Ok(())
+    graceful
 }
 
 async fn shutdown_signal() {

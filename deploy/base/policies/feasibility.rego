@@ -24,15 +24,18 @@ wanted_labels contains label if {
 	label := data.coral.images[input.containers[i].normalized].label
 }
 
-# The groups with their labels as sets.
-group_sets := [{"labels": {l | some l in g.labels}, "nodes": g.nodes} | some g in placement.groups]
-
 # How many nodes the pod may use that hold every image of `labels` (a non-empty set).
-nodes_holding(labels) := sum([g.nodes | some g in group_sets; count(labels - g.labels) == 0])
+nodes_holding(labels) := sum([g.nodes |
+	some g in placement.groups
+	count([l | some l in g.labels; l in labels]) == count(labels)
+])
 
-# Combinations worth considering: what each group of nodes holds of the wanted images, and
-# each wanted image alone.
-candidates contains wanted_labels & g.labels if some g in group_sets
+# Combinations worth considering when not all wanted images can be steered to together:
+# what each group of nodes holds of them, and each alone.
+candidates contains c if {
+	some g in placement.groups
+	c := {l | some l in g.labels; l in wanted_labels}
+}
 
 candidates contains {label} if some label in wanted_labels
 
@@ -45,12 +48,16 @@ feasible contains [count(c), n, sort(c)] if {
 	n >= min_nodes
 }
 
-# The labels the pod is steered to: the feasible combination with the most images, then the
-# most nodes, then the first in label order. With minAvailableNodes 1 this is the largest
-# feasible subset: any feasible subset lies within what one group of nodes holds.
 best_score := max({[size, n] | some [size, n, _] in feasible})
 
-steered := {label | some label in min({labels | some [size, n, labels] in feasible; [size, n] == best_score})} if {
+# The labels the pod is steered to: every wanted one when enough nodes hold them all;
+# otherwise the feasible combination with the most images, then the most nodes, then the
+# first in label order. With minAvailableNodes 1 this is the largest feasible subset: any
+# feasible subset lies within what one group of nodes holds.
+steered := wanted_labels if {
+	count(wanted_labels) > 0
+	nodes_holding(wanted_labels) >= min_nodes
+} else := {label | some label in min({labels | some [size, n, labels] in feasible; [size, n] == best_score})} if {
 	count(feasible) > 0
 } else := set()
 

@@ -512,7 +512,7 @@ fn stored_nodes_keep_only_what_placement_reads() {
         },
     }))
     .expect("Node");
-    super::strip_node(&mut node);
+    crate::cluster::strip_node(&mut node);
     assert_eq!(
         serde_json::to_value(&node).expect("json"),
         json!({

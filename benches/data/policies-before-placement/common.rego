@@ -1,0 +1,108 @@
+# Helpers shared by the default policies: which injections an object asks for, which of its
+# containers they apply to, and whether a container's image is managed and available.
+#
+# input:       one admission request (see the README, "Policy input").
+# data.coral:  images, nodes and settings (see the README, "Policy data").
+package coral.mutate
+
+settings := data.coral.settings
+
+annotations := object.get(input.object, ["metadata", "annotations"], {})
+
+# Comma-separated annotation value as a set, spaces trimmed, empty entries dropped.
+annotation_list(key) := {name |
+	some item in split(annotations[key], ",")
+	name := trim_space(item)
+	name != ""
+}
+
+# Injections the object asks for: its coral.dev/inject annotation, else the cluster default.
+requested_injections := annotation_list("coral.dev/inject") if {
+	is_string(annotations["coral.dev/inject"])
+} else := {name | some name in settings.defaultInject}
+
+known_injections := {"selectors", "pull-policy"}
+
+# "none" opts an object out of a cluster-wide defaultInject.
+opt_out := "none"
+
+inject_selectors if "selectors" in requested_injections
+
+inject_pull_policy if "pull-policy" in requested_injections
+
+injecting if count(requested_injections & known_injections) > 0
+
+# Indexes (into input.containers) of the containers the injections apply to.
+# coral.dev/include-containers, when present, names them (and wins over exclude); otherwise
+# every container not named in coral.dev/exclude-containers. Ephemeral containers are never
+# changed. Sets of indexes rather than of containers keep set operations cheap.
+selected contains i if {
+	has_include
+	some i, c in input.containers
+	c.list != "ephemeralContainers"
+	c.name in include_containers
+}
+
+selected contains i if {
+	not has_include
+	some i, c in input.containers
+	c.list != "ephemeralContainers"
+	not c.name in exclude_containers
+}
+
+has_include if is_string(annotations["coral.dev/include-containers"])
+
+include_containers := annotation_list("coral.dev/include-containers")
+
+exclude_containers := annotation_list("coral.dev/exclude-containers")
+
+# Selected containers whose image is managed and held by at least
+# settings.minAvailableNodes nodes.
+available contains i if {
+	injecting
+	some i in selected
+	data.coral.images[input.containers[i].normalized].nodes.available >= settings.minAvailableNodes
+}
+
+# The pod spec of the object, wherever its kind keeps it.
+pod_spec := object.get(input.object, split(trim_prefix(input.pod_spec_path, "/"), "/"), {})
+
+# A label key as one JSON-pointer segment (RFC 6901).
+pointer_segment(s) := replace(replace(s, "~", "~0"), "/", "~1")
+
+warn contains msg if {
+	some name in requested_injections
+	not name in known_injections
+	name != opt_out
+	msg := sprintf("coral.dev/inject: unknown injection %q ignored (known: none, pull-policy, selectors)", [name])
+}
+
+warn contains msg if {
+	injecting
+	settings.warnUnmanaged
+	some i in selected
+	c := input.containers[i]
+	is_string(c.normalized)
+	not data.coral.images[c.normalized]
+	msg := sprintf("container %q: image %q is not managed by any ImageSet; left unchanged", [c.name, c.image])
+}
+
+warn contains msg if {
+	injecting
+	some i in selected
+	c := input.containers[i]
+	info := data.coral.images[c.normalized]
+	info.nodes.available < settings.minAvailableNodes
+	msg := sprintf(
+		"container %q: image %q is on %d node(s), fewer than the %d required (minAvailableNodes); left unchanged",
+		[c.name, c.image, info.nodes.available, settings.minAvailableNodes],
+	)
+}
+
+warn contains msg if {
+	injecting
+	some i in selected
+	c := input.containers[i]
+	is_string(c.error)
+	msg := sprintf("container %q: %s; left unchanged", [c.name, c.error])
+}
