@@ -24,8 +24,8 @@ use coral::api::{ImageSet, ImageSetSpec};
 use coral::image::{ImageReference, LABEL_AVAILABLE, label_key};
 use coral::index::{ClusterIndex, NodeTaint, Placement};
 use coral::policy::{
-    CompiledPolicies, Evaluator, EvaluatorOptions, PolicyRequest, PolicySet, Settings, build_input,
-    containers, coral_data, pod_placement,
+    CompiledPolicies, Evaluator, EvaluatorOptions, Pass, PolicyRequest, PolicySet, Settings,
+    build_input, containers, coral_data, pod_placement,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde_json::{Value, json};
@@ -256,16 +256,35 @@ fn main() {
         let where_to = pod_placement(&placement, object, kind, &entries);
         build_input(&request, kind, object, entries, &namespace_labels, where_to)
     };
-    let inputs = json!([input_for(&request.object), input_for(&decision.object)]);
+    let (decide_input, converge_input) = (input_for(&request.object), input_for(&decision.object));
+    // The same two evaluations in Coral, on those inputs: the policies' own work, as OPA does it.
+    let evaluations = Series::measure(samples, warmup, || {
+        let first = evaluator
+            .evaluate(decide_input.clone(), Pass::Decide)
+            .expect("evaluation");
+        let second = evaluator
+            .evaluate(converge_input.clone(), Pass::Converge)
+            .expect("evaluation");
+        assert_eq!((first.patch.len(), second.patch.len()), (4, 0));
+    });
+    println!(
+        "  of which the two evaluations of the policies (on prepared inputs): {}",
+        evaluations.line()
+    );
+    let inputs = json!([decide_input, converge_input]);
     match opa_figures(&data, &inputs, if benchmarking { OPA_SAMPLES } else { 5 }) {
         Ok((opa, trivial)) => {
             println!(
-                "  OPA (PyPI bindings), same policies, data and inputs: median {opa:.1} µs; a trivial query on the same input: {trivial:.1} µs (the bindings' share)"
+                "  OPA (PyPI bindings), the same two evaluations, policies, data and inputs: median {opa:.1} µs; a trivial query on the same inputs: {trivial:.1} µs (the bindings' share)"
             );
             println!(
-                "  Coral is {:.1}x faster than OPA ({:.1}x against OPA without the bindings' share)   target: at least 5x",
-                opa / with.at(0.5),
-                (opa - trivial) / with.at(0.5)
+                "  the same work, Coral's evaluations against OPA's: {:.1}x faster ({:.1}x without the bindings' share)   target: at least 5x",
+                opa / evaluations.at(0.5),
+                (opa - trivial) / evaluations.at(0.5)
+            );
+            println!(
+                "  Coral's whole decision (input, placement, both evaluations, rails, typed check, diff) against OPA's two evaluations: {:.1}x",
+                opa / with.at(0.5)
             );
         }
         Err(why) => println!("  OPA: not measured: {why}"),

@@ -523,6 +523,11 @@ fn demo_shows_changes_warnings_and_unchanged_workloads() {
         "{text}"
     );
     assert!(text.contains("Deployment shop/legacy: unchanged"), "{text}");
+    // Placement safety: its own nodeSelector keeps nginx out, with the reason.
+    assert!(
+        text.contains("warning: container \"proxy\": image \"nginx:1.27\" not steered to: 3 node(s) hold it, 0 of them usable by this pod (0 cordoned, 1 with taints it does not tolerate, 2 outside its nodeSelector, node affinity or nodeName)"),
+        "{text}"
+    );
 }
 
 /// The files of `dir` with one of the extensions, by name.

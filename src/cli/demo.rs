@@ -27,7 +27,7 @@ use super::render_diff;
 const STATE_FILE: &str = "examples/state.yaml";
 const STATE: &str = include_str!("../../examples/state.yaml");
 
-const WORKLOADS: [(&str, &str); 4] = [
+const WORKLOADS: [(&str, &str); 5] = [
     (
         "examples/workloads/shop-deployment.yaml",
         include_str!("../../examples/workloads/shop-deployment.yaml"),
@@ -39,6 +39,10 @@ const WORKLOADS: [(&str, &str); 4] = [
     (
         "examples/workloads/api-pod.yaml",
         include_str!("../../examples/workloads/api-pod.yaml"),
+    ),
+    (
+        "examples/workloads/batch-deployment.yaml",
+        include_str!("../../examples/workloads/batch-deployment.yaml"),
     ),
     (
         "examples/workloads/legacy-deployment.yaml",

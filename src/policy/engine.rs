@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use json_patch::Patch;
@@ -167,6 +167,7 @@ enum Backend {
         policy: regorus::CompiledPolicy,
         program: Arc<regorus::rvm::Program>,
         data: regorus::Value,
+        pool: Arc<VmPool>,
     },
     Interpreter(Arc<regorus::Engine>),
 }
@@ -181,15 +182,18 @@ impl std::fmt::Debug for Backend {
 }
 
 /// One input loaded into a backend, ready to evaluate rules.
-enum Session {
-    Vm(Box<regorus::rvm::RegoVM>),
+enum Session<'a> {
+    Vm(PooledVm<'a>),
     Interpreter(Box<regorus::Engine>),
 }
 
-impl Session {
+impl Session<'_> {
     fn eval(&mut self, rule: &str) -> anyhow::Result<regorus::Value> {
         match self {
             Self::Vm(vm) => vm
+                .vm
+                .as_mut()
+                .ok_or_else(|| anyhow::anyhow!("the virtual machine was returned"))?
                 .execute_entry_point_by_name(rule)
                 .map_err(|e| anyhow::anyhow!("{e}")),
             Self::Interpreter(engine) => engine.eval_rule(rule.to_string()),
@@ -197,20 +201,49 @@ impl Session {
     }
 }
 
+/// Virtual machines loaded with an evaluator's program and data, kept for the next
+/// evaluation: every execution starts from a clean state, so only the input changes.
+#[derive(Default)]
+#[allow(clippy::vec_box)] // a machine is large: boxed, it moves in and out as a pointer
+struct VmPool(Mutex<Vec<Box<regorus::rvm::RegoVM>>>);
+
+/// Machines kept per evaluator: one per worker is enough.
+const POOLED_VMS: usize = 16;
+
+/// A machine borrowed from the pool, returned when dropped.
+struct PooledVm<'a> {
+    vm: Option<Box<regorus::rvm::RegoVM>>,
+    pool: &'a VmPool,
+}
+
+impl Drop for PooledVm<'_> {
+    fn drop(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            // The input is not kept alive between requests.
+            vm.set_input(regorus::Value::Undefined);
+            let mut pool = self.pool.0.lock().unwrap_or_else(PoisonError::into_inner);
+            if pool.len() < POOLED_VMS {
+                pool.push(vm);
+            }
+        }
+    }
+}
+
 /// Which rules one evaluation needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pass {
+pub enum Pass {
     /// The decision: patch, warn and deny.
     Decide,
     /// The convergence check: patch only.
     Converge,
 }
-/// The raw output of the policies for one input.
-#[derive(Debug, Default)]
-struct RuleOutput {
-    patch: Vec<Value>,
-    warn: Vec<String>,
-    deny: Vec<String>,
+
+/// The raw output of the policies for one input, before the rails.
+#[derive(Debug, Default, PartialEq)]
+pub struct RuleOutput {
+    pub patch: Vec<Value>,
+    pub warn: Vec<String>,
+    pub deny: Vec<String>,
 }
 
 /// What a decision reads besides the request.
@@ -284,6 +317,7 @@ impl Evaluator {
             policy,
             program,
             data: engine.get_data(),
+            pool: Arc::default(),
         })
     }
 
@@ -404,23 +438,31 @@ impl Evaluator {
     }
 
     /// A fresh evaluation context for one input.
-    fn session(&self, input: regorus::Value) -> Result<Session, PolicyError> {
+    fn session(&self, input: regorus::Value) -> Result<Session<'_>, PolicyError> {
         Ok(match &self.backend {
             Backend::Vm {
                 policy,
                 program,
                 data,
+                pool,
             } => {
-                let mut vm = regorus::rvm::RegoVM::new_with_policy(policy.clone());
-                vm.load_program(program.clone());
-                vm.set_data(data.clone())
-                    .map_err(|e| PolicyError::Data(e.to_string()))?;
-                // The time bound is the limit; the machine's default instruction cap (25,000)
-                // would cut off legitimate policies on large objects.
-                vm.set_max_instructions(usize::MAX);
-                vm.set_execution_timer_config(Some(timer(self.options.timeout)));
+                let pooled = pool.0.lock().unwrap_or_else(PoisonError::into_inner).pop();
+                let mut vm = match pooled {
+                    Some(vm) => vm,
+                    None => {
+                        let mut vm = regorus::rvm::RegoVM::new_with_policy(policy.clone());
+                        vm.load_program(program.clone());
+                        vm.set_data(data.clone())
+                            .map_err(|e| PolicyError::Data(e.to_string()))?;
+                        // The time bound is the limit; the machine's default instruction cap
+                        // (25,000) would cut off legitimate policies on large objects.
+                        vm.set_max_instructions(usize::MAX);
+                        vm.set_execution_timer_config(Some(timer(self.options.timeout)));
+                        Box::new(vm)
+                    }
+                };
                 vm.set_input(input);
-                Session::Vm(Box::new(vm))
+                Session::Vm(PooledVm { vm: Some(vm), pool })
             }
             Backend::Interpreter(engine) => {
                 let mut engine = (**engine).clone();
@@ -430,7 +472,9 @@ impl Evaluator {
         })
     }
 
-    fn evaluate(&self, input: Value, pass: Pass) -> Result<RuleOutput, PolicyError> {
+    /// One evaluation of the policies on an input made by [`build_input`]: what a decision
+    /// makes of the rules, before the rails. The decision's two passes are two of these.
+    pub fn evaluate(&self, input: Value, pass: Pass) -> Result<RuleOutput, PolicyError> {
         let mut session = self.session(regorus::Value::from(input))?;
         let mut run = |rule: &str| session.eval(rule);
         let mut output = RuleOutput::default();

@@ -296,16 +296,15 @@ pub fn pod_placement(
 pub fn placement_key(object: &Value, kind: WorkloadKind, containers: &[Value]) -> Value {
     let pod_spec = object.pointer(kind.pod_spec_path());
     let field = |name: &str| pod_spec.and_then(|spec| spec.get(name)).cloned();
-    let selector: Option<Map<String, Value>> = pod_spec
+    // No nodeSelector and one with Coral's entries only constrain alike.
+    let selector: Map<String, Value> = pod_spec
         .and_then(|spec| spec.get("nodeSelector"))
         .and_then(Value::as_object)
-        .map(|entries| {
-            entries
-                .iter()
-                .filter(|(key, _)| !key.starts_with(crate::image::LABEL_PREFIX))
-                .map(|(key, value)| (key.clone(), value.clone()))
-                .collect()
-        });
+        .into_iter()
+        .flatten()
+        .filter(|(key, _)| !key.starts_with(crate::image::LABEL_PREFIX))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
     let required = pod_spec
         .and_then(|spec| {
             spec.pointer("/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution")

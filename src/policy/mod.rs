@@ -16,7 +16,8 @@ use thiserror::Error;
 
 pub use data::coral_data;
 pub use engine::{
-    CompiledPolicies, DECISION_PACKAGE, DEFAULT_EVAL_TIMEOUT, Decision, Evaluator, EvaluatorOptions,
+    CompiledPolicies, DECISION_PACKAGE, DEFAULT_EVAL_TIMEOUT, Decision, Evaluator,
+    EvaluatorOptions, Pass, RuleOutput,
 };
 pub use input::{
     CONTAINER_LISTS, GroupVersionKind, GroupVersionResource, PolicyRequest, WorkloadKind,

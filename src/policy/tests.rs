@@ -565,3 +565,36 @@ fn containers_after_a_patch_reparse_only_changed_images() {
         "same as parsing afresh"
     );
 }
+
+#[test]
+fn the_placement_key_ignores_corals_own_entries_and_pull_policies_only() {
+    let kind = WorkloadKind::Deployment;
+    let object = fixture("deployment-web.json");
+    let key = |object: &Value| super::input::placement_key(object, kind, &containers(object, kind));
+    let base = key(&object);
+    let mut steered = object.clone();
+    steered["spec"]["template"]["spec"]["nodeSelector"] =
+        json!({"image.coral.dev/0000000000000000000000000000000000000000": "available"});
+    steered["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = json!("Never");
+    assert_eq!(
+        key(&steered),
+        base,
+        "Coral's entries and pull policies change nothing"
+    );
+    for (field, value) in [
+        ("nodeSelector", json!({"pool": "web"})),
+        ("tolerations", json!([{"operator": "Exists"}])),
+        ("nodeName", json!("a")),
+        (
+            "affinity",
+            json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}}),
+        ),
+    ] {
+        let mut changed = object.clone();
+        changed["spec"]["template"]["spec"][field] = value;
+        assert_ne!(key(&changed), base, "{field}");
+    }
+    let mut image = object.clone();
+    image["spec"]["template"]["spec"]["containers"][0]["image"] = json!("nginx:1.28");
+    assert_ne!(key(&image), base, "another image");
+}
