@@ -5,9 +5,9 @@ use std::pin::pin;
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, NodeSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, NodeSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use tracing::{error, warn};
 
 /// A client of the cluster the process runs in (its service account), or of `KUBECONFIG`.
@@ -25,6 +25,18 @@ pub fn watch_config() -> watcher::Config {
         page_size: None,
         ..watcher::Config::default().any_semantic()
     }
+}
+
+/// A backed-off watch of one ConfigMap, by name (a field selector): the policy ConfigMap.
+pub fn configmap_watch(
+    client: &kube::Client,
+    name: &crate::webhook::ObjectName,
+) -> impl Stream<Item = Result<watcher::Event<ConfigMap>, watcher::Error>> + Send + 'static {
+    watcher(
+        kube::Api::<ConfigMap>::namespaced(client.clone(), &name.namespace),
+        watch_config().fields(&format!("metadata.name={}", name.name)),
+    )
+    .default_backoff()
 }
 
 /// Drives a (reflected, backed-off) watch until the process ends: `changed` after every

@@ -7,7 +7,7 @@ mod support;
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
-use support::api_server::{ApiServer, list};
+use support::api_server::{ApiServer, empty_workload_lists, list};
 
 fn label(image: &str) -> String {
     coral::image::label_key(&coral::image::ImageReference::parse(image).unwrap())
@@ -28,8 +28,8 @@ fn deployment(name: &str, selector: Value) -> Value {
 async fn audit_of_a_cluster_reads_its_nodes_workloads_and_policy_settings() {
     let nginx = label("nginx:1.27");
     let node = |name: &str, labels: Value, spec: Value| json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}, "spec": spec});
-    let empty = |api_version: &str, kind: &str| list(api_version, kind, vec![]);
-    let lists = BTreeMap::from([
+    let mut lists = empty_workload_lists();
+    lists.extend([
         (
             "/api/v1/nodes".to_string(),
             list(
@@ -69,31 +69,6 @@ async fn audit_of_a_cluster_reads_its_nodes_workloads_and_policy_settings() {
                 ],
             ),
         ),
-        (
-            "/apis/apps/v1/statefulsets".to_string(),
-            empty("apps/v1", "StatefulSetList"),
-        ),
-        (
-            "/apis/apps/v1/daemonsets".to_string(),
-            empty("apps/v1", "DaemonSetList"),
-        ),
-        (
-            "/apis/apps/v1/replicasets".to_string(),
-            empty("apps/v1", "ReplicaSetList"),
-        ),
-        (
-            "/api/v1/replicationcontrollers".to_string(),
-            empty("v1", "ReplicationControllerList"),
-        ),
-        (
-            "/apis/batch/v1/jobs".to_string(),
-            empty("batch/v1", "JobList"),
-        ),
-        (
-            "/apis/batch/v1/cronjobs".to_string(),
-            empty("batch/v1", "CronJobList"),
-        ),
-        ("/api/v1/pods".to_string(), empty("v1", "PodList")),
     ]);
     let objects = BTreeMap::from([(
         "/api/v1/namespaces/coral-system/configmaps/coral-policies".to_string(),

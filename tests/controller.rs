@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use api_server::{ApiServer, Write, list};
+use api_server::{ApiServer, Write, empty_workload_lists, list};
 use coral::controller::secrets::copy_name;
 use coral::image::{ImageReference, label_key};
 use process::Kill;
@@ -52,7 +52,6 @@ async fn controller_binary_leads_then_reconciles_status_secrets_and_certificates
                    "metadata": {"labels": {"app": name}},
                    "spec": {"nodeSelector": {key(image): "available"}, "containers": [{"name": "c", "image": image}]}}}})
     };
-    let empty = |api_version: &str, kind: &str| list(api_version, kind, vec![]);
     let source = json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "registry", "namespace": "shop"},
@@ -64,75 +63,53 @@ async fn controller_binary_leads_then_reconciles_status_secrets_and_certificates
                "webhooks": [{"name": "x.coral.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
                              "clientConfig": {"service": {"name": "coral-webhook", "namespace": "coral-system"}}}]})
     };
+    let mut lists = empty_workload_lists();
+    lists.extend([
+        (
+            "/apis/coral.dev/v1alpha1/imagesets".to_string(),
+            list(
+                "coral.dev/v1alpha1",
+                "ImageSetList",
+                vec![image_set.clone()],
+            ),
+        ),
+        (
+            "/api/v1/nodes".to_string(),
+            list(
+                "v1",
+                "NodeList",
+                vec![
+                    node("a", json!({key("nginx:1.27"): "available"})),
+                    node("b", json!({})),
+                ],
+            ),
+        ),
+        (
+            "/apis/apps/v1/deployments".to_string(),
+            list(
+                "apps/v1",
+                "DeploymentList",
+                vec![
+                    deployment("web", "nginx:1.27"),
+                    deployment("stuck", "redis:7.4"),
+                ],
+            ),
+        ),
+        (
+            "/api/v1/namespaces/coral-system/configmaps".to_string(),
+            list("v1", "ConfigMapList", vec![]),
+        ),
+        (
+            "/apis/coral.dev/v1alpha1/nodeimages".to_string(),
+            list("coral.dev/v1alpha1", "NodeImageList", vec![]),
+        ),
+        (
+            "/api/v1/namespaces/coral-system/secrets".to_string(),
+            list("v1", "SecretList", vec![]),
+        ),
+    ]);
     let server = ApiServer::start(
-        BTreeMap::from([
-            (
-                "/apis/coral.dev/v1alpha1/imagesets".to_string(),
-                list(
-                    "coral.dev/v1alpha1",
-                    "ImageSetList",
-                    vec![image_set.clone()],
-                ),
-            ),
-            (
-                "/api/v1/nodes".to_string(),
-                list(
-                    "v1",
-                    "NodeList",
-                    vec![
-                        node("a", json!({key("nginx:1.27"): "available"})),
-                        node("b", json!({})),
-                    ],
-                ),
-            ),
-            (
-                "/apis/apps/v1/deployments".to_string(),
-                list(
-                    "apps/v1",
-                    "DeploymentList",
-                    vec![
-                        deployment("web", "nginx:1.27"),
-                        deployment("stuck", "redis:7.4"),
-                    ],
-                ),
-            ),
-            (
-                "/apis/apps/v1/statefulsets".to_string(),
-                empty("apps/v1", "StatefulSetList"),
-            ),
-            (
-                "/apis/apps/v1/daemonsets".to_string(),
-                empty("apps/v1", "DaemonSetList"),
-            ),
-            (
-                "/apis/apps/v1/replicasets".to_string(),
-                empty("apps/v1", "ReplicaSetList"),
-            ),
-            (
-                "/api/v1/replicationcontrollers".to_string(),
-                empty("v1", "ReplicationControllerList"),
-            ),
-            (
-                "/apis/batch/v1/jobs".to_string(),
-                empty("batch/v1", "JobList"),
-            ),
-            (
-                "/apis/batch/v1/cronjobs".to_string(),
-                empty("batch/v1", "CronJobList"),
-            ),
-            (
-                "/api/v1/namespaces/coral-system/configmaps".to_string(),
-                empty("v1", "ConfigMapList"),
-            ),
-            (
-                "/apis/coral.dev/v1alpha1/nodeimages".to_string(),
-                list("coral.dev/v1alpha1", "NodeImageList", vec![]),
-            ),
-            (
-                "/api/v1/namespaces/coral-system/secrets".to_string(),
-                list("v1", "SecretList", vec![]),
-            ),
-        ]),
+        lists,
         BTreeMap::from([
             (
                 "/api/v1/namespaces/shop/secrets/registry".to_string(),

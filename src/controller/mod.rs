@@ -706,12 +706,7 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
         let changed = changed.clone();
         crate::cluster::spawn_watch(
             "configmaps",
-            watcher(
-                Api::<ConfigMap>::namespaced(client.clone(), &name.namespace),
-                config().fields(&format!("metadata.name={}", name.name)),
-            )
-            .default_backoff()
-            .reflect(writer),
+            crate::cluster::configmap_watch(&client, name).reflect(writer),
             move || changed.notify_one(),
             || {},
         );

@@ -270,12 +270,7 @@ impl Stores {
             let (store, writer) = reflector::store();
             spawn_reflector(
                 "configmaps",
-                watcher(
-                    Api::<ConfigMap>::namespaced(client.clone(), &name.namespace),
-                    config().fields(&format!("metadata.name={}", name.name)),
-                )
-                .default_backoff()
-                .reflect(writer),
+                crate::cluster::configmap_watch(client, name).reflect(writer),
                 changed,
                 shared,
             );
