@@ -21,6 +21,19 @@ echo "== coral policy test policies/ policy-tests/"
 cargo run --quiet --locked -- policy test policies/ policy-tests/ --coverage --threshold 100
 echo "== the same policy tests under the real OPA engine"
 bash scripts/opa-policy-test.sh policies/ policy-tests/
+echo "== control plane: kube-apiserver, etcd, kube-scheduler, kube-controller-manager"
+status=0
+bin=$(bash scripts/control-plane.sh) || status=$?
+if [ "$status" -eq 0 ]; then
+  started=$(date +%s)
+  CORAL_CONTROL_PLANE_BIN="$bin" cargo test --locked --test control_plane -- --ignored
+  echo "control-plane tests ran in $(( $(date +%s) - started )) s"
+elif [ "$status" -eq 3 ]; then
+  echo "control-plane tests: NOT RUN (Go is missing; see above)"
+else
+  echo "error: the control plane did not build" >&2
+  exit "$status"
+fi
 echo "== coral crd matches crds/"
 diff <(cargo run --quiet --locked -- crd) <(cat crds/*.yaml)
 echo "== deploy/: render with kubectl kustomize, validate offline"

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub mod api_server;
+pub mod control_plane;
 pub mod process;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
@@ -90,6 +91,19 @@ impl Webhook {
             extra,
             &[
                 ("KUBECONFIG", kubeconfig),
+                ("KUBERNETES_SERVICE_HOST", "".into()),
+            ],
+        )
+    }
+
+    /// Starts the webhook in cluster mode with this kubeconfig.
+    pub fn start_with_kubeconfig(kubeconfig: &Path, extra: &[&str]) -> Self {
+        Self::spawn(
+            tempfile::tempdir().unwrap(),
+            Vec::new(),
+            extra,
+            &[
+                ("KUBECONFIG", kubeconfig.as_os_str().to_os_string()),
                 ("KUBERNETES_SERVICE_HOST", "".into()),
             ],
         )

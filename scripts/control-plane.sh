@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Builds the pinned Kubernetes control plane the control-plane tests run: kube-apiserver,
+# kube-scheduler and kube-controller-manager (module k8s.io/kubernetes) and an etcd server
+# (go.etcd.io/etcd/server/v3), from the Go module in tools/control-plane, with the machine's Go,
+# into a cache directory keyed by those versions, so that a second run builds nothing. Prints
+# the directory holding the four binaries on its last line.
+#
+# Exit status: 0 built (or cached); 3 Go is missing (the tests are then not run, and say so);
+# anything else, the build failed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+module=tools/control-plane
+kubernetes=$(awk '$1 == "k8s.io/kubernetes" {print $2; exit}' "$module/go.mod")
+etcd=$(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2; exit}' "$module/go.mod")
+cache=${CORAL_CONTROL_PLANE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/coral/control-plane}
+bin="$cache/kubernetes-$kubernetes-etcd-$etcd"
+binaries=(etcd kube-apiserver kube-scheduler kube-controller-manager)
+
+cached=yes
+for binary in "${binaries[@]}"; do
+  [ -x "$bin/$binary" ] || cached=no
+done
+if [ "$cached" = yes ]; then
+  echo "control plane $kubernetes (etcd $etcd): cached" >&2
+  echo "$bin"
+  exit 0
+fi
+if ! command -v go >/dev/null 2>&1; then
+  echo "control plane: Go is not installed; the control-plane tests need it to build kube-apiserver, kube-scheduler, kube-controller-manager and etcd." >&2
+  echo "Install Go 1.26 or newer (https://go.dev/doc/install) and run this again." >&2
+  exit 3
+fi
+minor=${kubernetes#v1.}
+minor=${minor%%.*}
+ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$kubernetes -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
+started=$(date +%s)
+mkdir -p "$bin.partial"
+(
+  cd "$module"
+  GOFLAGS="${GOFLAGS:-} -buildvcs=false" go build -trimpath -ldflags "$ldflags" -o "$bin.partial/" \
+    ./cmd/etcd \
+    k8s.io/kubernetes/cmd/kube-apiserver \
+    k8s.io/kubernetes/cmd/kube-scheduler \
+    k8s.io/kubernetes/cmd/kube-controller-manager
+)
+rm -rf "$bin"
+mv "$bin.partial" "$bin"
+echo "control plane $kubernetes (etcd $etcd): built in $(( $(date +%s) - started )) s" >&2
+echo "$bin"

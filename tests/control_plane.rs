@@ -1,0 +1,406 @@
+//! Placement safety judged by the real Kubernetes scheduler: a control plane built from the
+//! Kubernetes modules (`scripts/control-plane.sh`), the real `coral webhook` under its own
+//! ServiceAccount with the RBAC of `deploy/`, registered with a MutatingWebhookConfiguration
+//! made from `deploy/`'s (a `url` on loopback, since nothing routes Service IPs here). For every
+//! stranding case of the default policies, a workload is created with kubectl; the controller
+//! manager makes its Pods and the scheduler must bind every one of them, to a node that holds
+//! what it was steered to.
+//!
+//! Needs the control plane: `scripts/test.sh` builds it and runs this with `--ignored`; without
+//! it the test is reported as ignored, never as passed.
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test helpers panic on setup failures
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use support::control_plane::ControlPlane;
+use support::{Webhook, get_probe};
+
+fn label(image: &str) -> String {
+    coral::image::label_key(&coral::image::ImageReference::parse(image).unwrap())
+}
+
+/// The objects of a YAML file of the repository.
+fn manifests(path: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|document| Value::deserialize(document).unwrap())
+        .filter(|value| !value.is_null())
+        .collect()
+}
+
+/// `deploy/`'s webhook configurations, pointed at the webhook on loopback.
+fn webhook_configurations(address: std::net::SocketAddr, ca: &str) -> Vec<Value> {
+    let bundle = base64::engine::general_purpose::STANDARD.encode(ca);
+    let mut configurations = manifests("deploy/base/webhook-configurations.yaml");
+    for configuration in &mut configurations {
+        for webhook in configuration["webhooks"].as_array_mut().unwrap() {
+            let path = webhook["clientConfig"]["service"]["path"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            webhook["clientConfig"] =
+                json!({"url": format!("https://{address}{path}"), "caBundle": bundle});
+            // The API server and the webhook share two busy cores in the tests.
+            webhook["timeoutSeconds"] = json!(10);
+        }
+    }
+    configurations
+}
+
+/// Where the Pods of `app` in `shop` were bound, once all of them are; panics with the
+/// scheduler's message when one cannot be scheduled.
+fn bound_nodes(plane: &ControlPlane, app: &str, replicas: usize) -> BTreeSet<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pods: Value = serde_json::from_str(&plane.kubectl_ok(&[
+            "get",
+            "pods",
+            "-n",
+            "shop",
+            "-l",
+            &format!("app={app}"),
+            "-o",
+            "json",
+        ]))
+        .unwrap();
+        let items = pods["items"].as_array().unwrap();
+        let nodes: Vec<&str> = items
+            .iter()
+            .filter_map(|pod| pod["spec"]["nodeName"].as_str())
+            .collect();
+        if items.len() >= replicas && nodes.len() == items.len() {
+            return nodes.into_iter().map(str::to_string).collect();
+        }
+        if Instant::now() > deadline {
+            let events = plane.kubectl_ok(&[
+                "get",
+                "events",
+                "-n",
+                "shop",
+                "--field-selector",
+                "reason=FailedScheduling",
+                "-o",
+                "custom-columns=OBJECT:.involvedObject.name,MESSAGE:.message",
+            ]);
+            panic!("{app}: pods not all bound: {pods}\n{events}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A Deployment of `images` in `shop`, asking for both injections, with `pod_spec` merged in.
+fn deployment(app: &str, images: &[&str], pod_spec: Value) -> Value {
+    let containers: Vec<Value> = images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| json!({"name": format!("c{i}"), "image": image}))
+        .collect();
+    let mut spec = json!({"containers": containers});
+    for (key, value) in pod_spec.as_object().unwrap() {
+        spec[key] = value.clone();
+    }
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": app, "namespace": "shop", "annotations": {"coral.dev/inject": "selectors,pull-policy"}},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": app}},
+            "template": {"metadata": {"labels": {"app": app}}, "spec": spec},
+        },
+    })
+}
+
+/// The stored template's nodeSelector.
+fn stored_selector(plane: &ControlPlane, app: &str) -> Value {
+    let object: Value = serde_json::from_str(&plane.kubectl_ok(&[
+        "get",
+        "deployment",
+        app,
+        "-n",
+        "shop",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    object["spec"]["template"]["spec"]
+        .get("nodeSelector")
+        .cloned()
+        .unwrap_or(json!({}))
+}
+
+#[test]
+#[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
+fn the_real_scheduler_binds_every_pod_coral_mutated() {
+    let Some(bin) = ControlPlane::binaries() else {
+        panic!(
+            "{} is not set: run scripts/control-plane.sh",
+            support::control_plane::BIN_ENV
+        );
+    };
+    let plane = ControlPlane::start(&bin);
+    println!(
+        "control plane ready in {:.1} s",
+        plane.startup.as_secs_f64()
+    );
+
+    // Coral's CRDs, namespace and RBAC, as deploy/ has them.
+    plane.kubectl_ok(&[
+        "apply",
+        "-f",
+        "crds/",
+        "-f",
+        "deploy/base/namespace.yaml",
+        "-f",
+        "deploy/base/rbac.yaml",
+    ]);
+    plane.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/imagesets.coral.dev",
+        "--timeout=30s",
+    ]);
+    plane.kubectl_ok(&["create", "namespace", "shop"]);
+    plane.kubectl_ok(&["label", "namespace", "shop", "coral.dev/inject=enabled"]);
+    let image_set = json!({
+        "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+        "metadata": {"name": "shop", "namespace": "shop"},
+        "spec": {"images": ["nginx:1.27", "nginx:1.28", "redis:7.4", "busybox:1.36", "alpine:3.20"]},
+    });
+    let output = plane.kubectl_stdin(&["create"], &image_set);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // The nodes of tests/data/placement/state.yaml, labelled as agents label them.
+    let held = |images: &[&str], extra: Value| {
+        let mut labels = extra;
+        for image in images {
+            labels[label(image)] = json!("available");
+        }
+        labels
+    };
+    plane.node(
+        "web-a",
+        held(&["nginx:1.27", "nginx:1.28"], json!({"pool": "web"})),
+        json!([]),
+        false,
+    );
+    plane.node(
+        "web-b",
+        held(&["redis:7.4"], json!({"pool": "web"})),
+        json!([]),
+        false,
+    );
+    plane.node("db-a", held(&[], json!({"pool": "db"})), json!([]), false);
+    plane.node(
+        "gpu-a",
+        held(&["busybox:1.36"], json!({"pool": "gpu"})),
+        json!([{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]),
+        false,
+    );
+    plane.node(
+        "old-a",
+        held(&["alpine:3.20"], json!({"pool": "old"})),
+        json!([]),
+        true,
+    );
+
+    // The webhook, under its own ServiceAccount, and registered as deploy/ registers it.
+    let kubeconfig = plane.service_account_kubeconfig("coral-system", "coral-webhook");
+    let webhook = Webhook::start_with_kubeconfig(
+        &kubeconfig,
+        &["--debounce-ms", "50", "--pod-name", "coral-webhook-0"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    loop {
+        let (status, body) = runtime.block_on(get_probe(&webhook, "/readyz"));
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the webhook never became ready: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for configuration in webhook_configurations(webhook.https, &webhook.authority.pem()) {
+        let output = plane.kubectl_stdin(&["apply"], &configuration);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // The API server's webhook client picks the configuration up within a moment: wait until
+    // a dry-run create comes back mutated.
+    let probe = deployment("probe", &["nginx:1.27"], json!({}));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let output = plane.kubectl_stdin(&["create", "--dry-run=server", "-o", "json"], &probe);
+        let object: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+        if object["spec"]["template"]["spec"]["nodeSelector"][label("nginx:1.27")] == "available" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the API server never called the webhook: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let required_pool_db = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["db"]}]},
+    ]}}});
+    let untainted: BTreeSet<String> = ["web-a", "web-b", "db-a"].map(String::from).into();
+    let cases: Vec<(&str, Vec<&str>, Value, BTreeSet<String>)> = vec![
+        // 1. Two images on different nodes: steered to one, still schedulable.
+        (
+            "apart",
+            vec!["nginx:1.27", "redis:7.4"],
+            json!({}),
+            ["web-a", "web-b"].map(String::from).into(),
+        ),
+        // 2. The pod's own nodeSelector and required affinity keep it off the image's nodes.
+        (
+            "db-selector",
+            vec!["nginx:1.27"],
+            json!({"nodeSelector": {"pool": "db"}}),
+            ["db-a".to_string()].into(),
+        ),
+        (
+            "db-affinity",
+            vec!["nginx:1.27"],
+            json!({"affinity": required_pool_db}),
+            ["db-a".to_string()].into(),
+        ),
+        // ... an image held only by a node whose taint it does not tolerate, or a cordoned one.
+        (
+            "tainted-only",
+            vec!["busybox:1.36"],
+            json!({}),
+            untainted.clone(),
+        ),
+        (
+            "cordoned-only",
+            vec!["alpine:3.20"],
+            json!({}),
+            untainted.clone(),
+        ),
+        // 3. An updated image whose old key stays in the template.
+        (
+            "updated",
+            vec!["nginx:1.28"],
+            json!({"nodeSelector": {label("nginx:1.27"): "available", "pool": "web"}}),
+            ["web-a".to_string()].into(),
+        ),
+        // Positive controls: a tolerated taint keeps the label; a node holding all gets all.
+        (
+            "tolerant",
+            vec!["busybox:1.36"],
+            json!({"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]}),
+            ["gpu-a".to_string()].into(),
+        ),
+        (
+            "together",
+            vec!["nginx:1.27", "nginx:1.28"],
+            json!({}),
+            ["web-a".to_string()].into(),
+        ),
+    ];
+    for (app, images, pod_spec, _) in &cases {
+        let output = plane.kubectl_stdin(&["create"], &deployment(app, images, pod_spec.clone()));
+        assert!(
+            output.status.success(),
+            "{app}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    for (app, _, _, expected) in &cases {
+        let nodes = bound_nodes(&plane, app, 2);
+        assert!(
+            nodes.is_subset(expected),
+            "{app}: bound to {nodes:?}, expected within {expected:?}"
+        );
+    }
+    // What the webhook did, in the stored templates.
+    assert_eq!(
+        stored_selector(&plane, "tolerant"),
+        json!({label("busybox:1.36"): "available"})
+    );
+    assert_eq!(
+        stored_selector(&plane, "together"),
+        json!({label("nginx:1.27"): "available", label("nginx:1.28"): "available"})
+    );
+    assert_eq!(
+        stored_selector(&plane, "updated"),
+        json!({"pool": "web", label("nginx:1.28"): "available"})
+    );
+    assert_eq!(
+        stored_selector(&plane, "db-selector"),
+        json!({"pool": "db"})
+    );
+    let apart = stored_selector(&plane, "apart");
+    assert_eq!(
+        apart.as_object().unwrap().len(),
+        1,
+        "steered to one of the two images: {apart}"
+    );
+
+    // A Pod, not a template, is judged the same way; the scheduler binds it too.
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "bare", "namespace": "shop", "labels": {"app": "bare"}, "annotations": {"coral.dev/inject": "selectors,pull-policy"}},
+        "spec": {"containers": [{"name": "a", "image": "nginx:1.27"}, {"name": "b", "image": "redis:7.4"}]},
+    });
+    let output = plane.kubectl_stdin(&["create"], &pod);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let nodes = bound_nodes(&plane, "bare", 1);
+    assert!(
+        nodes.is_subset(&["web-a", "web-b"].map(String::from).into()),
+        "{nodes:?}"
+    );
+
+    // 4. The ImageSet deleted while workloads require its labels: no agent runs here, so the
+    // labels stay; an update of a template drops the keys of the now unmanaged images.
+    plane.kubectl_ok(&["delete", "imageset", "shop", "-n", "shop", "--wait=false"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        plane.kubectl_ok(&[
+            "annotate",
+            "deployment",
+            "together",
+            "-n",
+            "shop",
+            "--overwrite",
+            &format!("touched={}", deadline.elapsed().as_nanos()),
+        ]);
+        if stored_selector(&plane, "together") == json!({}) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the keys of unmanaged images stayed: {}",
+            stored_selector(&plane, "together")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(webhook);
+}

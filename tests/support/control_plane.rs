@@ -1,0 +1,368 @@
+//! A real Kubernetes control plane for the tests: etcd, kube-apiserver, kube-scheduler and
+//! kube-controller-manager, built by `scripts/control-plane.sh` (the directory of the binaries
+//! in `CORAL_CONTROL_PLANE_BIN`), started on free loopback ports in a temp directory, and
+//! stopped and waited for when dropped, also when the test fails.
+//!
+//! The API server authenticates client certificates and service-account tokens, authorizes
+//! with Node and RBAC, and runs the default admission plugins plus NodeRestriction, as a
+//! kubeadm cluster has them. No kubelet runs: Nodes are API objects ([`ControlPlane::node`]),
+//! which the scheduler binds Pods to. The node lifecycle controller is off, so nothing taints
+//! them for missing heartbeats.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa, KeyPair,
+};
+use serde_json::{Value, json};
+
+/// Where `scripts/control-plane.sh` put the binaries, when it ran.
+pub const BIN_ENV: &str = "CORAL_CONTROL_PLANE_BIN";
+
+pub struct ControlPlane {
+    /// Started processes, stopped in reverse order.
+    processes: Vec<(&'static str, Child)>,
+    dir: tempfile::TempDir,
+    pub url: String,
+    /// An admin (system:masters) kubeconfig.
+    pub kubeconfig: PathBuf,
+    pub startup: Duration,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A client certificate and key signed by `ca`.
+fn client_cert(
+    ca: &CertifiedIssuer<'static, KeyPair>,
+    user: &str,
+    groups: &[&str],
+) -> (String, String) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, user);
+    for group in groups {
+        name.push(DnType::OrganizationName, *group);
+    }
+    params.distinguished_name = name;
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, ca).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn write_kubeconfig(path: &Path, url: &str, ca: &str, user: Value) {
+    use base64::Engine as _;
+    let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+    let config = json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {"server": url, "certificate-authority-data": b64(ca)}}],
+        "users": [{"name": "user", "user": user}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "user"}}],
+    });
+    std::fs::write(path, serde_yaml::to_string(&config).unwrap()).unwrap();
+}
+
+fn cert_user(cert: &str, key: &str) -> Value {
+    use base64::Engine as _;
+    let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+    json!({"client-certificate-data": b64(cert), "client-key-data": b64(key)})
+}
+
+impl ControlPlane {
+    /// The directory of the binaries, or `None` when the control plane was not built.
+    pub fn binaries() -> Option<PathBuf> {
+        std::env::var_os(BIN_ENV).map(PathBuf::from)
+    }
+
+    /// Starts etcd, kube-apiserver, kube-scheduler and kube-controller-manager and waits until
+    /// the API server is ready.
+    pub fn start(bin: &Path) -> Self {
+        let started = Instant::now();
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        let write = |name: &str, text: &str| std::fs::write(path(name), text).unwrap();
+
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "coral-test-ca");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        write("ca.crt", &ca.pem());
+        let serving_key = KeyPair::generate().unwrap();
+        let serving = CertificateParams::new(vec![
+            "127.0.0.1".to_string(),
+            "localhost".to_string(),
+            "kubernetes.default.svc".to_string(),
+        ])
+        .unwrap()
+        .signed_by(&serving_key, &ca)
+        .unwrap();
+        write("apiserver.crt", &serving.pem());
+        write("apiserver.key", &serving_key.serialize_pem());
+        let service_accounts = KeyPair::generate().unwrap();
+        write("sa.key", &service_accounts.serialize_pem());
+        write("sa.pub", &service_accounts.public_key_pem());
+
+        let (etcd_client, etcd_peer, api_port) = (free_port(), free_port(), free_port());
+        let url = format!("https://127.0.0.1:{api_port}");
+        let mut plane = Self {
+            processes: Vec::new(),
+            url: url.clone(),
+            kubeconfig: path("admin.kubeconfig"),
+            startup: Duration::ZERO,
+            dir,
+        };
+        let (cert, key) = client_cert(&ca, "coral-test-admin", &["system:masters"]);
+        write_kubeconfig(&plane.kubeconfig, &url, &ca.pem(), cert_user(&cert, &key));
+        for (name, user) in [
+            ("scheduler", "system:kube-scheduler"),
+            ("controller-manager", "system:kube-controller-manager"),
+        ] {
+            let (cert, key) = client_cert(&ca, user, &[]);
+            write_kubeconfig(
+                &plane.dir.path().join(format!("{name}.kubeconfig")),
+                &url,
+                &ca.pem(),
+                cert_user(&cert, &key),
+            );
+        }
+
+        let dir = plane.dir.path().to_path_buf();
+        let arg = |name: &str| dir.join(name).display().to_string();
+        plane.spawn(
+            "etcd",
+            bin,
+            &[
+                "--data-dir".into(),
+                arg("etcd"),
+                "--listen-client-urls".into(),
+                format!("http://127.0.0.1:{etcd_client}"),
+                "--advertise-client-urls".into(),
+                format!("http://127.0.0.1:{etcd_client}"),
+                "--listen-peer-urls".into(),
+                format!("http://127.0.0.1:{etcd_peer}"),
+                "--initial-advertise-peer-urls".into(),
+                format!("http://127.0.0.1:{etcd_peer}"),
+                "--initial-cluster".into(),
+                format!("default=http://127.0.0.1:{etcd_peer}"),
+                "--unsafe-no-fsync".into(),
+            ],
+        );
+        plane.spawn(
+            "kube-apiserver",
+            bin,
+            &[
+                format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
+                format!("--secure-port={api_port}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--tls-cert-file={}", arg("apiserver.crt")),
+                format!("--tls-private-key-file={}", arg("apiserver.key")),
+                format!("--client-ca-file={}", arg("ca.crt")),
+                format!("--service-account-key-file={}", arg("sa.pub")),
+                format!("--service-account-signing-key-file={}", arg("sa.key")),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                format!("--cert-dir={}", arg("certs")),
+                "--allow-privileged=true".into(),
+                "--profiling=false".into(),
+            ],
+        );
+        plane.wait_ready(Duration::from_secs(60));
+        plane.spawn(
+            "kube-scheduler",
+            bin,
+            &[
+                format!("--kubeconfig={}", arg("scheduler.kubeconfig")),
+                format!(
+                    "--authentication-kubeconfig={}",
+                    arg("scheduler.kubeconfig")
+                ),
+                format!("--authorization-kubeconfig={}", arg("scheduler.kubeconfig")),
+                "--secure-port=0".into(),
+                "--leader-elect=false".into(),
+            ],
+        );
+        plane.spawn(
+            "kube-controller-manager",
+            bin,
+            &[
+                format!("--kubeconfig={}", arg("controller-manager.kubeconfig")),
+                format!(
+                    "--authentication-kubeconfig={}",
+                    arg("controller-manager.kubeconfig")
+                ),
+                format!(
+                    "--authorization-kubeconfig={}",
+                    arg("controller-manager.kubeconfig")
+                ),
+                "--secure-port=0".into(),
+                "--leader-elect=false".into(),
+                format!("--service-account-private-key-file={}", arg("sa.key")),
+                format!("--root-ca-file={}", arg("ca.crt")),
+                "--use-service-account-credentials=true".into(),
+                // No kubelets: nothing would renew node leases, and no cloud, routes or
+                // service IPs to manage.
+                "--controllers=*,-nodelifecycle,-nodeipam,-route,-cloud-node-lifecycle,-service"
+                    .into(),
+            ],
+        );
+        plane.startup = started.elapsed();
+        plane
+    }
+
+    fn spawn(&mut self, name: &'static str, bin: &Path, args: &[String]) {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let child = Command::new(bin.join(name))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        self.processes.push((name, child));
+    }
+
+    fn wait_ready(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let output = self.kubectl(&["get", "--raw", "/readyz"]);
+            if output.status.success() && String::from_utf8_lossy(&output.stdout).trim() == "ok" {
+                return;
+            }
+            let exited = self
+                .processes
+                .iter_mut()
+                .find_map(|(name, child)| Some((*name, child.try_wait().ok()??)));
+            if let Some((name, status)) = exited {
+                panic!("{name} exited ({status}):\n{}", self.log(name));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the API server is not ready:\n{}",
+                self.log("kube-apiserver")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The end of a component's log.
+    pub fn log(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// kubectl as the admin.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl runs")
+    }
+
+    /// kubectl as the admin, which must succeed; its standard output.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let output = self.kubectl(args);
+        assert!(
+            output.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// kubectl as the admin with an object on stdin (`apply`, `create`).
+    pub fn kubectl_stdin(&self, args: &[&str], object: &Value) -> Output {
+        use std::io::Write as _;
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(object.to_string().as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// A kubeconfig for a ServiceAccount, with a token from the TokenRequest API.
+    pub fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> PathBuf {
+        let token = self.kubectl_ok(&["create", "token", name, "-n", namespace, "--duration=1h"]);
+        let path = self
+            .dir
+            .path()
+            .join(format!("{namespace}-{name}.kubeconfig"));
+        let ca = std::fs::read_to_string(self.dir.path().join("ca.crt")).unwrap();
+        write_kubeconfig(&path, &self.url, &ca, json!({"token": token.trim()}));
+        path
+    }
+
+    /// Creates a Node as a kubelet would register it, Ready, with these labels, taints and
+    /// cordon, and room for pods.
+    pub fn node(&self, name: &str, labels: Value, taints: Value, unschedulable: bool) {
+        let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}});
+        let output = self.kubectl_stdin(&["create"], &node);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let resources = json!({"cpu": "8", "memory": "32Gi", "pods": "110"});
+        let status = json!({"status": {
+            "capacity": resources, "allocatable": resources,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "ready"}],
+        }});
+        self.kubectl_ok(&[
+            "patch",
+            "node",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ]);
+        // The API server taints a new Node not-ready; with no node lifecycle controller to
+        // lift it, the test sets the taints it wants.
+        let spec = json!({"spec": {"taints": taints, "unschedulable": unschedulable}});
+        self.kubectl_ok(&[
+            "patch",
+            "node",
+            name,
+            "--type=merge",
+            "-p",
+            &spec.to_string(),
+        ]);
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        while let Some((_, mut child)) = self.processes.pop() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
