@@ -7,7 +7,8 @@
 # Which images are steered to is decided in feasibility.rego.
 #
 # Coral's entries and terms are recomputed on every CREATE and UPDATE: an entry or term for an
-# image the pod no longer runs, or that no ImageSet manages any more, goes. A nodeSelector
+# image the pod no longer runs, or that no ImageSet manages any more, goes; with selectors
+# injected, so does one for an image the pod cannot be steered to. A nodeSelector
 # entry is Coral's when its key starts with image.coral.dev/; a preferred term is Coral's when
 # every one of its matchExpressions is `image.coral.dev/…  In [available]` and it has no
 # matchFields. Nothing else is touched.
@@ -28,11 +29,20 @@ node_selector_entries := current_node_selector if {
 
 coral_selector_entries := {key: "available" | some key in steered} if steering("required")
 
+# Steering softly, a hard entry left from required scheduling stays only while the pod can
+# still be steered to its image.
 coral_selector_entries := {key: value |
 	some key, value in node_selector_entries
 	is_coral_key(key)
 	still_managed(key)
-} if not steering("required")
+	key in steered
+} if steering("preferred")
+
+coral_selector_entries := {key: value |
+	some key, value in node_selector_entries
+	is_coral_key(key)
+	still_managed(key)
+} if not inject_selectors
 
 wanted_node_selector := object.union(
 	{key: value | some key, value in node_selector_entries; not is_coral_key(key)},

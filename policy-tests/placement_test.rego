@@ -211,3 +211,12 @@ test_corals_terms_for_images_still_run_stay_without_injection if {
 	count(mutate.patch) == 0 with input as placed({}, pod_spec, [web], everywhere)
 		with data.coral.images as images
 }
+
+test_preferred_steering_drops_hard_entries_the_pod_cannot_be_steered_to if {
+	# Left from required scheduling: nginx (feasible) stays, redis (on no node) goes.
+	pod_spec := {"nodeSelector": {nginx_label: "available", redis_label: "available"}}
+	ops := mutate.patch with input as request(inject("selectors"), pod_spec, [web, cache])
+		with data.coral.images as images
+		with data.coral.settings as settings({"scheduling": "preferred"})
+	{"op": "add", "path": "/spec/template/spec/nodeSelector", "value": {nginx_label: "available"}} in ops
+}
