@@ -6,6 +6,10 @@
 //! manager makes its Pods and the scheduler must bind every one of them, to a node that holds
 //! what it was steered to.
 //!
+//! The real `coral controller`, under its own ServiceAccount too, writes the ImageSet's status;
+//! when the ImageSet is deleted while workloads still require its labels, its images retire
+//! (finalizer held, `Retiring` condition) until forced, and what is then stranded is reported.
+//!
 //! Needs the control plane: `scripts/test.sh` builds it and runs this with `--ignored`; without
 //! it the test is reported as ignored, never as passed.
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test helpers panic on setup failures
@@ -262,6 +266,39 @@ fn the_real_scheduler_binds_every_pod_coral_mutated() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // The controller, under its own ServiceAccount: status, stranded workloads, retiring.
+    let controller_probes = free_address();
+    let _controller = support::process::Kill(
+        std::process::Command::new(env!("CARGO_BIN_EXE_coral"))
+            .args([
+                "controller",
+                "--pod-name",
+                "controller-0",
+                "--debounce",
+                "100ms",
+                "--resync",
+                "2s",
+                "--cleanup-timeout",
+                "1s",
+            ])
+            .arg("--probe-listen")
+            .arg(controller_probes.to_string())
+            .env(
+                "KUBECONFIG",
+                plane.service_account_kubeconfig("coral-system", "coral-controller"),
+            )
+            .env("KUBERNETES_SERVICE_HOST", "")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(
+        "the controller is ready (every watch listed: its RBAC is enough)",
+        Duration::from_secs(30),
+        || http_get(controller_probes, "/readyz").starts_with("HTTP/1.1 200"),
+    );
+
     let required_pool_db = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
         {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["db"]}]},
     ]}}});
@@ -378,9 +415,32 @@ fn the_real_scheduler_binds_every_pod_coral_mutated() {
         "{nodes:?}"
     );
 
-    // 4. The ImageSet deleted while workloads require its labels: no agent runs here, so the
-    // labels stay; an update of a template drops the keys of the now unmanaged images.
+    // The controller has the ImageSet's status written; nothing is stranded.
+    wait_until("the ImageSet's status", Duration::from_secs(30), || {
+        image_set_status(&plane)["imageCount"] == 5
+    });
+    assert!(
+        http_get(controller_probes, "/metrics")
+            .contains("coral_stranded_workloads{kind=\"Deployment\"} 0")
+    );
+
+    // 4. The ImageSet deleted while workloads require its labels: its images are retiring,
+    // the finalizer holds it, and the condition names the workloads.
     plane.kubectl_ok(&["delete", "imageset", "shop", "-n", "shop", "--wait=false"]);
+    wait_until("the Retiring condition", Duration::from_secs(30), || {
+        image_set_status(&plane)["conditions"]
+            .as_array()
+            .is_some_and(|c| {
+                c.iter().any(|c| {
+                    c["type"] == "Retiring"
+                        && c["message"]
+                            .as_str()
+                            .unwrap_or("")
+                            .contains("Deployment shop/together")
+                })
+            })
+    });
+    // An update of a template drops the keys of the images no longer managed.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         plane.kubectl_ok(&[
@@ -402,5 +462,90 @@ fn the_real_scheduler_binds_every_pod_coral_mutated() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    // Forced: the retiring images go, the controller removes the labels (no agent runs here;
+    // --cleanup-timeout 1s) and releases the finalizer; what still requires them is stranded.
+    plane.kubectl_ok(&[
+        "annotate",
+        "imageset",
+        "shop",
+        "-n",
+        "shop",
+        "coral.dev/force-remove=true",
+    ]);
+    wait_until("the ImageSet to go", Duration::from_secs(30), || {
+        !plane
+            .kubectl(&["get", "imageset", "shop", "-n", "shop"])
+            .status
+            .success()
+    });
+    let web_a: Value =
+        serde_json::from_str(&plane.kubectl_ok(&["get", "node", "web-a", "-o", "json"])).unwrap();
+    assert!(
+        web_a["metadata"]["labels"]
+            .get(label("nginx:1.27"))
+            .is_none(),
+        "{}",
+        web_a["metadata"]["labels"]
+    );
+    wait_until(
+        "a Stranded Event on a workload that still requires a removed label",
+        Duration::from_secs(30),
+        || {
+            !plane
+                .kubectl_ok(&[
+                    "get",
+                    "events",
+                    "-n",
+                    "shop",
+                    "--field-selector",
+                    "reason=Stranded,involvedObject.name=tolerant",
+                    "-o",
+                    "name",
+                ])
+                .trim()
+                .is_empty()
+        },
+    );
+    assert!(
+        !http_get(controller_probes, "/metrics")
+            .contains("coral_stranded_workloads{kind=\"Deployment\"} 0")
+    );
     drop(webhook);
+}
+
+fn image_set_status(plane: &ControlPlane) -> Value {
+    let output = plane.kubectl(&["get", "imageset", "shop", "-n", "shop", "-o", "json"]);
+    serde_json::from_slice::<Value>(&output.stdout)
+        .map(|set| set["status"].clone())
+        .unwrap_or(Value::Null)
+}
+
+fn free_address() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A plain HTTP GET; the whole answer, status line first (empty when nothing listens).
+fn http_get(address: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(address) else {
+        return String::new();
+    };
+    let _ = write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text
+}
+
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -132,9 +132,16 @@ impl ClusterIndex {
     }
 
     /// Adds or replaces an ImageSet. Invalid references and selectors are kept out, never fatal.
+    ///
+    /// An ImageSet being deleted manages nothing: what of it workloads still require is
+    /// retiring (kept on the nodes until they no longer do), and pods are not steered to it.
     pub fn apply_image_set(&mut self, set: &ImageSet) {
         let namespace = set.metadata.namespace.clone().unwrap_or_default();
         let name = set.metadata.name.clone().unwrap_or_default();
+        if set.metadata.deletion_timestamp.is_some() {
+            self.image_sets.remove(&(namespace, name));
+            return;
+        }
         let images = set
             .spec
             .images

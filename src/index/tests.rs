@@ -235,3 +235,17 @@ fn state_file_images_become_labels_and_errors_name_the_entry() {
         assert!(error.to_string().contains(expected), "{text}: {error}");
     }
 }
+
+#[test]
+fn an_image_set_being_deleted_manages_nothing() {
+    let mut index = ClusterIndex::new();
+    let mut set = image_set("shop", "web", &["nginx:1.27"], None);
+    index.apply_image_set(&set);
+    assert_eq!(index.image_availability().len(), 1);
+    set.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+    ));
+    index.apply_image_set(&set);
+    assert!(index.image_availability().is_empty());
+    assert!(index.images_by_label().is_empty());
+}
