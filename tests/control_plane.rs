@@ -266,6 +266,30 @@ fn the_real_scheduler_binds_every_pod_coral_mutated() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // Invalid ImageSets: the CRD schema refuses what it can say, Coral's validating webhook
+    // the rest.
+    let invalid = |name: &str, images: Value| {
+        json!({"apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+               "metadata": {"name": name, "namespace": "shop"}, "spec": {"images": images}})
+    };
+    let output = plane.kubectl_stdin(&["create"], &invalid("empty", json!([])));
+    let refusal = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && refusal.contains("spec.images"),
+        "{refusal}"
+    );
+    let output = plane.kubectl_stdin(
+        &["create"],
+        &invalid("twice", json!(["nginx", "docker.io/library/nginx:latest"])),
+    );
+    let refusal = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success()
+            && refusal.contains("denied the request")
+            && refusal.contains("is the same image as spec.images[0]"),
+        "{refusal}"
+    );
+
     // The controller, under its own ServiceAccount: status, stranded workloads, retiring.
     let controller_probes = free_address();
     let _controller = support::process::Kill(
@@ -415,10 +439,24 @@ fn the_real_scheduler_binds_every_pod_coral_mutated() {
         "{nodes:?}"
     );
 
-    // The controller has the ImageSet's status written; nothing is stranded.
+    // The controller has the ImageSet's status written; nothing is stranded. The printer
+    // columns answer "is it there yet?".
     wait_until("the ImageSet's status", Duration::from_secs(30), || {
         image_set_status(&plane)["imageCount"] == 5
     });
+    let table = plane.kubectl_ok(&["get", "imagesets", "-n", "shop"]);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "IMAGES", "NODES", "COMPLETE", "READY", "AGE"],
+        "{table}"
+    );
+    assert!(table.contains("shop   5"), "{table}");
     assert!(
         http_get(controller_probes, "/metrics")
             .contains("coral_stranded_workloads{kind=\"Deployment\"} 0")
@@ -510,7 +548,117 @@ fn the_real_scheduler_binds_every_pod_coral_mutated() {
         !http_get(controller_probes, "/metrics")
             .contains("coral_stranded_workloads{kind=\"Deployment\"} 0")
     );
+
+    // failurePolicy Ignore: with the webhook gone, workloads are admitted unchanged.
     drop(webhook);
+    let output = plane.kubectl_stdin(
+        &["create"],
+        &deployment("unanswered", &["nginx:1.28"], json!({})),
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stored_selector(&plane, "unanswered"), json!({}));
+}
+
+#[test]
+#[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
+fn deploy_and_its_overlays_apply_to_a_real_api_server() {
+    let Some(bin) = ControlPlane::binaries() else {
+        panic!(
+            "{} is not set: run scripts/control-plane.sh",
+            support::control_plane::BIN_ENV
+        );
+    };
+    let plane = ControlPlane::start(&bin);
+    // A server-side dry run cannot create the namespace its other objects go in.
+    plane.kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--field-manager=coral-test",
+        "-f",
+        "deploy/base/namespace.yaml",
+    ]);
+    for dir in [
+        "deploy",
+        "deploy/overlays/containerd",
+        "deploy/overlays/crio",
+        "deploy/overlays/cert-manager",
+    ] {
+        let rendered = std::process::Command::new("kubectl")
+            .args(["kustomize", dir])
+            .output()
+            .unwrap();
+        assert!(
+            rendered.status.success(),
+            "{dir}: {}",
+            String::from_utf8_lossy(&rendered.stderr)
+        );
+        // cert-manager's own kinds need cert-manager's CRDs, which are not Coral's to install.
+        let objects: Vec<Value> = serde_yaml::Deserializer::from_slice(&rendered.stdout)
+            .map(|document| Value::deserialize(document).unwrap())
+            .filter(|o| {
+                !o["apiVersion"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("cert-manager.io/")
+            })
+            .collect();
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
+        for args in [
+            &[
+                "apply",
+                "--server-side",
+                "--dry-run=server",
+                "--field-manager=coral-test",
+            ][..],
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=coral-test",
+            ][..],
+        ] {
+            let output = plane.kubectl_stdin(args, &list);
+            assert!(
+                output.status.success(),
+                "kubectl {} of {dir}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        if dir == "deploy" {
+            plane.kubectl_ok(&[
+                "wait",
+                "--for=condition=Established",
+                "crd/imagesets.coral.dev",
+                "crd/nodeimages.coral.dev",
+                "--timeout=30s",
+            ]);
+        }
+    }
+    // The API server type-checked the agent's ValidatingAdmissionPolicy: no warnings.
+    let mut status = Value::Null;
+    wait_until("the policy's type check", Duration::from_secs(30), || {
+        let policy: Value = serde_json::from_str(&plane.kubectl_ok(&[
+            "get",
+            "validatingadmissionpolicy",
+            "coral-agent-own-node",
+            "-o",
+            "json",
+        ]))
+        .unwrap();
+        status = policy["status"].clone();
+        status.get("typeChecking").is_some()
+    });
+    assert!(
+        status["typeChecking"]["expressionWarnings"]
+            .as_array()
+            .is_none_or(Vec::is_empty),
+        "{status}"
+    );
 }
 
 fn image_set_status(plane: &ControlPlane) -> Value {

@@ -32,12 +32,12 @@ pub struct ControlPlane {
     pub startup: Duration,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `N` distinct free ports: each listener is held until all are chosen, so none comes twice.
+fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
 }
 
 /// A client certificate and key signed by `ca`.
@@ -112,7 +112,7 @@ impl ControlPlane {
         write("sa.key", &service_accounts.serialize_pem());
         write("sa.pub", &service_accounts.public_key_pem());
 
-        let (etcd_client, etcd_peer, api_port) = (free_port(), free_port(), free_port());
+        let [etcd_client, etcd_peer, api_port] = free_ports();
         let url = format!("https://127.0.0.1:{api_port}");
         let mut plane = Self {
             processes: Vec::new(),
