@@ -311,12 +311,14 @@ impl ControlPlane {
     /// A kubeconfig for a ServiceAccount, with a token from the TokenRequest API.
     pub fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> PathBuf {
         let token = self.kubectl_ok(&["create", "token", name, "-n", namespace, "--duration=1h"]);
-        let path = self
-            .dir
-            .path()
-            .join(format!("{namespace}-{name}.kubeconfig"));
+        self.service_account_kubeconfig_with_token(token.trim(), &format!("{namespace}-{name}"))
+    }
+
+    /// A kubeconfig for a token minted by the caller (bound to a Pod, say), named `name`.
+    pub fn service_account_kubeconfig_with_token(&self, token: &str, name: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("{name}.kubeconfig"));
         let ca = std::fs::read_to_string(self.dir.path().join("ca.crt")).unwrap();
-        write_kubeconfig(&path, &self.url, &ca, json!({"token": token.trim()}));
+        write_kubeconfig(&path, &self.url, &ca, json!({"token": token}));
         path
     }
 
