@@ -17,6 +17,14 @@ test:
 policy-test:
     cargo run --quiet -- policy test policies/ policy-tests/ -v --coverage
 
+# The policy tests under coral policy test and the real OPA engine, compared test for test.
+opa-test:
+    bash scripts/opa-policy-test.sh
+
+# Build (or find cached) the control plane of the control-plane tests, and run them.
+control-plane-test:
+    CORAL_CONTROL_PLANE_BIN="$(bash scripts/control-plane.sh)" cargo test --test control_plane -- --ignored --test-threads=1
+
 # Regenerate committed files: the CRDs in crds/, and their copies and the policies' in deploy/.
 generate:
     cargo run --quiet -- crd --output-dir crds
