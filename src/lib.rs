@@ -9,7 +9,10 @@ pub mod agent;
 pub mod api;
 pub mod cluster;
 pub mod controller;
+/// The tower-test scripted API server of the unit tests that check exact requests; it lives in
+/// the test tree.
 #[cfg(test)]
+#[path = "../tests/support/fake_api.rs"]
 mod fake_api;
 pub mod image;
 pub mod index;
