@@ -383,6 +383,30 @@ fn the_real_scheduler_binds_every_pod_coral_mutated() {
         "{refusal}"
     );
 
+    // Reinvocation: a second webhook, called after Coral's (configurations go by name), adds
+    // an init container; the API server calls Coral again (reinvocationPolicy IfNeeded), and
+    // Coral steers to that image too.
+    let second = SecondWebhook::start();
+    let add_init = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "zz-add-init"},
+        "webhooks": [{
+            "name": "add-init.test.coral.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "clientConfig": {"url": format!("https://localhost:{}/mutate", second.port),
+                             "caBundle": base64::engine::general_purpose::STANDARD.encode(second.authority.pem())},
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop"}},
+            "objectSelector": {"matchLabels": {"test.coral.dev/add-init": "nginx-1.28"}},
+            "rules": [{"apiGroups": ["apps"], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["deployments"]}],
+            "failurePolicy": "Fail", "timeoutSeconds": 10, "reinvocationPolicy": "Never",
+        }],
+    });
+    let output = plane.kubectl_stdin(&["apply"], &add_init);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
     let required_pool_db = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
         {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["db"]}]},
     ]}}});
@@ -442,6 +466,14 @@ fn the_real_scheduler_binds_every_pod_coral_mutated() {
             ["web-a".to_string()].into(),
         ),
     ];
+    let mut reinvoked = deployment("reinvoked", &["nginx:1.27"], json!({}));
+    reinvoked["metadata"]["labels"] = json!({"test.coral.dev/add-init": "nginx-1.28"});
+    let output = plane.kubectl_stdin(&["create"], &reinvoked);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     for (app, images, pod_spec, _) in &cases {
         let output = plane.kubectl_stdin(&["create"], &deployment(app, images, pod_spec.clone()));
         assert!(
@@ -457,6 +489,16 @@ fn the_real_scheduler_binds_every_pod_coral_mutated() {
             "{app}: bound to {nodes:?}, expected within {expected:?}"
         );
     }
+    assert_eq!(
+        bound_nodes(&plane, "reinvoked", 2),
+        ["web-a".to_string()].into()
+    );
+    assert_eq!(
+        stored_selector(&plane, "reinvoked"),
+        json!({label("nginx:1.27"): "available", label("nginx:1.28"): "available"}),
+        "reinvoked after the second webhook added nginx:1.28"
+    );
+    drop(second);
     // What the webhook did, in the stored templates.
     assert_eq!(
         stored_selector(&plane, "tolerant"),
@@ -1062,4 +1104,74 @@ fn a_standby_controller_takes_over_when_the_leader_dies() {
             output.stdout == b"1"
         },
     );
+}
+
+/// A second mutating webhook, in this process: it adds an init container running
+/// `nginx:1.28` to the Deployments it is sent, over the webhook's own TLS and HTTP stack.
+struct SecondWebhook {
+    port: u16,
+    authority: support::Authority,
+    runtime: Option<tokio::runtime::Runtime>,
+    _dir: tempfile::TempDir,
+}
+
+impl SecondWebhook {
+    fn start() -> Self {
+        use axum::body::Bytes;
+        use coral::webhook::admission::Review;
+
+        let dir = tempfile::tempdir().unwrap();
+        let authority = support::Authority::new();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        authority.issue(&cert, &key);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tls =
+            std::sync::Arc::new(coral::webhook::tls::ReloadingCert::load(&cert, &key).unwrap());
+        let tls =
+            tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls.server_config().unwrap()));
+        let app = axum::Router::new().route(
+            "/mutate",
+            axum::routing::post(|body: Bytes| async move {
+                let review = Review::parse(&body).unwrap();
+                let patch = json!([{"op": "add", "path": "/spec/template/spec/initContainers",
+                                    "value": [{"name": "setup", "image": "nginx:1.28"}]}]);
+                axum::Json(json!({
+                    "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                    "response": {
+                        "uid": review.uid, "allowed": true, "patchType": "JSONPatch",
+                        "patch": base64::engine::general_purpose::STANDARD.encode(patch.to_string()),
+                    },
+                }))
+            }),
+        );
+        runtime.spawn(coral::webhook::accept_https(
+            listener,
+            tls,
+            app,
+            Duration::from_secs(5),
+            std::future::pending::<()>(),
+        ));
+        Self {
+            port,
+            authority,
+            runtime: Some(runtime),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for SecondWebhook {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
