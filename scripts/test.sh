@@ -27,7 +27,7 @@ bin=$(bash scripts/control-plane.sh) || status=$?
 if [ "$status" -eq 0 ]; then
   started=$(date +%s)
   # One control plane at a time: two would share the two cores.
-  CORAL_CONTROL_PLANE_BIN="$bin" cargo test --locked --test control_plane -- --ignored --test-threads=1
+  CORAL_CONTROL_PLANE_BIN="$bin" cargo test --locked --test control_plane -- --ignored --test-threads=1 --nocapture
   echo "control-plane tests ran in $(( $(date +%s) - started )) s"
 elif [ "$status" -eq 3 ]; then
   echo "control-plane tests: NOT RUN (Go is missing; see above)"

@@ -164,10 +164,6 @@ fn the_real_scheduler_binds_every_pod_coral_mutated() {
         );
     };
     let plane = ControlPlane::start(&bin);
-    println!(
-        "control plane ready in {:.1} s",
-        plane.startup.as_secs_f64()
-    );
 
     // Coral's CRDs, namespace and RBAC, as deploy/ has them.
     plane.kubectl_ok(&[
@@ -541,6 +537,11 @@ fn the_real_scheduler_binds_every_pod_coral_mutated() {
         "{nodes:?}"
     );
 
+    // `coral audit` of the cluster, through the admin kubeconfig: nothing stranded.
+    let (code, text) = audit(&plane, &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("no stranded workloads"), "{text}");
+
     // The controller has the ImageSet's status written; nothing is stranded. The printer
     // columns answer "is it there yet?".
     wait_until("the ImageSet's status", Duration::from_secs(30), || {
@@ -650,6 +651,19 @@ fn the_real_scheduler_binds_every_pod_coral_mutated() {
         !http_get(controller_probes, "/metrics")
             .contains("coral_stranded_workloads{kind=\"Deployment\"} 0")
     );
+    // `coral audit` finds the same, with the reason: the image no ImageSet manages any more.
+    let (code, text) = audit(&plane, &["-o", "json"]);
+    assert_eq!(code, Some(1), "{text}");
+    let found: Value = serde_json::from_str(&text).unwrap();
+    let tolerant = found
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "tolerant")
+        .unwrap_or_else(|| panic!("{found}"));
+    assert_eq!(tolerant["kind"], "Deployment");
+    assert_eq!(tolerant["images"][0]["image"], Value::Null, "{tolerant}");
+    assert_eq!(tolerant["nodes"], 0);
 
     // failurePolicy Ignore: with the webhook gone, workloads are admitted unchanged.
     drop(webhook);
@@ -917,6 +931,27 @@ fn the_agent_labels_its_own_node_with_its_own_token_and_nothing_else() {
         },
     );
 
+    // The controller turns what the agent recorded into the ImageSet's status: both nodes
+    // are targeted, the one with an agent holds the image.
+    let _controller = start_controller(&plane, "controller-0");
+    wait_until(
+        "the ImageSet's status as the agent reports",
+        Duration::from_secs(30),
+        || {
+            let output = plane.kubectl(&["get", "imageset", "web", "-n", "shop", "-o", "json"]);
+            let set: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+            let image = &set["status"]["images"][0];
+            let ready = set["status"]["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == "Ready").cloned())
+                .unwrap_or(Value::Null);
+            image["nodesTargeted"] == 2
+                && image["nodesAvailable"] == 1
+                && ready["status"] == "False"
+                && ready["reason"] == "NotAllAvailable"
+        },
+    );
+
     // The agent's own token, through the API server's admission: its own Node's Coral labels
     // only.
     let coral_label = format!("{}=available", label("busybox:1.36"));
@@ -1174,4 +1209,23 @@ impl Drop for SecondWebhook {
             runtime.shutdown_background();
         }
     }
+}
+
+/// `coral audit` of the cluster as the admin; its exit code and standard output.
+fn audit(plane: &ControlPlane, args: &[&str]) -> (Option<i32>, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_coral"))
+        .arg("audit")
+        .args(args)
+        .env("KUBECONFIG", &plane.kubeconfig)
+        .env("KUBERNETES_SERVICE_HOST", "")
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
 }

@@ -50,28 +50,6 @@ pub fn kubeconfig_for(url: &str) -> String {
     )
 }
 
-/// Empty lists of the workload kinds Coral watches or audits, by path: Deployments,
-/// StatefulSets, DaemonSets, ReplicaSets, ReplicationControllers, Jobs, CronJobs and Pods.
-pub fn empty_workload_lists() -> BTreeMap<String, Value> {
-    [
-        ("/apis/apps/v1/deployments", "apps/v1", "DeploymentList"),
-        ("/apis/apps/v1/statefulsets", "apps/v1", "StatefulSetList"),
-        ("/apis/apps/v1/daemonsets", "apps/v1", "DaemonSetList"),
-        ("/apis/apps/v1/replicasets", "apps/v1", "ReplicaSetList"),
-        (
-            "/api/v1/replicationcontrollers",
-            "v1",
-            "ReplicationControllerList",
-        ),
-        ("/apis/batch/v1/jobs", "batch/v1", "JobList"),
-        ("/apis/batch/v1/cronjobs", "batch/v1", "CronJobList"),
-        ("/api/v1/pods", "v1", "PodList"),
-    ]
-    .into_iter()
-    .map(|(path, api_version, kind)| (path.to_string(), list(api_version, kind, Vec::new())))
-    .collect()
-}
-
 /// A list response.
 pub fn list(api_version: &str, kind: &str, items: Vec<Value>) -> Value {
     json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items})

@@ -219,6 +219,10 @@ impl ControlPlane {
             ],
         );
         plane.startup = started.elapsed();
+        println!(
+            "control plane ready in {:.1} s",
+            plane.startup.as_secs_f64()
+        );
         plane
     }
 
