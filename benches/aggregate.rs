@@ -137,7 +137,10 @@ fn main() {
         });
         let stranded = coral::controller::find_stranded(&workloads, &index, 1);
         passes.push(started.elapsed());
-        assert!(stranded.is_empty(), "every workload's images are on its pool's nodes");
+        assert!(
+            stranded.is_empty(),
+            "every workload's images are on its pool's nodes"
+        );
     }
     report(
         &format!("stranded-workload check per pass, {NODES} nodes, 1,000 Deployments"),
