@@ -68,7 +68,7 @@ pub fn spawn_watch<K: Send + 'static>(
 /// status (conditions, the images it holds, addresses) and the rest of its metadata go before
 /// a reflector stores it, so memory follows the number of nodes, not the size of their status.
 pub fn strip_node(node: &mut Node) {
-    node.metadata = strip_metadata(&mut node.metadata);
+    strip_metadata(&mut node.metadata);
     node.spec = node.spec.take().map(|spec| NodeSpec {
         taints: spec.taints,
         unschedulable: spec.unschedulable,
@@ -79,8 +79,8 @@ pub fn strip_node(node: &mut Node) {
 
 /// The identity of an object's metadata, its labels and its owners; annotations, managed
 /// fields and the rest dropped.
-pub fn strip_metadata(metadata: &mut ObjectMeta) -> ObjectMeta {
-    ObjectMeta {
+pub fn strip_metadata(metadata: &mut ObjectMeta) {
+    *metadata = ObjectMeta {
         name: metadata.name.take(),
         namespace: metadata.namespace.take(),
         labels: metadata.labels.take(),
@@ -88,5 +88,5 @@ pub fn strip_metadata(metadata: &mut ObjectMeta) -> ObjectMeta {
         resource_version: metadata.resource_version.take(),
         uid: metadata.uid.take(),
         ..ObjectMeta::default()
-    }
+    };
 }

@@ -154,19 +154,21 @@ fn stored_selector(plane: &ControlPlane, app: &str) -> Value {
         .unwrap_or(json!({}))
 }
 
-#[test]
-#[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
-fn the_real_scheduler_binds_every_pod_coral_mutated() {
-    let Some(bin) = ControlPlane::binaries() else {
+/// The binaries of `scripts/control-plane.sh`.
+fn control_plane_binaries() -> std::path::PathBuf {
+    ControlPlane::binaries().unwrap_or_else(|| {
         panic!(
             "{} is not set: run scripts/control-plane.sh",
             support::control_plane::BIN_ENV
-        );
-    };
-    let plane = ControlPlane::start(&bin);
+        )
+    })
+}
 
-    // Coral's CRDs, namespace and RBAC, as deploy/ has them.
-    plane.kubectl_ok(&[
+/// A control plane with Coral's CRDs (Established), namespace and RBAC as `deploy/` has them,
+/// the manifests of `extra`, and the namespace `shop`.
+fn coral_control_plane(extra: &[&str]) -> ControlPlane {
+    let plane = ControlPlane::start(&control_plane_binaries());
+    let mut args = vec![
         "apply",
         "-f",
         "crds/",
@@ -174,14 +176,26 @@ fn the_real_scheduler_binds_every_pod_coral_mutated() {
         "deploy/base/namespace.yaml",
         "-f",
         "deploy/base/rbac.yaml",
-    ]);
+    ];
+    for manifest in extra {
+        args.extend(["-f", manifest]);
+    }
+    plane.kubectl_ok(&args);
     plane.kubectl_ok(&[
         "wait",
         "--for=condition=Established",
         "crd/imagesets.coral.dev",
+        "crd/nodeimages.coral.dev",
         "--timeout=30s",
     ]);
     plane.kubectl_ok(&["create", "namespace", "shop"]);
+    plane
+}
+
+#[test]
+#[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
+fn the_real_scheduler_binds_every_pod_coral_mutated() {
+    let plane = coral_control_plane(&[]);
     plane.kubectl_ok(&["label", "namespace", "shop", "coral.dev/inject=enabled"]);
     let image_set = json!({
         "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
@@ -682,13 +696,7 @@ fn the_real_scheduler_binds_every_pod_coral_mutated() {
 #[test]
 #[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
 fn deploy_and_its_overlays_apply_to_a_real_api_server() {
-    let Some(bin) = ControlPlane::binaries() else {
-        panic!(
-            "{} is not set: run scripts/control-plane.sh",
-            support::control_plane::BIN_ENV
-        );
-    };
-    let plane = ControlPlane::start(&bin);
+    let plane = ControlPlane::start(&control_plane_binaries());
     // A server-side dry run cannot create the namespace its other objects go in.
     plane.kubectl_ok(&[
         "apply",
@@ -831,35 +839,10 @@ fn kubectl_as(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String) {
 #[test]
 #[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
 fn the_agent_labels_its_own_node_with_its_own_token_and_nothing_else() {
-    let Some(bin) = ControlPlane::binaries() else {
-        panic!(
-            "{} is not set: run scripts/control-plane.sh",
-            support::control_plane::BIN_ENV
-        );
-    };
-    let plane = ControlPlane::start(&bin);
-    plane.kubectl_ok(&[
-        "apply",
-        "-f",
-        "crds/",
-        "-f",
-        "deploy/base/namespace.yaml",
-        "-f",
-        "deploy/base/rbac.yaml",
-        "-f",
-        "deploy/base/agent-policy.yaml",
-    ]);
-    plane.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/imagesets.coral.dev",
-        "crd/nodeimages.coral.dev",
-        "--timeout=30s",
-    ]);
+    let plane = coral_control_plane(&["deploy/base/agent-policy.yaml"]);
     let containerd = runtime::Containerd::start();
     let registry = runtime::Registry::start(None);
     let app = registry.push("shop/app", "1.0", "app");
-    plane.kubectl_ok(&["create", "namespace", "shop"]);
     let image_set = json!({
         "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
         "metadata": {"name": "web", "namespace": "shop"},
@@ -1034,29 +1017,7 @@ fn start_controller(plane: &ControlPlane, name: &str) -> support::process::Kill 
 #[test]
 #[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
 fn a_standby_controller_takes_over_when_the_leader_dies() {
-    let Some(bin) = ControlPlane::binaries() else {
-        panic!(
-            "{} is not set: run scripts/control-plane.sh",
-            support::control_plane::BIN_ENV
-        );
-    };
-    let plane = ControlPlane::start(&bin);
-    plane.kubectl_ok(&[
-        "apply",
-        "-f",
-        "crds/",
-        "-f",
-        "deploy/base/namespace.yaml",
-        "-f",
-        "deploy/base/rbac.yaml",
-    ]);
-    plane.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/imagesets.coral.dev",
-        "--timeout=30s",
-    ]);
-    plane.kubectl_ok(&["create", "namespace", "shop"]);
+    let plane = coral_control_plane(&[]);
     let image_set_with_secret = |name: &str, secret: &str| {
         plane.kubectl_ok(&[
             "create",

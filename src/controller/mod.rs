@@ -145,6 +145,18 @@ fn has_finalizer(set: &ImageSet) -> bool {
         .is_some_and(|f| f.iter().any(|f| f == FINALIZER))
 }
 
+/// The ImageSets of `all` other than `set` that are not being deleted.
+pub fn other_live_sets<'a>(
+    set: &'a ImageSet,
+    all: &'a [&'a ImageSet],
+) -> impl Iterator<Item = &'a ImageSet> + 'a {
+    all.iter().copied().filter(move |other| {
+        other.metadata.deletion_timestamp.is_none()
+            && (other.metadata.namespace != set.metadata.namespace
+                || other.metadata.name != set.metadata.name)
+    })
+}
+
 /// Label keys of `set`'s images that no other live ImageSet wants.
 pub fn orphan_labels(set: &ImageSet, all: &[&ImageSet]) -> BTreeSet<String> {
     let labels = |s: &ImageSet| -> BTreeSet<String> {
@@ -155,15 +167,7 @@ pub fn orphan_labels(set: &ImageSet, all: &[&ImageSet]) -> BTreeSet<String> {
             .map(|r| label_key(&r))
             .collect()
     };
-    let wanted_elsewhere: BTreeSet<String> = all
-        .iter()
-        .filter(|other| {
-            other.metadata.deletion_timestamp.is_none()
-                && (other.metadata.namespace != set.metadata.namespace
-                    || other.metadata.name != set.metadata.name)
-        })
-        .flat_map(|other| labels(other))
-        .collect();
+    let wanted_elsewhere: BTreeSet<String> = other_live_sets(set, all).flat_map(&labels).collect();
     labels(set)
         .into_iter()
         .filter(|l| !wanted_elsewhere.contains(l))

@@ -101,13 +101,7 @@ pub fn retiring_images(
             BTreeSet::new()
         })
         .collect();
-    let kept_elsewhere: BTreeSet<String> = all
-        .iter()
-        .filter(|other| {
-            other.metadata.deletion_timestamp.is_none()
-                && (other.metadata.namespace != set.metadata.namespace
-                    || other.metadata.name != set.metadata.name)
-        })
+    let kept_elsewhere: BTreeSet<String> = super::other_live_sets(set, all)
         .flat_map(|other| normalized(&other.spec.images))
         .collect();
     had.into_iter()

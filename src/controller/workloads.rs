@@ -56,7 +56,7 @@ macro_rules! watch_kind {
             )
             .default_backoff()
             .modify(|$object: &mut $kind| {
-                $object.metadata = strip_metadata(&mut $object.metadata);
+                strip_metadata(&mut $object.metadata);
                 $strip
             })
             .reflect(writer),
