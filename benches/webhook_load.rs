@@ -33,12 +33,16 @@ const FLOOR_ENV: &str = "CORAL_BENCH_FLOOR_TLS";
 const IMAGE_SETS: usize = 100;
 const IMAGES_PER_SET: usize = 10;
 const NODES: usize = 5_000;
+/// Node pools; ImageSet `s` targets pool `s % POOLS`, so each node holds the images of
+/// `IMAGE_SETS / POOLS` sets.
+const POOLS: usize = 10;
 
 fn image(set: usize, i: usize) -> String {
     format!("registry.example.com/team-{set}/service-{i}:1.{i}")
 }
 
-/// ImageSet `s` targets pool `s`; each node belongs to one pool and holds its set's images.
+/// ImageSet `s` targets pool `s % POOLS`; each node belongs to one pool and holds the images
+/// of every set that targets it (100 of the 1,000).
 fn state_yaml() -> String {
     let mut yaml = String::from("imageSets:\n");
     for set in 0..IMAGE_SETS {
@@ -47,16 +51,18 @@ fn state_yaml() -> String {
             .collect();
         writeln!(
             yaml,
-            "  - metadata: {{name: set-{set}, namespace: shop}}\n    spec:\n      images: [{}]\n      nodeSelector: {{matchLabels: {{pool: p{set}}}}}",
-            images.join(", ")
+            "  - metadata: {{name: set-{set}, namespace: shop}}\n    spec:\n      images: [{}]\n      nodeSelector: {{matchLabels: {{pool: p{}}}}}",
+            images.join(", "),
+            set % POOLS
         )
         .unwrap();
     }
     yaml.push_str("nodes:\n");
     for node in 0..NODES {
-        let pool = node % IMAGE_SETS;
-        let images: Vec<String> = (0..IMAGES_PER_SET)
-            .map(|i| format!("\"{}\"", image(pool, i)))
+        let pool = node % POOLS;
+        let images: Vec<String> = (pool..IMAGE_SETS)
+            .step_by(POOLS)
+            .flat_map(|set| (0..IMAGES_PER_SET).map(move |i| format!("\"{}\"", image(set, i))))
             .collect();
         // 5 % tainted, 1 % cordoned, every node with its own host name.
         let taints = if node % 20 == 1 {

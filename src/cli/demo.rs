@@ -136,7 +136,15 @@ async fn demo() -> Result<ExitCode> {
         state.nodes.len()
     );
     for node in &state.nodes {
-        println!("  node {}: holds {}", node.name, node.images.join(", "));
+        println!(
+            "  node {}: holds {}",
+            node.name,
+            node.images
+                .iter()
+                .map(|i| &**i)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     println!(
         "Each workload goes to POST /mutate as an AdmissionReview, as the API server sends it."

@@ -497,7 +497,7 @@ fn policy_eval(args: PolicyEvalArgs) -> Result<ExitCode> {
     };
     let state = StateFile::load(&state)?;
     let options = evaluation.options()?;
-    let snapshot = Snapshot::from_state_file(&set, &state, options)?;
+    let snapshot = Snapshot::from_state_file(&set, state, options)?;
     let decision = snapshot.decide(&request)?;
 
     let output = output.unwrap_or(if std::io::stdout().is_terminal() {

@@ -3,6 +3,7 @@
 //! Pure and synchronous: watchers (or a state file) feed it with `apply_*` and `delete_*`, and
 //! readers ask it for image availability. It holds no client.
 
+mod labels;
 mod objects;
 mod placement;
 mod selector;
@@ -10,9 +11,11 @@ mod state_file;
 mod stranded;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use thiserror::Error;
 
+pub use labels::{LabelMap, Labels, Sym, Symbols};
 pub use objects::ClusterObjects;
 pub use placement::{
     NodeTaint, Placement, PlacementNode, RequiredImages, RequiredLabel, UNSCHEDULABLE_TAINT,
@@ -91,12 +94,11 @@ struct IndexedImageSet {
     selector: Option<Selector>,
 }
 
-/// What the index holds of one node.
+/// What the index holds of one node. Shared between an index and its clones until one of
+/// them changes the node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct IndexedNode {
-    labels: BTreeMap<String, String>,
-    /// Normalized references whose pulls failed on the node (from its NodeImage).
-    failed: BTreeSet<String>,
+    labels: Labels,
     /// Taints of the node, every effect.
     taints: Vec<NodeTaint>,
     /// `spec.unschedulable`: the node is cordoned.
@@ -118,12 +120,17 @@ pub struct ImageAvailability {
     pub nodes_failed: usize,
 }
 
-/// The cluster state, keyed for cheap updates.
+/// The cluster state, keyed for cheap updates. Node labels are interned: a clone shares them,
+/// and the nodes themselves, with the original.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterIndex {
     image_sets: BTreeMap<(String, String), IndexedImageSet>,
-    nodes: BTreeMap<String, IndexedNode>,
+    nodes: BTreeMap<String, Arc<IndexedNode>>,
+    /// Normalized references whose pulls failed, by node (from NodeImages). Read for the
+    /// nodes the index knows only: a NodeImage may outlive its node for a while.
+    failed: BTreeMap<String, BTreeSet<String>>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    symbols: Symbols,
 }
 
 impl ClusterIndex {
@@ -158,25 +165,57 @@ impl ClusterIndex {
             .remove(&(namespace.to_string(), name.to_string()));
     }
 
-    /// Adds or replaces a node's labels, keeping what its NodeImage said.
-    pub fn apply_node(&mut self, name: &str, labels: BTreeMap<String, String>) {
-        self.nodes.entry(name.to_string()).or_default().labels = labels;
+    /// Adds or replaces a node's labels, keeping its taints.
+    pub fn apply_node<K: AsRef<str>, V: AsRef<str>>(
+        &mut self,
+        name: &str,
+        labels: impl IntoIterator<Item = (K, V)>,
+    ) {
+        let symbols = &mut self.symbols;
+        let labels = Labels::from_syms(
+            labels
+                .into_iter()
+                .map(|(k, v)| (symbols.intern(k.as_ref()), symbols.intern(v.as_ref())))
+                .collect(),
+        );
+        self.node_mut(name).labels = labels;
     }
 
-    /// Records the images whose pulls failed on a node.
+    fn node_mut(&mut self, name: &str) -> &mut IndexedNode {
+        // Looked up first: inserting by entry would allocate the name on every update.
+        if !self.nodes.contains_key(name) {
+            self.nodes.insert(name.to_string(), Arc::default());
+        }
+        match self.nodes.get_mut(name) {
+            Some(node) => Arc::make_mut(node),
+            None => unreachable!("inserted above"),
+        }
+    }
+
+    /// Records the images whose pulls failed on a node (what its NodeImage says).
     pub fn set_node_failures(&mut self, name: &str, failed: BTreeSet<String>) {
-        self.nodes.entry(name.to_string()).or_default().failed = failed;
+        if failed.is_empty() {
+            self.failed.remove(name);
+        } else {
+            self.failed.insert(name.to_string(), failed);
+        }
     }
 
     /// Records a node's taints and whether it is cordoned.
     pub fn set_node_scheduling(&mut self, name: &str, taints: Vec<NodeTaint>, unschedulable: bool) {
-        let node = self.nodes.entry(name.to_string()).or_default();
+        let node = self.node_mut(name);
         node.taints = taints;
         node.unschedulable = unschedulable;
     }
 
+    /// Forgets a node; what its NodeImage said stays until the NodeImage goes.
     pub fn delete_node(&mut self, name: &str) {
         self.nodes.remove(name);
+    }
+
+    /// Forgets the strings no node label uses any more.
+    pub fn prune_symbols(&mut self) {
+        self.symbols.prune();
     }
 
     pub fn apply_namespace(&mut self, name: &str, labels: BTreeMap<String, String>) {
@@ -210,11 +249,17 @@ impl ClusterIndex {
     /// For each Coral image label key, the number of nodes labelled as holding the image.
     pub fn label_counts(&self) -> BTreeMap<String, usize> {
         let mut counts = BTreeMap::new();
+        let mut by_sym: std::collections::HashMap<&Sym, usize> = std::collections::HashMap::new();
         for node in self.nodes.values() {
-            for (key, value) in &node.labels {
-                if value == LABEL_AVAILABLE && is_image_label(key) {
-                    *counts.entry(key.clone()).or_insert(0) += 1;
+            for (key, value) in node.labels.syms() {
+                if &**value == LABEL_AVAILABLE {
+                    *by_sym.entry(key).or_insert(0) += 1;
                 }
+            }
+        }
+        for (key, count) in by_sym {
+            if is_image_label(key) {
+                counts.insert(key.to_string(), count);
             }
         }
         counts
@@ -231,7 +276,7 @@ impl ClusterIndex {
 
     /// Availability of every managed image, by normalized reference.
     pub fn image_availability(&self) -> BTreeMap<String, ImageAvailability> {
-        let nodes: Vec<&IndexedNode> = self.nodes.values().collect();
+        let nodes: Vec<&IndexedNode> = self.nodes.values().map(|node| &**node).collect();
         let label_counts = self.label_counts();
 
         // Which nodes each ImageSet targets, computed once per set.
@@ -271,9 +316,12 @@ impl ClusterIndex {
                     .filter(|&n| sets.iter().any(|&s| targets[s][n]))
                     .count();
                 entry.nodes_available = label_counts.get(&entry.label).copied().unwrap_or(0);
-                entry.nodes_failed = nodes
+                entry.nodes_failed = self
+                    .failed
                     .iter()
-                    .filter(|node| node.failed.contains(&normalized))
+                    .filter(|(node, failed)| {
+                        failed.contains(&normalized) && self.nodes.contains_key(*node)
+                    })
                     .count();
                 (normalized, entry)
             })

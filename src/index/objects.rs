@@ -29,7 +29,7 @@ impl ClusterIndex {
         }
         for node in objects.nodes {
             if let Some(name) = &node.metadata.name {
-                index.apply_node(name, labels(&node.metadata));
+                index.apply_node(name, node.metadata.labels.iter().flatten());
                 let spec = node.spec.as_ref();
                 let taints = spec
                     .and_then(|spec| spec.taints.as_ref())

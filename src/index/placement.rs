@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use super::{Labels, Sym};
 use crate::image::{LABEL_AVAILABLE, LABEL_PREFIX};
 
 /// The taint a cordoned node is judged by.
@@ -42,7 +43,7 @@ impl NodeTaint {
 #[derive(Debug, Clone, Copy)]
 pub struct PlacementNode<'a> {
     pub name: &'a str,
-    pub labels: &'a BTreeMap<String, String>,
+    pub labels: &'a Labels,
     pub taints: &'a [NodeTaint],
     pub unschedulable: bool,
 }
@@ -158,7 +159,7 @@ pub struct Placement {
     nodes: usize,
     names: HashMap<String, u32>,
     /// Label key → value → nodes.
-    labels: HashMap<String, HashMap<String, NodeSet>>,
+    labels: HashMap<Sym, HashMap<Sym, NodeSet>>,
     /// Every distinct `NoSchedule` or `NoExecute` taint, and the nodes that carry it.
     taints: Vec<(NodeTaint, NodeSet)>,
 }
@@ -198,14 +199,14 @@ impl Placement {
     /// Indexes nodes; their order fixes nothing the answers depend on.
     pub fn new<'a>(nodes: impl IntoIterator<Item = PlacementNode<'a>>) -> Self {
         let mut names = HashMap::new();
-        let mut labels: HashMap<String, HashMap<String, Vec<u32>>> = HashMap::new();
+        let mut labels: HashMap<Sym, HashMap<Sym, Vec<u32>>> = HashMap::new();
         let mut taints: BTreeMap<NodeTaint, Vec<u32>> = BTreeMap::new();
         let mut count = 0u32;
         for node in nodes {
             let index = count;
             count += 1;
             names.insert(node.name.to_string(), index);
-            for (key, value) in node.labels {
+            for (key, value) in node.labels.syms() {
                 labels
                     .entry(key.clone())
                     .or_default()

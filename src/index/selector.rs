@@ -1,9 +1,9 @@
 //! Matching Kubernetes label selectors against node labels.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use thiserror::Error;
+
+use super::LabelMap;
 
 /// A label selector that cannot be evaluated.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -73,15 +73,16 @@ impl Selector {
     }
 
     /// Whether a node with these labels is selected.
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, labels: &impl LabelMap) -> bool {
+        let contains = |values: &[String], v: &str| values.iter().any(|value| value == v);
         self.requirements
             .iter()
             .all(|requirement| match requirement {
-                Requirement::Equals(k, v) => labels.get(k) == Some(v),
-                Requirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
-                Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
-                Requirement::Exists(k) => labels.contains_key(k),
-                Requirement::DoesNotExist(k) => !labels.contains_key(k),
+                Requirement::Equals(k, v) => labels.label(k) == Some(v.as_str()),
+                Requirement::In(k, vs) => labels.label(k).is_some_and(|v| contains(vs, v)),
+                Requirement::NotIn(k, vs) => labels.label(k).is_none_or(|v| !contains(vs, v)),
+                Requirement::Exists(k) => labels.label(k).is_some(),
+                Requirement::DoesNotExist(k) => labels.label(k).is_none(),
             })
     }
 }

@@ -1,13 +1,21 @@
 //! The cluster-state file of `coral policy eval` and the standalone webhook: ImageSets, nodes
 //! with the images they hold, namespaces and settings, in one YAML or JSON document.
+//!
+//! A JSON document (one that starts with `{`) is read with a JSON parser, which needs no more
+//! memory than what it builds; the YAML parser holds the whole document's events first, so a
+//! state of thousands of nodes is best written as JSON. Either way the references nodes hold
+//! are interned while parsing: 5,000 nodes holding the same 100 images keep 100 strings.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
-use super::{ClusterIndex, ImageSetError, NodeTaint, validate_image_set};
+use super::{ClusterIndex, ImageSetError, Labels, NodeTaint, Sym, Symbols, validate_image_set};
 use crate::api::ImageSet;
 use crate::image::{ImageReference, LABEL_AVAILABLE, ReferenceError, label_key};
 use crate::policy::Settings;
@@ -24,6 +32,11 @@ pub enum StateError {
     Parse {
         path: String,
         source: serde_yaml::Error,
+    },
+    #[error("state file {path} is not valid JSON: {source}")]
+    ParseJson {
+        path: String,
+        source: serde_json::Error,
     },
     #[error("state file {path}: ImageSet {namespace}/{name}: {source}")]
     ImageSet {
@@ -80,14 +93,28 @@ pub struct StateNode {
     pub name: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub images: Vec<String>,
+    /// Interned: nodes holding the same image share its reference.
+    #[serde(default, deserialize_with = "interned")]
+    pub images: Vec<Sym>,
     #[serde(default)]
     pub failed: Vec<String>,
     #[serde(default)]
     pub taints: Vec<NodeTaint>,
     #[serde(default)]
     pub unschedulable: bool,
+}
+
+thread_local! {
+    /// The references of the state file being parsed on this thread.
+    static PARSED_REFERENCES: RefCell<Symbols> = RefCell::default();
+}
+
+fn interned<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Sym>, D::Error> {
+    let references: Vec<std::borrow::Cow<'de, str>> = Vec::deserialize(deserializer)?;
+    Ok(PARSED_REFERENCES.with(|symbols| {
+        let mut symbols = symbols.borrow_mut();
+        references.iter().map(|r| symbols.intern(r)).collect()
+    }))
 }
 
 /// A namespace and its labels.
@@ -100,22 +127,56 @@ pub struct StateNamespace {
 }
 
 impl StateFile {
-    /// Reads and checks a state file.
+    /// Reads and checks a state file. JSON is parsed as it is read, without the whole text
+    /// in memory.
     pub fn load(path: &Path) -> Result<Self, StateError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| StateError::Read {
+        let read_error = |source| StateError::Read {
             path: shown.clone(),
             source,
-        })?;
+        };
+        let mut file = BufReader::with_capacity(1 << 16, File::open(path).map_err(read_error)?);
+        let starts_json = file
+            .fill_buf()
+            .map_err(read_error)?
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            == Some(&b'{');
+        if starts_json {
+            let parsed = serde_json::from_reader(file);
+            PARSED_REFERENCES.with(|symbols| symbols.take());
+            let state = parsed.map_err(|source| StateError::ParseJson {
+                path: shown.clone(),
+                source,
+            })?;
+            return Self::check(state, &shown);
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(read_error)?;
         Self::parse(&text, &shown)
     }
 
-    /// Parses and checks state-file text; `origin` names it in errors.
+    /// Parses and checks state-file text, JSON when it starts with `{`, YAML otherwise;
+    /// `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, StateError> {
-        let state: StateFile = serde_yaml::from_str(text).map_err(|source| StateError::Parse {
-            path: origin.to_string(),
-            source,
-        })?;
+        let parsed = if text.trim_start().starts_with('{') {
+            serde_json::from_str(text).map_err(|source| StateError::ParseJson {
+                path: origin.to_string(),
+                source,
+            })
+        } else {
+            serde_yaml::from_str(text).map_err(|source| StateError::Parse {
+                path: origin.to_string(),
+                source,
+            })
+        };
+        // The references stay with the nodes that hold them; the table goes.
+        PARSED_REFERENCES.with(|symbols| symbols.take());
+        Self::check(parsed?, origin)
+    }
+
+    /// Checks a parsed state file.
+    fn check(state: Self, origin: &str) -> Result<Self, StateError> {
         for (index, set) in state.image_sets.iter().enumerate() {
             let Some(name) = set.metadata.name.clone() else {
                 return Err(StateError::UnnamedImageSet {
@@ -130,13 +191,19 @@ impl StateFile {
                 source: Box::new(source),
             })?;
         }
+        let mut valid: HashSet<&str> = HashSet::new();
         for node in &state.nodes {
-            for image in node.images.iter().chain(&node.failed) {
+            let images = node.images.iter().map(|image| &**image);
+            for image in images.chain(node.failed.iter().map(String::as_str)) {
+                if valid.contains(image) {
+                    continue;
+                }
                 ImageReference::parse(image).map_err(|source| StateError::NodeImage {
                     path: origin.to_string(),
                     node: node.name.clone(),
                     source,
                 })?;
+                valid.insert(image);
             }
             for (index, taint) in node.taints.iter().enumerate() {
                 let reason = if taint.key.is_empty() {
@@ -167,6 +234,20 @@ impl StateFile {
 
     /// The index this state describes. ImageSets without a namespace are put in `default`.
     pub fn to_index(&self) -> ClusterIndex {
+        self.build_index(self.nodes.iter())
+    }
+
+    /// Like [`StateFile::to_index`], letting go of each node once it is indexed: the state
+    /// file and its index are never both whole in memory.
+    pub fn into_index(mut self) -> ClusterIndex {
+        let nodes = std::mem::take(&mut self.nodes);
+        self.build_index(nodes.into_iter())
+    }
+
+    fn build_index<N: std::borrow::Borrow<StateNode>>(
+        &self,
+        nodes: impl Iterator<Item = N>,
+    ) -> ClusterIndex {
         let mut index = ClusterIndex::new();
         for set in &self.image_sets {
             let mut set = set.clone();
@@ -175,20 +256,32 @@ impl StateFile {
                 .get_or_insert_with(|| "default".to_string());
             index.apply_image_set(&set);
         }
-        for node in &self.nodes {
-            let mut labels = node.labels.clone();
-            let mut failed = BTreeSet::new();
+        // The image label of each distinct reference, computed once.
+        let mut image_labels: HashMap<Sym, Option<Sym>> = HashMap::new();
+        let available = index.symbols.intern(LABEL_AVAILABLE);
+        for node in nodes {
+            let node = node.borrow();
+            let mut labels: Vec<(Sym, Sym)> = node
+                .labels
+                .iter()
+                .map(|(k, v)| (index.symbols.intern(k), index.symbols.intern(v)))
+                .collect();
             for image in &node.images {
-                if let Ok(reference) = ImageReference::parse(image) {
-                    labels.insert(label_key(&reference), LABEL_AVAILABLE.to_string());
+                let label = image_labels.entry(image.clone()).or_insert_with(|| {
+                    let reference = ImageReference::parse(image).ok()?;
+                    Some(index.symbols.intern(&label_key(&reference)))
+                });
+                if let Some(label) = label {
+                    labels.push((label.clone(), available.clone()));
                 }
             }
-            for image in &node.failed {
-                if let Ok(reference) = ImageReference::parse(image) {
-                    failed.insert(reference.to_string());
-                }
-            }
-            index.apply_node(&node.name, labels);
+            let failed: BTreeSet<String> = node
+                .failed
+                .iter()
+                .filter_map(|image| ImageReference::parse(image).ok())
+                .map(|reference| reference.to_string())
+                .collect();
+            index.node_mut(&node.name).labels = Labels::from_syms(labels);
             index.set_node_failures(&node.name, failed);
             index.set_node_scheduling(&node.name, node.taints.clone(), node.unschedulable);
         }

@@ -188,7 +188,7 @@ fn invalid_image_sets_never_break_the_index() {
         &["nginx", "NOT VALID"],
         Some(bad),
     ));
-    index.apply_node("a", BTreeMap::new());
+    index.apply_node("a", labels(&[]));
     let availability = index.image_availability();
     assert_eq!(availability.len(), 1, "the invalid reference is skipped");
     assert_eq!(
@@ -248,4 +248,44 @@ fn an_image_set_being_deleted_manages_nothing() {
     index.apply_image_set(&set);
     assert!(index.image_availability().is_empty());
     assert!(index.images_by_label().is_empty());
+}
+
+#[test]
+fn a_json_state_file_indexes_like_its_yaml() {
+    let yaml = "nodes:\n  - {name: a, labels: {pool: web}, images: [nginx, redis], taints: [{key: k, effect: NoSchedule}]}\n  - {name: b, images: [nginx], failed: [redis]}\n";
+    let json = r#"{"nodes": [
+        {"name": "a", "labels": {"pool": "web"}, "images": ["nginx", "redis"], "taints": [{"key": "k", "effect": "NoSchedule"}]},
+        {"name": "b", "images": ["nginx"], "failed": ["redis"]}]}"#;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.json");
+    std::fs::write(&path, json).expect("write");
+    let from_yaml = StateFile::parse(yaml, "s.yaml").expect("yaml").into_index();
+    for from_json in [
+        StateFile::parse(json, "s.json").expect("json").to_index(),
+        StateFile::load(&path).expect("json file").into_index(),
+    ] {
+        assert_eq!(from_json.label_counts(), from_yaml.label_counts());
+        assert_eq!(from_json.label_counts().get(&key("nginx")), Some(&2));
+        assert_eq!(
+            from_json.image_availability(),
+            from_yaml.image_availability()
+        );
+        assert_eq!(from_json.placement().node_count(), 2);
+    }
+
+    std::fs::write(
+        &path,
+        "{\"nodes\": [{\"name\": \"a\", \"images\": [\"Bad Ref\"]}]}",
+    )
+    .expect("write");
+    let error = StateFile::load(&path)
+        .expect_err("bad reference")
+        .to_string();
+    assert!(
+        error.contains("node \"a\"") && error.contains("state.json"),
+        "{error}"
+    );
+    std::fs::write(&path, "{\"nodes\": 5}").expect("write");
+    let error = StateFile::load(&path).expect_err("bad shape").to_string();
+    assert!(error.contains("is not valid JSON"), "{error}");
 }

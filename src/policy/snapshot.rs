@@ -25,16 +25,12 @@ impl Snapshot {
     /// has them, replace the policy set's.
     pub fn from_state_file(
         set: &PolicySet,
-        state: &StateFile,
+        mut state: StateFile,
         options: EvaluatorOptions,
     ) -> Result<Self, PolicyError> {
         let compiled = CompiledPolicies::compile(set)?;
-        Self::new(
-            &compiled,
-            state.to_index(),
-            state.settings.as_ref(),
-            options,
-        )
+        let settings = state.settings.take();
+        Self::new(&compiled, state.into_index(), settings.as_ref(), options)
     }
 
     /// Prepares compiled policies with an index. `settings` replace the policy set's when given.

@@ -45,7 +45,7 @@ pub fn load_snapshot(
         None => PolicySet::embedded(),
     };
     let state = StateFile::load(&source.state)?;
-    Ok(Snapshot::from_state_file(&set, &state, options.clone())?)
+    Ok(Snapshot::from_state_file(&set, state, options.clone())?)
 }
 
 /// Modification times of files, by path.

@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use crate::index::Symbols;
 
 use serde_json::{Value, json};
 
@@ -6,7 +6,7 @@ use super::*;
 
 struct Node {
     name: &'static str,
-    labels: BTreeMap<String, String>,
+    labels: Labels,
     taints: Vec<NodeTaint>,
     unschedulable: bool,
 }
@@ -14,10 +14,7 @@ struct Node {
 fn node(name: &'static str, labels: &[(&str, &str)]) -> Node {
     Node {
         name,
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        labels: Labels::new(&mut Symbols::default(), labels.iter().copied()),
         taints: Vec::new(),
         unschedulable: false,
     }
