@@ -20,6 +20,8 @@ pub struct WebhookMetrics {
     pub patches: IntCounterVec,
     /// Policy errors, by class.
     pub policy_errors: IntCounterVec,
+    /// Decisions looked up in the decision cache, by result (`hit`, `miss`).
+    pub decision_cache: IntCounterVec,
     /// Reloads of policies, state or certificates, by what and result.
     pub reloads: IntCounterVec,
     /// Unix time the policy data (the cluster-state index) was last rebuilt.
@@ -84,6 +86,11 @@ impl WebhookMetrics {
                 "Decisions that failed, by class (evaluation, timeout, rail, ...).",
                 &["class"],
             ),
+            decision_cache: counter(
+                "coral_decision_cache_requests_total",
+                "Decisions looked up in the cache of decisions made with the current state and policies, by result (hit, miss).",
+                &["result"],
+            ),
             reloads: counter(
                 "coral_reloads_total",
                 "Reloads of policies, cluster state and TLS certificates, by result.",
@@ -135,6 +142,7 @@ impl WebhookMetrics {
             Box::new(self.evaluation_seconds.clone()),
             Box::new(self.patches.clone()),
             Box::new(self.policy_errors.clone()),
+            Box::new(self.decision_cache.clone()),
             Box::new(self.reloads.clone()),
             Box::new(self.index_built.clone()),
             Box::new(self.rejected.clone()),

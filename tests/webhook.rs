@@ -787,3 +787,65 @@ async fn cluster_mode_decides_from_the_listed_state_and_the_policy_configmap() {
         "the webhook writes nothing but Events"
     );
 }
+
+/// Sends one review with this uid; returns the response.
+async fn mutate_as(webhook: &Webhook, uid: &str, object: &Value) -> Value {
+    let body = serde_json::to_vec(&review(uid, object, "CREATE")).unwrap();
+    let (status, text) = post(webhook, "/mutate", &body).await;
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["response"]["uid"], uid);
+    answer["response"].clone()
+}
+
+#[tokio::test]
+async fn a_request_decided_before_is_answered_from_the_cache_until_the_state_changes() {
+    let webhook = Webhook::start(STATE, &[]);
+    let object = annotated("deployment-web.json");
+    let first = mutate_as(&webhook, "uid-1", &object).await;
+    let second = mutate_as(&webhook, "uid-2", &object).await;
+    assert!(first.get("patch").is_some(), "{first}");
+    assert_eq!(first["patch"], second["patch"]);
+    assert_eq!(first["warnings"], second["warnings"]);
+    let (_, metrics) = get_probe(&webhook, "/metrics").await;
+    let hits = r#"coral_decision_cache_requests_total{result="hit"}"#;
+    let misses = r#"coral_decision_cache_requests_total{result="miss"}"#;
+    let evaluations = r#"coral_policy_evaluation_duration_seconds_count{kind="Deployment"}"#;
+    assert_eq!(metric(&metrics, hits), 1.0);
+    assert_eq!(metric(&metrics, misses), 1.0);
+    assert_eq!(metric(&metrics, evaluations), 1.0);
+
+    // Anything else that differs is another decision.
+    let mut other = object.clone();
+    other["metadata"]["labels"] = json!({"tier": "front"});
+    mutate_as(&webhook, "uid-3", &other).await;
+    let (_, metrics) = get_probe(&webhook, "/metrics").await;
+    assert_eq!(metric(&metrics, misses), 2.0);
+
+    // A new state drops what was decided with the old one.
+    let without_nginx = STATE
+        .replace("linux}, images: [\"nginx:1.27\", ", "linux}, images: [")
+        .replace("linux}, images: [\"nginx:1.27\"]}", "linux}}");
+    replace_file(&webhook.path("state.yaml"), &without_nginx);
+    let reloads = r#"coral_reloads_total{result="success",what="state"}"#;
+    wait_for_metric(&webhook, reloads, 1.0).await;
+    let after = mutate_as(&webhook, "uid-4", &object).await;
+    assert!(
+        after.get("patch").is_none(),
+        "decided with the new state: {after}"
+    );
+    let (_, metrics) = get_probe(&webhook, "/metrics").await;
+    assert_eq!(metric(&metrics, hits), 1.0);
+    assert_eq!(metric(&metrics, misses), 3.0);
+
+    // Turned off, every request is evaluated.
+    let uncached = Webhook::start(STATE, &["--decision-cache-mib", "0"]);
+    mutate_as(&uncached, "uid-1", &object).await;
+    mutate_as(&uncached, "uid-2", &object).await;
+    let (_, metrics) = get_probe(&uncached, "/metrics").await;
+    assert_eq!(metric(&metrics, evaluations), 2.0);
+    assert!(
+        !metrics.contains("coral_decision_cache_requests_total{"),
+        "{metrics}"
+    );
+}

@@ -185,6 +185,7 @@ impl EvaluationArgs {
                 AllowedPaths::new(allowed_paths)?
             },
             timeout: Duration::from_millis(eval_timeout_ms),
+            decision_cache_bytes: 0,
         })
     }
 }
@@ -253,6 +254,16 @@ struct WebhookArgs {
     /// Decisions evaluated at once. Default: the number of CPUs.
     #[arg(long, env = "CORAL_WORKERS")]
     workers: Option<usize>,
+    /// Memory for decisions already made: a request that differs from a decided one only in
+    /// its uid (a ReplicaSet's Pods, a reinvocation) is answered from it until the cluster
+    /// state or the policies change. 0 turns the cache off.
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value = "8",
+        env = "CORAL_DECISION_CACHE_MIB"
+    )]
+    decision_cache_mib: usize,
     /// How often certificate, state and policy files are checked for changes.
     #[arg(
         long,
@@ -288,6 +299,7 @@ fn webhook(args: WebhookArgs) -> Result<ExitCode> {
         max_body_bytes,
         request_timeout_ms,
         workers,
+        decision_cache_mib,
         poll_interval_ms,
         shutdown_grace_seconds,
     } = args;
@@ -322,7 +334,10 @@ fn webhook(args: WebhookArgs) -> Result<ExitCode> {
         probe_listen,
         failure_mode,
         source,
-        evaluator: evaluation.options()?,
+        evaluator: EvaluatorOptions {
+            decision_cache_bytes: decision_cache_mib.saturating_mul(1 << 20),
+            ..evaluation.options()?
+        },
         max_body_bytes,
         request_timeout: Duration::from_millis(request_timeout_ms),
         workers: workers.unwrap_or_else(|| {

@@ -39,6 +39,8 @@ pub struct CompiledPolicies {
     origin: String,
     /// The decision rules the set defines; an absent rule decides nothing.
     rules: Vec<&'static str>,
+    /// How its decisions may be cached.
+    cache_keying: super::CacheKeying,
 }
 
 impl CompiledPolicies {
@@ -70,6 +72,7 @@ impl CompiledPolicies {
             settings: set.settings.clone(),
             origin: set.origin.clone(),
             rules: Vec::new(),
+            cache_keying: super::CacheKeying::of(set),
         };
         // Preparing the engine runs the static analysis (unknown functions, recursion, …), so
         // a set that cannot evaluate is rejected here rather than on the first request. The
@@ -118,6 +121,11 @@ impl CompiledPolicies {
     pub fn origin(&self) -> &str {
         &self.origin
     }
+
+    /// How decisions of these policies may be cached.
+    pub fn cache_keying(&self) -> super::CacheKeying {
+        self.cache_keying
+    }
 }
 
 /// A rule gathering the decision rules into one object, so that one evaluation computes the
@@ -140,6 +148,9 @@ fn decision_wrapper(rules: &[&str]) -> String {
 pub struct EvaluatorOptions {
     pub allowed_paths: AllowedPaths,
     pub timeout: Duration,
+    /// Memory for decisions already made with a snapshot (see [`super::DecisionCache`]);
+    /// 0 caches nothing.
+    pub decision_cache_bytes: usize,
 }
 
 impl Default for EvaluatorOptions {
@@ -147,6 +158,7 @@ impl Default for EvaluatorOptions {
         Self {
             allowed_paths: AllowedPaths::default(),
             timeout: DEFAULT_EVAL_TIMEOUT,
+            decision_cache_bytes: 0,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The policy engine: Rego policies (regorus) fed with one admission request and the cluster's
 //! image availability decide JSON patches, warnings and denials. See the README, "Policies".
 
+mod cache;
 mod data;
 mod engine;
 mod input;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+pub use cache::{CacheKeying, DecisionCache};
 pub use data::coral_data;
 pub use engine::{
     CompiledPolicies, DECISION_PACKAGE, DEFAULT_EVAL_TIMEOUT, Decision, Evaluator,

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    CompiledPolicies, Decision, Evaluator, EvaluatorOptions, PolicyError, PolicyRequest, PolicySet,
-    Settings, coral_data,
+    CompiledPolicies, Decision, DecisionCache, Evaluator, EvaluatorOptions, PolicyError,
+    PolicyRequest, PolicySet, Settings, coral_data,
 };
 use crate::index::{ClusterIndex, Placement, StateFile};
 
@@ -18,6 +18,8 @@ pub struct Snapshot {
     pub skip_controlled_pods: bool,
     /// Where the policies came from (`embedded`, a directory, a ConfigMap).
     pub policy_origin: String,
+    /// Decisions made with this snapshot; dropped with it on every change of state or policies.
+    pub cache: DecisionCache,
 }
 
 impl Snapshot {
@@ -41,8 +43,10 @@ impl Snapshot {
         options: EvaluatorOptions,
     ) -> Result<Self, PolicyError> {
         let settings = settings.unwrap_or_else(|| compiled.settings());
+        let cache = DecisionCache::new(options.decision_cache_bytes, compiled.cache_keying());
         let evaluator = Evaluator::new(compiled, coral_data(&index, settings), options)?;
         Ok(Self {
+            cache,
             evaluator,
             placement: index.placement(),
             index,

@@ -20,13 +20,14 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
 
 use super::admission::{
-    Answer, MutateStep, Review, decided_response, failure_response, mutate_step, patched_fields,
-    validate_image_set_review,
+    Answer, MutateStep, Review, decided_response, decision_response, failure_response, mutate_step,
+    patched_fields, validate_image_set_review,
 };
 use super::standalone::{Stamp, source_stamp};
 use super::tls::{Reload, ReloadingCert};
 use super::{Shared, SnapshotSource, Source, WebhookOptions, load_snapshot};
 use crate::metrics::WebhookMetrics;
+use crate::policy::{Decision, PolicyRequest, WorkloadKind};
 
 /// Time a client has to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -342,70 +343,107 @@ async fn mutate(State(shared): State<Arc<Shared>>, request: Request) -> Response
     let (value, answer) =
         match mutate_step(review, shared.failure_mode, snapshot.skip_controlled_pods) {
             MutateStep::Answer(value, answer) => (value, answer),
-            MutateStep::Decide(request) => {
-                let workload = request.workload_kind();
-                let permit = shared.workers.acquire().await;
-                let evaluation_started = Instant::now();
-                let decided = {
-                    let snapshot = snapshot.clone();
-                    tokio::time::timeout(
-                        shared.evaluation_timeout * 2,
-                        tokio::task::spawn_blocking(move || snapshot.decide(&request)),
-                    )
-                    .await
-                };
-                drop(permit);
-                shared
-                    .metrics
-                    .evaluation_seconds
-                    .with_label_values(&[kind])
-                    .observe(evaluation_started.elapsed().as_secs_f64());
-                match decided {
-                    Ok(Ok(result)) => {
-                        if let Err(error) = &result {
-                            shared
-                                .metrics
-                                .policy_errors
-                                .with_label_values(&[error.metric_label()])
-                                .inc();
-                            warn!(uid = %uid, kind, %error, "policy decision failed");
-                        }
-                        if let (Ok(decision), Ok(workload)) = (&result, workload) {
-                            for (field, count) in patched_fields(decision, workload) {
-                                shared
-                                    .metrics
-                                    .patches
-                                    .with_label_values(&[field])
-                                    .inc_by(count as u64);
-                            }
-                        }
-                        decided_response(&uid, shared.failure_mode, result)
-                    }
-                    Ok(Err(error)) => {
-                        shared
-                            .metrics
-                            .policy_errors
-                            .with_label_values(&["panic"])
-                            .inc();
-                        error!(uid = %uid, %error, "policy evaluation task failed");
-                        failure_response(
-                            &uid,
-                            shared.failure_mode,
-                            "policy evaluation failed unexpectedly",
-                        )
-                    }
-                    Err(_) => {
-                        shared
-                            .metrics
-                            .policy_errors
-                            .with_label_values(&["timeout"])
-                            .inc();
-                        failure_response(&uid, shared.failure_mode, "policy evaluation timed out")
-                    }
-                }
-            }
+            MutateStep::Decide(request) => decide(&shared, snapshot, *request, &uid, kind).await,
         };
     finish(&shared, "mutate", started, kind, operation, answer, &value)
+}
+
+/// Decides a request: from the snapshot's cache when it was decided before, with the policies
+/// on a worker otherwise.
+async fn decide(
+    shared: &Shared,
+    snapshot: Arc<crate::policy::Snapshot>,
+    mut request: PolicyRequest,
+    uid: &str,
+    kind: &'static str,
+) -> (Value, Answer) {
+    let workload = request.workload_kind();
+    let key = snapshot.cache.key(&mut request);
+    if let Some(key) = &key {
+        let cached = snapshot.cache.get(key);
+        let result = if cached.is_some() { "hit" } else { "miss" };
+        shared
+            .metrics
+            .decision_cache
+            .with_label_values(&[result])
+            .inc();
+        if let Some(decision) = cached {
+            if let Ok(workload) = workload {
+                count_patches(shared, &decision, workload);
+            }
+            return decision_response(uid, &decision);
+        }
+    }
+    let permit = shared.workers.acquire().await;
+    let evaluation_started = Instant::now();
+    let decided = {
+        let snapshot = snapshot.clone();
+        tokio::time::timeout(
+            shared.evaluation_timeout * 2,
+            tokio::task::spawn_blocking(move || snapshot.decide(&request)),
+        )
+        .await
+    };
+    drop(permit);
+    shared
+        .metrics
+        .evaluation_seconds
+        .with_label_values(&[kind])
+        .observe(evaluation_started.elapsed().as_secs_f64());
+    match decided {
+        Ok(Ok(result)) => {
+            match &result {
+                Ok(decision) => {
+                    if let Ok(workload) = workload {
+                        count_patches(shared, decision, workload);
+                    }
+                    if let Some(key) = key {
+                        snapshot.cache.insert(key, decision);
+                    }
+                }
+                Err(error) => {
+                    shared
+                        .metrics
+                        .policy_errors
+                        .with_label_values(&[error.metric_label()])
+                        .inc();
+                    warn!(uid = %uid, kind, %error, "policy decision failed");
+                }
+            }
+            decided_response(uid, shared.failure_mode, result)
+        }
+        Ok(Err(error)) => {
+            shared
+                .metrics
+                .policy_errors
+                .with_label_values(&["panic"])
+                .inc();
+            error!(uid = %uid, %error, "policy evaluation task failed");
+            failure_response(
+                uid,
+                shared.failure_mode,
+                "policy evaluation failed unexpectedly",
+            )
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .policy_errors
+                .with_label_values(&["timeout"])
+                .inc();
+            failure_response(uid, shared.failure_mode, "policy evaluation timed out")
+        }
+    }
+}
+
+fn count_patches(shared: &Shared, decision: &Decision, workload: WorkloadKind) {
+    for (field, count) in patched_fields(decision, workload) {
+        shared
+            .metrics
+            .patches
+            .with_label_values(&[field])
+            .inc_by(count as u64);
+    }
 }
 
 async fn validate(State(shared): State<Arc<Shared>>, request: Request) -> Response {
