@@ -27,6 +27,15 @@ pub fn watch_config() -> watcher::Config {
     }
 }
 
+/// For resources with many large objects (Nodes, NodeImages): lists of 500 objects a page,
+/// read consistently, so that no list response has to fit in memory whole.
+pub fn paged_watch_config() -> watcher::Config {
+    watcher::Config {
+        page_size: Some(500),
+        ..watcher::Config::default()
+    }
+}
+
 /// A backed-off watch of one ConfigMap, by name (a field selector): the policy ConfigMap.
 pub fn configmap_watch(
     client: &kube::Client,

@@ -4,6 +4,7 @@
 //! readers ask it for image availability. It holds no client.
 
 mod labels;
+mod live;
 mod objects;
 mod placement;
 mod selector;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 pub use labels::{LabelMap, Labels, Sym, Symbols};
+pub use live::{LiveIndex, Resource};
 pub use objects::ClusterObjects;
 pub use placement::{
     NodeTaint, Placement, PlacementNode, RequiredImages, RequiredLabel, UNSCHEDULABLE_TAINT,

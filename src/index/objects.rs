@@ -20,30 +20,15 @@ pub struct ClusterObjects<'a> {
 }
 
 impl ClusterIndex {
-    /// The index of a set of cluster objects. A NodeImage whose node is not known is ignored
-    /// (its node was deleted and garbage collection has not caught up).
+    /// The index of a set of cluster objects. A NodeImage whose node is not known counts for
+    /// nothing (its node was deleted and garbage collection has not caught up).
     pub fn from_objects(objects: ClusterObjects<'_>) -> Self {
         let mut index = Self::new();
         for set in objects.image_sets {
             index.apply_image_set(set);
         }
         for node in objects.nodes {
-            if let Some(name) = &node.metadata.name {
-                index.apply_node(name, node.metadata.labels.iter().flatten());
-                let spec = node.spec.as_ref();
-                let taints = spec
-                    .and_then(|spec| spec.taints.as_ref())
-                    .into_iter()
-                    .flatten()
-                    .map(|taint| NodeTaint {
-                        key: taint.key.clone(),
-                        value: taint.value.clone().unwrap_or_default(),
-                        effect: taint.effect.clone(),
-                    })
-                    .collect();
-                let unschedulable = spec.and_then(|spec| spec.unschedulable) == Some(true);
-                index.set_node_scheduling(name, taints, unschedulable);
-            }
+            index.apply_node_object(node);
         }
         for namespace in objects.namespaces {
             if let Some(name) = &namespace.name {
@@ -51,21 +36,43 @@ impl ClusterIndex {
             }
         }
         for node_image in objects.node_images {
-            let node = &node_image.spec.node_name;
-            if !index.nodes.contains_key(node) {
-                continue;
-            }
-            let failed: BTreeSet<String> = node_image
-                .status
-                .iter()
-                .flat_map(|status| &status.images)
-                .filter(|entry| entry.state == ImageState::Failed)
-                .filter_map(|entry| ImageReference::parse(&entry.image).ok())
-                .map(|reference| reference.to_string())
-                .collect();
-            index.set_node_failures(node, failed);
+            index.apply_node_image(node_image);
         }
         index
+    }
+
+    /// Adds or replaces a Node: its labels, taints and `spec.unschedulable`.
+    pub fn apply_node_object(&mut self, node: &Node) {
+        let Some(name) = &node.metadata.name else {
+            return;
+        };
+        self.apply_node(name, node.metadata.labels.iter().flatten());
+        let spec = node.spec.as_ref();
+        let taints = spec
+            .and_then(|spec| spec.taints.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|taint| NodeTaint {
+                key: taint.key.clone(),
+                value: taint.value.clone().unwrap_or_default(),
+                effect: taint.effect.clone(),
+            })
+            .collect();
+        let unschedulable = spec.and_then(|spec| spec.unschedulable) == Some(true);
+        self.set_node_scheduling(name, taints, unschedulable);
+    }
+
+    /// Records what a NodeImage says of its node: the images whose pulls failed there.
+    pub fn apply_node_image(&mut self, node_image: &NodeImage) {
+        let failed: BTreeSet<String> = node_image
+            .status
+            .iter()
+            .flat_map(|status| &status.images)
+            .filter(|entry| entry.state == ImageState::Failed)
+            .filter_map(|entry| ImageReference::parse(&entry.image).ok())
+            .map(|reference| reference.to_string())
+            .collect();
+        self.set_node_failures(&node_image.spec.node_name, failed);
     }
 
     /// Number of ImageSets.

@@ -1,7 +1,8 @@
-//! Cluster mode: reflectors on Nodes (labels, taints and `spec.unschedulable` kept; the rest
-//! stripped before it is stored), Namespaces (metadata only), ImageSets, NodeImages and the
-//! policy ConfigMap feed the index. A change to any of them schedules one rebuild of the
-//! snapshot after a short quiet period; requests never rebuild anything.
+//! Cluster mode: watches on Nodes, Namespaces (metadata only), ImageSets and NodeImages feed
+//! the index as events arrive (no store of the objects is kept beside it; of a Node only its
+//! labels, taints and `spec.unschedulable` are read), and a reflector holds the policy
+//! ConfigMap. A change schedules one rebuild of the snapshot after a short quiet period;
+//! requests never rebuild anything.
 
 use std::fmt;
 use std::str::FromStr;
@@ -9,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ObjectReference};
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -22,7 +23,7 @@ use tracing::{error, info, warn};
 
 use super::Shared;
 use crate::api::{ImageSet, NodeImage};
-use crate::index::{ClusterIndex, ClusterObjects};
+use crate::index::{ClusterIndex, LiveIndex};
 use crate::policy::{CompiledPolicies, EvaluatorOptions, PolicyError, PolicySet, Snapshot};
 
 /// Name the webhook records Events under.
@@ -208,61 +209,61 @@ impl PolicyTracker {
     }
 }
 
-/// The reflectors' stores.
-struct Stores {
-    image_sets: Store<ImageSet>,
-    nodes: Store<Node>,
-    namespaces: Store<PartialObjectMeta<Namespace>>,
-    node_images: Store<NodeImage>,
+/// The cluster as the webhook reads it: watches feeding an index directly (nothing of the
+/// watched objects is kept beside it), and the policy ConfigMap's reflector.
+struct Feeds {
+    live: Arc<Mutex<LiveIndex>>,
+    /// Notified when a watch completes a list.
+    listed: Arc<Notify>,
     configmap: Option<Store<ConfigMap>>,
 }
 
-impl Stores {
-    /// Starts one reflector per resource; each notifies `changed` after it applies a change.
+impl Feeds {
+    /// Starts one watch per resource; each notifies `changed` after it applies a change.
     fn start(
         client: &Client,
         configmap: Option<&ObjectName>,
         changed: &Arc<Notify>,
         shared: &Arc<Shared>,
     ) -> Self {
+        let feeds = Self {
+            live: Arc::new(Mutex::new(LiveIndex::new())),
+            listed: Arc::new(Notify::new()),
+            configmap: None,
+        };
         let config = crate::cluster::watch_config;
-        let (image_sets, writer) = reflector::store();
-        spawn_reflector(
+        // Nodes and NodeImages are many and large (a Node's status lists the images the
+        // kubelet reports): listed in pages, so that a list never has to fit in memory whole.
+        let paged = crate::cluster::paged_watch_config;
+        feeds.spawn(
             "imagesets",
-            watcher(Api::<ImageSet>::all(client.clone()), config())
-                .default_backoff()
-                .reflect(writer),
+            watcher(Api::<ImageSet>::all(client.clone()), config()).default_backoff(),
+            LiveIndex::image_set,
             changed,
             shared,
         );
-        let (nodes, writer) = reflector::store();
-        spawn_reflector(
+        feeds.spawn(
             "nodes",
-            watcher(Api::<Node>::all(client.clone()), config())
-                .default_backoff()
-                .modify(crate::cluster::strip_node)
-                .reflect(writer),
+            watcher(Api::<Node>::all(client.clone()), paged()).default_backoff(),
+            LiveIndex::node,
             changed,
             shared,
         );
-        let (namespaces, writer) = reflector::store();
-        spawn_reflector(
+        feeds.spawn(
             "namespaces",
             watcher(
                 Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
                 config(),
             )
-            .default_backoff()
-            .reflect(writer),
+            .default_backoff(),
+            LiveIndex::namespace,
             changed,
             shared,
         );
-        let (node_images, writer) = reflector::store();
-        spawn_reflector(
+        feeds.spawn(
             "nodeimages",
-            watcher(Api::<NodeImage>::all(client.clone()), config())
-                .default_backoff()
-                .reflect(writer),
+            watcher(Api::<NodeImage>::all(client.clone()), paged()).default_backoff(),
+            LiveIndex::node_image,
             changed,
             shared,
         );
@@ -276,27 +277,69 @@ impl Stores {
             );
             store
         });
-        Self {
-            image_sets,
-            nodes,
-            namespaces,
-            node_images,
-            configmap,
-        }
+        Self { configmap, ..feeds }
     }
 
+    /// Drives one watch into the index: a change schedules a rebuild, an error is counted.
+    fn spawn<K: Send + 'static>(
+        &self,
+        resource: &'static str,
+        stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+        feed: fn(&mut LiveIndex, watcher::Event<K>) -> bool,
+        changed: &Arc<Notify>,
+        shared: &Arc<Shared>,
+    ) {
+        let (live, listed, changed, shared) = (
+            self.live.clone(),
+            self.listed.clone(),
+            changed.clone(),
+            shared.clone(),
+        );
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(error) => {
+                        shared
+                            .metrics
+                            .watch_errors
+                            .with_label_values(&[resource])
+                            .inc();
+                        warn!(resource, %error, "watch failed; retrying with backoff");
+                        continue;
+                    }
+                };
+                let list_done = matches!(event, watcher::Event::InitDone);
+                // A panic in an earlier event leaves an index that is still consistent.
+                let applied = feed(
+                    &mut live.lock().unwrap_or_else(PoisonError::into_inner),
+                    event,
+                );
+                if list_done {
+                    listed.notify_one();
+                }
+                if applied {
+                    changed.notify_one();
+                }
+            }
+            error!(resource, "watch stream ended");
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LiveIndex> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until every watch has listed once.
     async fn wait_until_ready(&self) -> bool {
-        let waits = [
-            self.image_sets.wait_until_ready().await,
-            self.nodes.wait_until_ready().await,
-            self.namespaces.wait_until_ready().await,
-            self.node_images.wait_until_ready().await,
-        ];
-        let configmap = match &self.configmap {
-            Some(store) => store.wait_until_ready().await,
-            None => Ok(()),
-        };
-        waits.iter().all(Result::is_ok) && configmap.is_ok()
+        while !self.lock().listed() {
+            self.listed.notified().await;
+        }
+        match &self.configmap {
+            Some(store) => store.wait_until_ready().await.is_ok(),
+            None => true,
+        }
     }
 }
 
@@ -331,7 +374,8 @@ pub(crate) async fn sync(
     shared: Arc<Shared>,
 ) {
     let changed = Arc::new(Notify::new());
-    let stores = Stores::start(
+    let listing = std::time::Instant::now();
+    let stores = Feeds::start(
         &client,
         options.policies_configmap.as_ref(),
         &changed,
@@ -351,13 +395,24 @@ pub(crate) async fn sync(
             return;
         }
     };
+    let mut first_ready_logged = false;
     if !stores.wait_until_ready().await {
         error!("a cluster watch stopped before its first list");
         return;
     }
-    info!("cluster state listed");
+    info!(
+        seconds = listing.elapsed().as_secs_f64(),
+        "cluster state listed"
+    );
     loop {
         rebuild(&stores, &tracker, &evaluator, &shared, &recorder).await;
+        if shared.synced.load(Ordering::SeqCst) && !first_ready_logged {
+            first_ready_logged = true;
+            info!(
+                seconds = listing.elapsed().as_secs_f64(),
+                "ready: first snapshot built since the first list began"
+            );
+        }
         changed.notified().await;
         tokio::time::sleep(options.debounce).await;
     }
@@ -366,16 +421,13 @@ pub(crate) async fn sync(
 /// Builds a snapshot from the stores off the async threads, installs it, and reports what
 /// happened to the policies.
 async fn rebuild(
-    stores: &Stores,
+    stores: &Feeds,
     tracker: &Arc<Mutex<PolicyTracker>>,
     evaluator: &EvaluatorOptions,
     shared: &Shared,
     recorder: &Recorder,
 ) {
-    let image_sets = stores.image_sets.state();
-    let nodes = stores.nodes.state();
-    let namespaces = stores.namespaces.state();
-    let node_images = stores.node_images.state();
+    let index = stores.lock().index();
     let configmap = stores
         .configmap
         .as_ref()
@@ -383,16 +435,6 @@ async fn rebuild(
     let options = evaluator.clone();
     let tracker = tracker.clone();
     let built = tokio::task::spawn_blocking(move || {
-        let image_sets: Vec<&ImageSet> = image_sets.iter().map(AsRef::as_ref).collect();
-        let nodes: Vec<&Node> = nodes.iter().map(AsRef::as_ref).collect();
-        let namespaces: Vec<_> = namespaces.iter().map(|n| &n.metadata).collect();
-        let node_images: Vec<&NodeImage> = node_images.iter().map(AsRef::as_ref).collect();
-        let index = ClusterIndex::from_objects(ClusterObjects {
-            image_sets: &image_sets,
-            nodes: &nodes,
-            namespaces: &namespaces,
-            node_images: &node_images,
-        });
         // A panic in an earlier rebuild leaves the tracker as it was before that rebuild.
         let mut tracker = tracker.lock().unwrap_or_else(PoisonError::into_inner);
         tracker.build(configmap.as_deref(), index, &options)

@@ -169,11 +169,13 @@ impl FakeApi {
                     "{path} watched twice"
                 );
             } else {
-                assert_eq!(
-                    query,
-                    expected_list_query(expected_field_selector),
-                    "list of {path}"
-                );
+                // Nodes and NodeImages are listed in pages, read consistently.
+                let expected = if path == "/api/v1/nodes" || path.ends_with("/nodeimages") {
+                    "&limit=500".to_string()
+                } else {
+                    expected_list_query(expected_field_selector)
+                };
+                assert_eq!(query, expected, "list of {path}");
                 let list = self.list(&path);
                 seen.respond
                     .send_response(json_response(StatusCode::OK, &list));
