@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
 use support::process::memory_kib;
@@ -291,6 +291,171 @@ impl Drop for Floor {
     }
 }
 
+/// Status images a kubelet reports per node in the cluster-mode run.
+const STATUS_IMAGES: usize = 50;
+
+/// Cluster mode against the real control plane (`scripts/control-plane.sh`): the same
+/// ImageSets, and 5,000 Nodes created through the API with the 100 image labels each, and a
+/// status as a kubelet reports it (capacity, conditions, addresses and 50 `status.images`
+/// entries), which the webhook must not keep. Prints the time from the webhook's start to
+/// ready (its first list included) and its memory.
+fn cluster_mode(runtime: &tokio::runtime::Runtime, bin: &std::path::Path, phase: Duration) {
+    use futures::StreamExt as _;
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+
+    let plane = support::control_plane::ControlPlane::start(bin);
+    plane.kubectl_ok(&["apply", "--server-side", "-f", "deploy/base/crds"]);
+    plane.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/imagesets.coral.dev",
+        "crd/nodeimages.coral.dev",
+    ]);
+    let namespace = json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "shop", "labels": {"coral.dev/inject": "enabled"}}});
+    let sets: Vec<Value> = (0..IMAGE_SETS)
+        .map(|set| {
+            let images: Vec<String> = (0..IMAGES_PER_SET).map(|i| image(set, i)).collect();
+            json!({"apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+                "metadata": {"name": format!("set-{set}"), "namespace": "shop"},
+                "spec": {"images": images, "nodeSelector": {"matchLabels": {"pool": format!("p{}", set % POOLS)}}}})
+        })
+        .collect();
+    let mut items = vec![namespace];
+    items.extend(sets);
+    let output = plane.kubectl_stdin(
+        &["apply", "--server-side"],
+        &json!({"apiVersion": "v1", "kind": "List", "items": items}),
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let created = Instant::now();
+    runtime.block_on(async {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&plane.kubeconfig).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap();
+        let nodes: Api<Node> = Api::all(kube::Client::try_from(config).unwrap());
+        let results: Vec<()> = futures::stream::iter(0..NODES)
+            .map(|node| {
+                let nodes = nodes.clone();
+                async move {
+                    let pool = node % POOLS;
+                    let name = format!("node-{node}");
+                    let mut labels = serde_json::Map::new();
+                    labels.insert("pool".into(), format!("p{pool}").into());
+                    labels.insert("kubernetes.io/hostname".into(), name.clone().into());
+                    for set in (pool..IMAGE_SETS).step_by(POOLS) {
+                        for i in 0..IMAGES_PER_SET {
+                            let reference = coral::image::ImageReference::parse(&image(set, i)).unwrap();
+                            labels.insert(coral::image::label_key(&reference), "available".into());
+                        }
+                    }
+                    let object: Node = serde_json::from_value(json!({
+                        "apiVersion": "v1", "kind": "Node",
+                        "metadata": {"name": name, "labels": labels},
+                    }))
+                    .unwrap();
+                    nodes.create(&PostParams::default(), &object).await.unwrap();
+                    let images: Vec<Value> = (0..STATUS_IMAGES)
+                        .map(|i| {
+                            let digest = format!("{:064x}", node * STATUS_IMAGES + i);
+                            json!({"names": [
+                                format!("registry.example.com/team-{i}/service@sha256:{digest}"),
+                                format!("registry.example.com/team-{i}/service:1.{i}"),
+                            ], "sizeBytes": 50_000_000 + i})
+                        })
+                        .collect();
+                    let resources = json!({"cpu": "8", "memory": "32Gi", "pods": "110", "ephemeral-storage": "100Gi"});
+                    let conditions: Vec<Value> = ["MemoryPressure", "DiskPressure", "PIDPressure", "Ready"]
+                        .map(|kind| json!({
+                            "type": kind, "status": if kind == "Ready" { "True" } else { "False" },
+                            "reason": "KubeletReady", "message": "kubelet is posting ready status",
+                            "lastHeartbeatTime": "2026-12-01T00:00:00Z", "lastTransitionTime": "2026-12-01T00:00:00Z",
+                        }))
+                        .into();
+                    let status = json!({"status": {
+                        "capacity": resources, "allocatable": resources,
+                        "conditions": conditions,
+                        "addresses": [{"type": "InternalIP", "address": format!("10.{}.{}.{}", node / 65536, node / 256 % 256, node % 256)},
+                                      {"type": "Hostname", "address": format!("node-{node}")}],
+                        "nodeInfo": {"kubeletVersion": "v1.36.3", "containerRuntimeVersion": "containerd://2.1.0",
+                                     "osImage": "Debian GNU/Linux 13", "kernelVersion": "6.12.0", "architecture": "amd64",
+                                     "operatingSystem": "linux", "machineID": "m", "systemUUID": "s", "bootID": "b",
+                                     "kubeProxyVersion": ""},
+                        "images": images,
+                    }});
+                    nodes
+                        .patch_status(&format!("node-{node}"), &PatchParams::default(), &Patch::Merge(status))
+                        .await
+                        .unwrap();
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        assert_eq!(results.len(), NODES);
+    });
+    println!(
+        "cluster mode: {NODES} Nodes ({} image labels and {STATUS_IMAGES} status.images each) and {IMAGE_SETS} ImageSets created in the real API server in {:.0} s",
+        IMAGE_SETS / POOLS * IMAGES_PER_SET,
+        created.elapsed().as_secs_f64()
+    );
+
+    let started = Instant::now();
+    let webhook = Webhook::start_with_kubeconfig(&plane.kubeconfig, &["--workers", "2"]);
+    let ready = runtime.block_on(async {
+        loop {
+            let (status, _) = support::get_probe(&webhook, "/readyz").await;
+            if status == 200 {
+                break started.elapsed();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the webhook never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let pid = webhook.child.id();
+    println!(
+        "cluster mode: webhook ready {:.2} s after its start (the first list of every resource included)   target: under 1 s; RSS {:.1} MiB, peak {:.1} MiB   target: peak < 64 MiB",
+        ready.as_secs_f64(),
+        memory_kib(pid, "VmRSS:") as f64 / 1024.0,
+        memory_kib(pid, "VmHWM:") as f64 / 1024.0
+    );
+    let ca = webhook.authority.pem();
+    let run = runtime.block_on(async {
+        let (_, answer) = {
+            let mut stream = tls_stream(webhook.https, &ca).await.expect("connect");
+            stream
+                .write_all(&request_bytes("/mutate", &review_body(), false))
+                .await
+                .unwrap();
+            read_response(&mut stream).await
+        };
+        assert!(
+            answer.contains("\"patch\""),
+            "cluster mode must mutate the request: {answer}"
+        );
+        load((webhook.https, ca.as_str()), 8, Some(1000.0), phase).await
+    });
+    println!(
+        "cluster mode, fixed 1,000 req/s, 8 connections: {:.0} req/s done, p50 {:.2} ms, p99 {:.2} ms, errors {}; after it RSS {:.1} MiB, peak {:.1} MiB",
+        run.rate(),
+        run.at(0.5),
+        run.at(0.99),
+        run.errors,
+        memory_kib(pid, "VmRSS:") as f64 / 1024.0,
+        memory_kib(pid, "VmHWM:") as f64 / 1024.0
+    );
+}
+
 fn main() {
     if let Ok(tls_files) = std::env::var(FLOOR_ENV) {
         serve_floor(&tls_files);
@@ -416,4 +581,13 @@ fn main() {
         memory_kib(pid, "VmRSS:") as f64 / 1024.0,
         memory_kib(pid, "VmHWM:") as f64 / 1024.0
     );
+    drop(webhook);
+    match support::control_plane::ControlPlane::binaries() {
+        Some(bin) if benchmarking => cluster_mode(&runtime, &bin, phase),
+        Some(_) => println!("cluster mode: benchmarked with --bench only"),
+        None => println!(
+            "cluster mode: not measured; set {}=$(bash scripts/control-plane.sh) to measure it against the real control plane",
+            support::control_plane::BIN_ENV
+        ),
+    }
 }

@@ -27,11 +27,11 @@ pub fn watch_config() -> watcher::Config {
     }
 }
 
-/// For resources with many large objects (Nodes, NodeImages): lists of 500 objects a page,
+/// For resources with many large objects (Nodes, NodeImages): lists of 100 objects a page,
 /// read consistently, so that no list response has to fit in memory whole.
 pub fn paged_watch_config() -> watcher::Config {
     watcher::Config {
-        page_size: Some(500),
+        page_size: Some(100),
         ..watcher::Config::default()
     }
 }

@@ -6,14 +6,143 @@
 //! A watch's (re)list is `Init`, `InitApply` for every object, then `InitDone`: objects the
 //! index holds that the list did not name are gone, and are forgotten then.
 
-use std::collections::BTreeSet;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::core::v1::{Namespace, Taint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PartialObjectMeta;
 use kube::runtime::watcher::Event;
+use serde::{Deserialize, Deserializer};
 
 use super::ClusterIndex;
-use crate::api::{ImageSet, NodeImage};
+use crate::api::{ImageSet, ImageState};
+use crate::image::ImageReference;
+
+/// Of an object's metadata, what a watch needs (name, namespace, uid, resourceVersion) and
+/// labels. Annotations and managed fields (on a Node, a list of every label key, for each
+/// manager) are skipped while parsing, never allocated.
+fn slim_metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Slim {
+        name: Option<String>,
+        namespace: Option<String>,
+        uid: Option<String>,
+        resource_version: Option<String>,
+        labels: Option<BTreeMap<String, String>>,
+    }
+    let slim = Slim::deserialize(deserializer)?;
+    Ok(ObjectMeta {
+        name: slim.name,
+        namespace: slim.namespace,
+        uid: slim.uid,
+        resource_version: slim.resource_version,
+        labels: slim.labels,
+        ..ObjectMeta::default()
+    })
+}
+
+/// A Node as the webhook watches it: labels, taints and `spec.unschedulable`. The rest (its
+/// status above all: the images the kubelet reports, conditions, addresses) is skipped while
+/// the list or event is parsed.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WatchedNode {
+    #[serde(deserialize_with = "slim_metadata")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: WatchedNodeSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct WatchedNodeSpec {
+    #[serde(default)]
+    pub taints: Vec<Taint>,
+    #[serde(default)]
+    pub unschedulable: bool,
+}
+
+/// A NodeImage as the webhook watches it: its node and the images whose pulls failed there.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchedNodeImage {
+    #[serde(deserialize_with = "slim_metadata")]
+    pub metadata: ObjectMeta,
+    pub spec: WatchedNodeImageSpec,
+    #[serde(default, deserialize_with = "failed_images")]
+    pub status: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchedNodeImageSpec {
+    pub node_name: String,
+}
+
+/// The normalized references of `status.images` entries in state `failed`.
+fn failed_images<'de, D: Deserializer<'de>>(deserializer: D) -> Result<BTreeSet<String>, D::Error> {
+    #[derive(Deserialize)]
+    struct Entry {
+        image: String,
+        state: ImageState,
+    }
+    #[derive(Deserialize)]
+    struct Status {
+        #[serde(default)]
+        images: Vec<Entry>,
+    }
+    let status = Option::<Status>::deserialize(deserializer)?;
+    Ok(status
+        .into_iter()
+        .flat_map(|status| status.images)
+        .filter(|entry| entry.state == ImageState::Failed)
+        .filter_map(|entry| ImageReference::parse(&entry.image).ok())
+        .map(|reference| reference.to_string())
+        .collect())
+}
+
+/// `kube::Resource` for a cluster-scoped core or Coral kind watched in a slim shape.
+macro_rules! watched_resource {
+    ($type:ty, $group:literal, $version:literal, $kind:literal, $plural:literal) => {
+        impl kube::Resource for $type {
+            type DynamicType = ();
+            type Scope = kube::core::ClusterResourceScope;
+
+            fn kind(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($kind)
+            }
+
+            fn group(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($group)
+            }
+
+            fn version(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($version)
+            }
+
+            fn plural(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($plural)
+            }
+
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+watched_resource!(WatchedNode, "", "v1", "Node", "nodes");
+watched_resource!(
+    WatchedNodeImage,
+    "coral.dev",
+    "v1alpha1",
+    "NodeImage",
+    "nodeimages"
+);
 
 /// The resources an index is fed with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +206,7 @@ impl LiveIndex {
         self.feed(event)
     }
 
-    pub fn node(&mut self, event: Event<Node>) -> bool {
+    pub fn node(&mut self, event: Event<WatchedNode>) -> bool {
         self.feed(event)
     }
 
@@ -85,7 +214,7 @@ impl LiveIndex {
         self.feed(event)
     }
 
-    pub fn node_image(&mut self, event: Event<NodeImage>) -> bool {
+    pub fn node_image(&mut self, event: Event<WatchedNodeImage>) -> bool {
         self.feed(event)
     }
 
@@ -157,7 +286,7 @@ impl Feed for ImageSet {
     }
 }
 
-impl Feed for Node {
+impl Feed for WatchedNode {
     const RESOURCE: Resource = Resource::Nodes;
 
     fn key(&self) -> Option<String> {
@@ -165,7 +294,14 @@ impl Feed for Node {
     }
 
     fn apply(&self, index: &mut ClusterIndex) {
-        index.apply_node_object(self);
+        if let Some(name) = &self.metadata.name {
+            index.apply_node_fields(
+                name,
+                self.metadata.labels.iter().flatten(),
+                &self.spec.taints,
+                self.spec.unschedulable,
+            );
+        }
     }
 
     fn remove(key: &str, index: &mut ClusterIndex) {
@@ -200,7 +336,7 @@ impl Feed for PartialObjectMeta<Namespace> {
 }
 
 /// A NodeImage counts by the node it describes.
-impl Feed for NodeImage {
+impl Feed for WatchedNodeImage {
     const RESOURCE: Resource = Resource::NodeImages;
 
     fn key(&self) -> Option<String> {
@@ -208,7 +344,7 @@ impl Feed for NodeImage {
     }
 
     fn apply(&self, index: &mut ClusterIndex) {
-        index.apply_node_image(self);
+        index.set_node_failures(&self.spec.node_name, self.status.clone());
     }
 
     fn remove(key: &str, index: &mut ClusterIndex) {
@@ -222,38 +358,25 @@ impl Feed for NodeImage {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use k8s_openapi::api::core::v1::{NodeSpec, Taint};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use serde_json::{Value, json};
 
     use super::*;
-    use crate::api::{ImageSetSpec, ImageState, NodeImageEntry, NodeImageSpec, NodeImageStatus};
+    use crate::api::ImageSetSpec;
 
-    fn node(name: &str, labels: &[(&str, &str)], tainted: bool) -> Node {
-        Node {
-            metadata: ObjectMeta {
-                name: Some(name.to_string()),
-                labels: Some(
-                    labels
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect::<BTreeMap<_, _>>(),
-                ),
-                ..ObjectMeta::default()
-            },
-            spec: Some(NodeSpec {
-                taints: tainted.then(|| {
-                    vec![Taint {
-                        key: "dedicated".into(),
-                        effect: "NoSchedule".into(),
-                        ..Taint::default()
-                    }]
-                }),
-                ..NodeSpec::default()
-            }),
-            status: None,
-        }
+    fn node(name: &str, labels: Value, tainted: bool) -> WatchedNode {
+        let taints = if tainted {
+            json!([{"key": "dedicated", "effect": "NoSchedule"}])
+        } else {
+            json!([])
+        };
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": labels,
+                         "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:metadata": {}}}]},
+            "spec": {"taints": taints, "podCIDR": "10.0.0.0/24"},
+            "status": {"images": [{"names": ["docker.io/library/nginx:1.27"], "sizeBytes": 1}]},
+        }))
+        .expect("Node")
     }
 
     fn image_set(name: &str, images: &[&str]) -> ImageSet {
@@ -269,22 +392,17 @@ mod tests {
         set
     }
 
-    fn node_image(node: &str, failed: &str) -> NodeImage {
-        let mut object = NodeImage::new(
-            node,
-            NodeImageSpec {
-                node_name: node.to_string(),
-            },
-        );
-        object.status = Some(NodeImageStatus {
-            images: vec![NodeImageEntry {
-                image: failed.to_string(),
-                state: ImageState::Failed,
-                ..NodeImageEntry::default()
-            }],
-            ..NodeImageStatus::default()
-        });
-        object
+    fn node_image(node: &str, failed: &str) -> WatchedNodeImage {
+        serde_json::from_value(json!({
+            "apiVersion": "coral.dev/v1alpha1", "kind": "NodeImage",
+            "metadata": {"name": node},
+            "spec": {"nodeName": node},
+            "status": {"available": 1, "images": [
+                {"image": failed, "label": "image.coral.dev/x", "state": "failed", "attempts": 3, "lastError": "denied"},
+                {"image": "docker.io/library/redis:7", "label": "image.coral.dev/y", "state": "available", "digest": "sha256:00"},
+            ]},
+        }))
+        .expect("NodeImage")
     }
 
     fn list<K>(live: &mut LiveIndex, feed: fn(&mut LiveIndex, Event<K>) -> bool, objects: Vec<K>) {
@@ -293,6 +411,30 @@ mod tests {
             assert!(!feed(live, Event::InitApply(object)));
         }
         assert!(feed(live, Event::InitDone));
+    }
+
+    #[test]
+    fn watched_shapes_keep_what_the_index_reads_and_nothing_else() {
+        let node = node("a", json!({"pool": "web"}), true);
+        assert_eq!(node.metadata.name.as_deref(), Some("a"));
+        assert!(node.metadata.managed_fields.is_none());
+        assert_eq!(node.spec.taints.len(), 1);
+        let node_image = node_image("a", "nginx:1.27");
+        assert_eq!(
+            node_image.status.iter().collect::<Vec<_>>(),
+            ["docker.io/library/nginx:1.27"]
+        );
+        let without_status: WatchedNodeImage = serde_json::from_value(json!({
+            "metadata": {"name": "b"}, "spec": {"nodeName": "b"}
+        }))
+        .expect("NodeImage without status");
+        assert!(without_status.status.is_empty());
+        use kube::Resource as _;
+        assert_eq!(WatchedNode::url_path(&(), None), "/api/v1/nodes");
+        assert_eq!(
+            WatchedNodeImage::url_path(&(), None),
+            "/apis/coral.dev/v1alpha1/nodeimages"
+        );
     }
 
     #[test]
@@ -308,8 +450,8 @@ mod tests {
             &mut live,
             LiveIndex::node,
             vec![
-                node("a", &[(image, "available")], false),
-                node("b", &[(image, "available")], true),
+                node("a", json!({image: "available"}), false),
+                node("b", json!({image: "available"}), true),
             ],
         );
         assert!(
@@ -329,7 +471,7 @@ mod tests {
         assert_eq!((nginx.nodes_available, nginx.nodes_failed), (2, 1));
 
         // Changes and deletions as they come.
-        assert!(live.node(Event::Apply(node("a", &[], false))));
+        assert!(live.node(Event::Apply(node("a", json!({}), false))));
         assert!(live.node_image(Event::Delete(node_image("b", "x"))));
         let index = live.index();
         assert_eq!(index.label_counts().get(image), Some(&1));
@@ -339,7 +481,11 @@ mod tests {
         );
 
         // A relist that no longer names node b and the ImageSet forgets them.
-        list(&mut live, LiveIndex::node, vec![node("a", &[], false)]);
+        list(
+            &mut live,
+            LiveIndex::node,
+            vec![node("a", json!({}), false)],
+        );
         list(&mut live, LiveIndex::image_set, Vec::new());
         let index = live.index();
         assert_eq!(index.node_count(), 1);

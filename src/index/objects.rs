@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{ClusterIndex, NodeTaint};
@@ -43,22 +43,35 @@ impl ClusterIndex {
 
     /// Adds or replaces a Node: its labels, taints and `spec.unschedulable`.
     pub fn apply_node_object(&mut self, node: &Node) {
-        let Some(name) = &node.metadata.name else {
-            return;
-        };
-        self.apply_node(name, node.metadata.labels.iter().flatten());
-        let spec = node.spec.as_ref();
-        let taints = spec
-            .and_then(|spec| spec.taints.as_ref())
-            .into_iter()
-            .flatten()
+        if let Some(name) = &node.metadata.name {
+            let spec = node.spec.as_ref();
+            self.apply_node_fields(
+                name,
+                node.metadata.labels.iter().flatten(),
+                spec.and_then(|spec| spec.taints.as_deref())
+                    .unwrap_or_default(),
+                spec.and_then(|spec| spec.unschedulable) == Some(true),
+            );
+        }
+    }
+
+    /// Adds or replaces a node from the fields of a Node the index reads.
+    pub fn apply_node_fields<'a>(
+        &mut self,
+        name: &str,
+        labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+        taints: &[Taint],
+        unschedulable: bool,
+    ) {
+        self.apply_node(name, labels);
+        let taints = taints
+            .iter()
             .map(|taint| NodeTaint {
                 key: taint.key.clone(),
                 value: taint.value.clone().unwrap_or_default(),
                 effect: taint.effect.clone(),
             })
             .collect();
-        let unschedulable = spec.and_then(|spec| spec.unschedulable) == Some(true);
         self.set_node_scheduling(name, taints, unschedulable);
     }
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ObjectReference};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ObjectReference};
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -22,8 +22,8 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use super::Shared;
-use crate::api::{ImageSet, NodeImage};
-use crate::index::{ClusterIndex, LiveIndex};
+use crate::api::ImageSet;
+use crate::index::{ClusterIndex, LiveIndex, WatchedNode, WatchedNodeImage};
 use crate::policy::{CompiledPolicies, EvaluatorOptions, PolicyError, PolicySet, Snapshot};
 
 /// Name the webhook records Events under.
@@ -244,7 +244,7 @@ impl Feeds {
         );
         feeds.spawn(
             "nodes",
-            watcher(Api::<Node>::all(client.clone()), paged()).default_backoff(),
+            watcher(Api::<WatchedNode>::all(client.clone()), paged()).default_backoff(),
             LiveIndex::node,
             changed,
             shared,
@@ -262,7 +262,7 @@ impl Feeds {
         );
         feeds.spawn(
             "nodeimages",
-            watcher(Api::<NodeImage>::all(client.clone()), paged()).default_backoff(),
+            watcher(Api::<WatchedNodeImage>::all(client.clone()), paged()).default_backoff(),
             LiveIndex::node_image,
             changed,
             shared,

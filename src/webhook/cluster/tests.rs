@@ -171,7 +171,7 @@ impl FakeApi {
             } else {
                 // Nodes and NodeImages are listed in pages, read consistently.
                 let expected = if path == "/api/v1/nodes" || path.ends_with("/nodeimages") {
-                    "&limit=500".to_string()
+                    "&limit=100".to_string()
                 } else {
                     expected_list_query(expected_field_selector)
                 };
