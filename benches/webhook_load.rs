@@ -443,7 +443,15 @@ fn cluster_mode(runtime: &tokio::runtime::Runtime, bin: &std::path::Path, phase:
             answer.contains("\"patch\""),
             "cluster mode must mutate the request: {answer}"
         );
-        load((webhook.https, ca.as_str()), 8, Some(1000.0), phase).await
+        let run = load((webhook.https, ca.as_str()), 8, Some(1000.0), phase).await;
+        let (_, metrics) = support::get_probe(&webhook, "/metrics").await;
+        let rebuilds = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(r#"coral_reloads_total{result="success",what="state"} "#))
+            .unwrap_or("0")
+            .to_string();
+        println!("cluster mode: snapshots built since the start: {rebuilds}");
+        run
     });
     println!(
         "cluster mode, fixed 1,000 req/s, 8 connections: {:.0} req/s done, p50 {:.2} ms, p99 {:.2} ms, errors {}; after it RSS {:.1} MiB, peak {:.1} MiB",
@@ -478,6 +486,13 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // Set to measure cluster mode alone.
+    if std::env::var_os("CORAL_BENCH_CLUSTER_ONLY").is_some() {
+        if let Some(bin) = support::control_plane::ControlPlane::binaries() {
+            cluster_mode(&runtime, &bin, phase);
+        }
+        return;
+    }
     let state = state_json();
     let started = Instant::now();
     let webhook = Webhook::start(&state, &["--workers", "2"]);

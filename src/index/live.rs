@@ -181,8 +181,9 @@ trait Feed: Sized {
     const RESOURCE: Resource;
     /// The key the index knows the object by.
     fn key(&self) -> Option<String>;
-    fn apply(&self, index: &mut ClusterIndex);
-    fn remove(key: &str, index: &mut ClusterIndex);
+    /// Whether the index changed.
+    fn apply(&self, index: &mut ClusterIndex) -> bool;
+    fn remove(key: &str, index: &mut ClusterIndex) -> bool;
     fn keys(index: &ClusterIndex) -> Vec<String>;
 }
 
@@ -218,8 +219,8 @@ impl LiveIndex {
         self.feed(event)
     }
 
-    /// Applies one event; true when the index may have changed in a way a snapshot shows
-    /// (not while a list is still arriving).
+    /// Applies one event; true when the index changed and the list is complete (a Node's
+    /// heartbeat, an ImageSet's status update change nothing the index holds).
     fn feed<K: Feed>(&mut self, event: Event<K>) -> bool {
         let slot = K::RESOURCE.slot();
         match event {
@@ -228,7 +229,7 @@ impl LiveIndex {
                 false
             }
             Event::InitApply(object) => {
-                object.apply(&mut self.index);
+                let _ = object.apply(&mut self.index);
                 if let (Some(seen), Some(key)) = (&mut self.relisting[slot], object.key()) {
                     seen.insert(key);
                 }
@@ -238,23 +239,17 @@ impl LiveIndex {
                 if let Some(seen) = self.relisting[slot].take() {
                     for key in K::keys(&self.index) {
                         if !seen.contains(&key) {
-                            K::remove(&key, &mut self.index);
+                            let _ = K::remove(&key, &mut self.index);
                         }
                     }
                 }
                 self.listed[slot] = true;
                 true
             }
-            Event::Apply(object) => {
-                object.apply(&mut self.index);
-                true
-            }
-            Event::Delete(object) => {
-                if let Some(key) = object.key() {
-                    K::remove(&key, &mut self.index);
-                }
-                true
-            }
+            Event::Apply(object) => object.apply(&mut self.index),
+            Event::Delete(object) => object
+                .key()
+                .is_some_and(|key| K::remove(&key, &mut self.index)),
         }
     }
 }
@@ -267,14 +262,13 @@ impl Feed for ImageSet {
         Some(format!("{namespace}/{}", self.metadata.name.as_deref()?))
     }
 
-    fn apply(&self, index: &mut ClusterIndex) {
-        index.apply_image_set(self);
+    fn apply(&self, index: &mut ClusterIndex) -> bool {
+        index.apply_image_set(self)
     }
 
-    fn remove(key: &str, index: &mut ClusterIndex) {
-        if let Some((namespace, name)) = key.split_once('/') {
-            index.delete_image_set(namespace, name);
-        }
+    fn remove(key: &str, index: &mut ClusterIndex) -> bool {
+        key.split_once('/')
+            .is_some_and(|(namespace, name)| index.delete_image_set(namespace, name))
     }
 
     fn keys(index: &ClusterIndex) -> Vec<String> {
@@ -293,19 +287,19 @@ impl Feed for WatchedNode {
         self.metadata.name.clone()
     }
 
-    fn apply(&self, index: &mut ClusterIndex) {
-        if let Some(name) = &self.metadata.name {
+    fn apply(&self, index: &mut ClusterIndex) -> bool {
+        self.metadata.name.as_ref().is_some_and(|name| {
             index.apply_node_fields(
                 name,
                 self.metadata.labels.iter().flatten(),
                 &self.spec.taints,
                 self.spec.unschedulable,
-            );
-        }
+            )
+        })
     }
 
-    fn remove(key: &str, index: &mut ClusterIndex) {
-        index.delete_node(key);
+    fn remove(key: &str, index: &mut ClusterIndex) -> bool {
+        index.delete_node(key)
     }
 
     fn keys(index: &ClusterIndex) -> Vec<String> {
@@ -320,14 +314,14 @@ impl Feed for PartialObjectMeta<Namespace> {
         self.metadata.name.clone()
     }
 
-    fn apply(&self, index: &mut ClusterIndex) {
-        if let Some(name) = &self.metadata.name {
-            index.apply_namespace(name, self.metadata.labels.clone().unwrap_or_default());
-        }
+    fn apply(&self, index: &mut ClusterIndex) -> bool {
+        self.metadata.name.as_ref().is_some_and(|name| {
+            index.apply_namespace(name, self.metadata.labels.clone().unwrap_or_default())
+        })
     }
 
-    fn remove(key: &str, index: &mut ClusterIndex) {
-        index.delete_namespace(key);
+    fn remove(key: &str, index: &mut ClusterIndex) -> bool {
+        index.delete_namespace(key)
     }
 
     fn keys(index: &ClusterIndex) -> Vec<String> {
@@ -343,12 +337,12 @@ impl Feed for WatchedNodeImage {
         Some(self.spec.node_name.clone())
     }
 
-    fn apply(&self, index: &mut ClusterIndex) {
-        index.set_node_failures(&self.spec.node_name, self.status.clone());
+    fn apply(&self, index: &mut ClusterIndex) -> bool {
+        index.set_node_failures(&self.spec.node_name, self.status.clone())
     }
 
-    fn remove(key: &str, index: &mut ClusterIndex) {
-        index.set_node_failures(key, BTreeSet::new());
+    fn remove(key: &str, index: &mut ClusterIndex) -> bool {
+        index.set_node_failures(key, BTreeSet::new())
     }
 
     fn keys(index: &ClusterIndex) -> Vec<String> {
@@ -469,6 +463,11 @@ mod tests {
         assert_eq!(index.label_counts().get(image), Some(&2));
         let nginx = &index.image_availability()["docker.io/library/nginx:1.27"];
         assert_eq!((nginx.nodes_available, nginx.nodes_failed), (2, 1));
+
+        // A Node update that changes nothing the index holds (a heartbeat, an annotation)
+        // builds no snapshot.
+        assert!(!live.node(Event::Apply(node("a", json!({image: "available"}), false))));
+        assert!(!live.node_image(Event::Apply(node_image("b", "docker.io/library/nginx:1.27"))));
 
         // Changes and deletions as they come.
         assert!(live.node(Event::Apply(node("a", json!({}), false))));

@@ -88,7 +88,7 @@ pub fn validate_image_set(spec: &ImageSetSpec) -> Result<ValidImageSet, ImageSet
 }
 
 /// What the index holds of one ImageSet.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct IndexedImageSet {
     /// Valid references; invalid ones are skipped (the validating webhook rejects them).
     images: Vec<ImageReference>,
@@ -144,12 +144,14 @@ impl ClusterIndex {
     ///
     /// An ImageSet being deleted manages nothing: what of it workloads still require is
     /// retiring (kept on the nodes until they no longer do), and pods are not steered to it.
-    pub fn apply_image_set(&mut self, set: &ImageSet) {
+    ///
+    /// Like every `apply_*`, `set_*` and `delete_*`, it tells whether the index changed: a
+    /// Node's heartbeat or an ImageSet's status update changes nothing the index holds.
+    pub fn apply_image_set(&mut self, set: &ImageSet) -> bool {
         let namespace = set.metadata.namespace.clone().unwrap_or_default();
         let name = set.metadata.name.clone().unwrap_or_default();
         if set.metadata.deletion_timestamp.is_some() {
-            self.image_sets.remove(&(namespace, name));
-            return;
+            return self.image_sets.remove(&(namespace, name)).is_some();
         }
         let images = set
             .spec
@@ -158,13 +160,19 @@ impl ClusterIndex {
             .filter_map(|raw| ImageReference::parse(raw).ok())
             .collect();
         let selector = Selector::new(set.spec.node_selector.as_ref()).ok();
-        self.image_sets
-            .insert((namespace, name), IndexedImageSet { images, selector });
+        let indexed = IndexedImageSet { images, selector };
+        let key = (namespace, name);
+        if self.image_sets.get(&key) == Some(&indexed) {
+            return false;
+        }
+        self.image_sets.insert(key, indexed);
+        true
     }
 
-    pub fn delete_image_set(&mut self, namespace: &str, name: &str) {
+    pub fn delete_image_set(&mut self, namespace: &str, name: &str) -> bool {
         self.image_sets
-            .remove(&(namespace.to_string(), name.to_string()));
+            .remove(&(namespace.to_string(), name.to_string()))
+            .is_some()
     }
 
     /// Adds or replaces a node's labels, keeping its taints.
@@ -172,7 +180,7 @@ impl ClusterIndex {
         &mut self,
         name: &str,
         labels: impl IntoIterator<Item = (K, V)>,
-    ) {
+    ) -> bool {
         let symbols = &mut self.symbols;
         let labels = Labels::from_syms(
             labels
@@ -180,7 +188,11 @@ impl ClusterIndex {
                 .map(|(k, v)| (symbols.intern(k.as_ref()), symbols.intern(v.as_ref())))
                 .collect(),
         );
+        if self.nodes.get(name).is_some_and(|node| node.labels == labels) {
+            return false;
+        }
         self.node_mut(name).labels = labels;
+        true
     }
 
     fn node_mut(&mut self, name: &str) -> &mut IndexedNode {
@@ -195,24 +207,40 @@ impl ClusterIndex {
     }
 
     /// Records the images whose pulls failed on a node (what its NodeImage says).
-    pub fn set_node_failures(&mut self, name: &str, failed: BTreeSet<String>) {
+    pub fn set_node_failures(&mut self, name: &str, failed: BTreeSet<String>) -> bool {
         if failed.is_empty() {
-            self.failed.remove(name);
-        } else {
-            self.failed.insert(name.to_string(), failed);
+            return self.failed.remove(name).is_some();
         }
+        if self.failed.get(name) == Some(&failed) {
+            return false;
+        }
+        self.failed.insert(name.to_string(), failed);
+        true
     }
 
     /// Records a node's taints and whether it is cordoned.
-    pub fn set_node_scheduling(&mut self, name: &str, taints: Vec<NodeTaint>, unschedulable: bool) {
+    pub fn set_node_scheduling(
+        &mut self,
+        name: &str,
+        taints: Vec<NodeTaint>,
+        unschedulable: bool,
+    ) -> bool {
+        if self
+            .nodes
+            .get(name)
+            .is_some_and(|node| node.taints == taints && node.unschedulable == unschedulable)
+        {
+            return false;
+        }
         let node = self.node_mut(name);
         node.taints = taints;
         node.unschedulable = unschedulable;
+        true
     }
 
     /// Forgets a node; what its NodeImage said stays until the NodeImage goes.
-    pub fn delete_node(&mut self, name: &str) {
-        self.nodes.remove(name);
+    pub fn delete_node(&mut self, name: &str) -> bool {
+        self.nodes.remove(name).is_some()
     }
 
     /// Forgets the strings no node label uses any more.
@@ -220,12 +248,16 @@ impl ClusterIndex {
         self.symbols.prune();
     }
 
-    pub fn apply_namespace(&mut self, name: &str, labels: BTreeMap<String, String>) {
+    pub fn apply_namespace(&mut self, name: &str, labels: BTreeMap<String, String>) -> bool {
+        if self.namespaces.get(name) == Some(&labels) {
+            return false;
+        }
         self.namespaces.insert(name.to_string(), labels);
+        true
     }
 
-    pub fn delete_namespace(&mut self, name: &str) {
-        self.namespaces.remove(name);
+    pub fn delete_namespace(&mut self, name: &str) -> bool {
+        self.namespaces.remove(name).is_some()
     }
 
     /// Labels of a namespace, when the index knows it.

@@ -62,8 +62,8 @@ impl ClusterIndex {
         labels: impl IntoIterator<Item = (&'a String, &'a String)>,
         taints: &[Taint],
         unschedulable: bool,
-    ) {
-        self.apply_node(name, labels);
+    ) -> bool {
+        let labels_changed = self.apply_node(name, labels);
         let taints = taints
             .iter()
             .map(|taint| NodeTaint {
@@ -72,7 +72,8 @@ impl ClusterIndex {
                 effect: taint.effect.clone(),
             })
             .collect();
-        self.set_node_scheduling(name, taints, unschedulable);
+        // Both: a new node needs both recorded.
+        self.set_node_scheduling(name, taints, unschedulable) | labels_changed
     }
 
     /// Records what a NodeImage says of its node: the images whose pulls failed there.
