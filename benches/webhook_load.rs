@@ -423,8 +423,24 @@ fn cluster_mode(runtime: &tokio::runtime::Runtime, bin: &std::path::Path, phase:
         }
     });
     let pid = webhook.child.id();
+    // What the webhook logs: from the start of its first list to its first snapshot.
+    let listed = webhook
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|line| line.contains("first snapshot built since the first list began"))
+        .and_then(|line| {
+            line.split("seconds=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(f64::NAN);
     println!(
-        "cluster mode: webhook ready {:.2} s after its start (the first list of every resource included)   target: under 1 s; RSS {:.1} MiB, peak {:.1} MiB   target: peak < 64 MiB",
+        "cluster mode: ready {listed:.2} s after the first list began   target: under 1 s; {:.2} s after the process started; RSS {:.1} MiB, peak {:.1} MiB   target: peak < 64 MiB",
         ready.as_secs_f64(),
         memory_kib(pid, "VmRSS:") as f64 / 1024.0,
         memory_kib(pid, "VmHWM:") as f64 / 1024.0
@@ -447,7 +463,9 @@ fn cluster_mode(runtime: &tokio::runtime::Runtime, bin: &std::path::Path, phase:
         let (_, metrics) = support::get_probe(&webhook, "/metrics").await;
         let rebuilds = metrics
             .lines()
-            .find_map(|line| line.strip_prefix(r#"coral_reloads_total{result="success",what="state"} "#))
+            .find_map(|line| {
+                line.strip_prefix(r#"coral_reloads_total{result="success",what="state"} "#)
+            })
             .unwrap_or("0")
             .to_string();
         println!("cluster mode: snapshots built since the start: {rebuilds}");

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use serde::Deserialize as _;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
@@ -848,4 +849,26 @@ async fn a_request_decided_before_is_answered_from_the_cache_until_the_state_cha
         !metrics.contains("coral_decision_cache_requests_total{"),
         "{metrics}"
     );
+}
+
+#[test]
+fn the_tests_run_the_webhook_with_the_environment_deploy_gives_it() {
+    let manifest = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base/webhook.yaml"),
+    )
+    .unwrap();
+    let deployment: Value = serde_yaml::Deserializer::from_str(&manifest)
+        .map(|document| Value::deserialize(document).unwrap())
+        .find(|object| object["kind"] == "Deployment")
+        .unwrap();
+    let env = &deployment["spec"]["template"]["spec"]["containers"][0]["env"];
+    for (name, value) in support::DEPLOYED_ENV {
+        let entry = env
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is not set in deploy/base/webhook.yaml"));
+        assert_eq!(entry["value"], value, "{name}");
+    }
 }

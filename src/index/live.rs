@@ -467,7 +467,10 @@ mod tests {
         // A Node update that changes nothing the index holds (a heartbeat, an annotation)
         // builds no snapshot.
         assert!(!live.node(Event::Apply(node("a", json!({image: "available"}), false))));
-        assert!(!live.node_image(Event::Apply(node_image("b", "docker.io/library/nginx:1.27"))));
+        assert!(!live.node_image(Event::Apply(node_image(
+            "b",
+            "docker.io/library/nginx:1.27"
+        ))));
 
         // Changes and deletions as they come.
         assert!(live.node(Event::Apply(node("a", json!({}), false))));

@@ -188,7 +188,11 @@ impl ClusterIndex {
                 .map(|(k, v)| (symbols.intern(k.as_ref()), symbols.intern(v.as_ref())))
                 .collect(),
         );
-        if self.nodes.get(name).is_some_and(|node| node.labels == labels) {
+        if self
+            .nodes
+            .get(name)
+            .is_some_and(|node| node.labels == labels)
+        {
             return false;
         }
         self.node_mut(name).labels = labels;

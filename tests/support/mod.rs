@@ -52,12 +52,18 @@ impl Authority {
 }
 
 /// A running webhook; killed and waited for when dropped, even when the test fails.
+/// The environment `deploy/base/webhook.yaml` gives the webhook: mimalloc returns pages it
+/// no longer uses to the system at once, not after a delay.
+pub const DEPLOYED_ENV: [(&str, &str); 1] = [("MIMALLOC_PURGE_DELAY", "0")];
+
 pub struct Webhook {
     pub child: Child,
     pub https: SocketAddr,
     pub probes: SocketAddr,
     pub dir: tempfile::TempDir,
     pub authority: Authority,
+    /// Its log lines after the addresses, as they come.
+    pub log: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Webhook {
@@ -129,6 +135,7 @@ impl Webhook {
             .args(["--poll-interval-ms", "100", "--request-timeout-ms", "1000"])
             .args(extra)
             .env("CORAL_LOG", "info")
+            .envs(DEPLOYED_ENV)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -161,13 +168,20 @@ impl Webhook {
             }
         }
         // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            while let Ok(line) = rx.recv() {
+                lines.lock().unwrap().push(line);
+            }
+        });
         Self {
             child,
             https: https.unwrap(),
             probes: probes.unwrap(),
             dir,
             authority,
+            log,
         }
     }
 
