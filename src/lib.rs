@@ -19,4 +19,5 @@ pub mod index;
 pub mod metrics;
 pub mod policy;
 pub mod probe;
+pub mod report;
 pub mod webhook;

@@ -15,7 +15,7 @@ fn main() -> ExitCode {
     match cli::Cli::parse().run() {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", coral::report::error_message(&error));
             ExitCode::FAILURE
         }
     }

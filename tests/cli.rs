@@ -1066,3 +1066,105 @@ fn audit_lists_stranded_workloads_from_a_state_file_and_manifests() {
         stderr(&output)
     );
 }
+
+/// Each error says each thing once: no `: `-separated clause of the printed error comes twice.
+#[test]
+fn no_error_repeats_a_clause() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let bad_set = write(
+        "bad-set.yaml",
+        "imageSets:\n  - metadata: {name: rw-0, namespace: rw}\n    spec: {images: [\"Bad/Ref:1\"]}\n",
+    );
+    let bad_node = write(
+        "bad-node.yaml",
+        "nodes:\n  - {name: a, images: [\"UPPER:1\"]}\n",
+    );
+    let bad_json = write("bad.json", "{\"nodes\": [{\"name\": 5}]}");
+    let bad_settings = write("bad-settings.yaml", "settings: {preferredWeight: 500}\n");
+    let workload = write(
+        "pod.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, image: nginx}]}\n",
+    );
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("broken.rego"),
+        "package coral.mutate\npatch contains x if {\n",
+    )
+    .unwrap();
+    let policies = policies.display().to_string();
+    let good_state = root().join("examples/state.yaml").display().to_string();
+    let missing = dir.path().join("missing.pem").display().to_string();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["policy", "eval", "-f", &workload, "--state", &bad_set],
+        vec!["policy", "eval", "-f", &workload, "--state", &bad_node],
+        vec!["policy", "eval", "-f", &workload, "--state", &bad_json],
+        vec!["policy", "eval", "-f", &workload, "--state", &bad_settings],
+        vec![
+            "policy",
+            "eval",
+            "-f",
+            &workload,
+            "--state",
+            &good_state,
+            "--policies",
+            &policies,
+        ],
+        vec!["policy", "test", &policies],
+        vec!["audit", "--state", &bad_set, "-f", &workload],
+        vec!["image", "key", "Bad/Ref:1"],
+        vec![
+            "webhook",
+            "--standalone",
+            "--state",
+            &bad_set,
+            "--tls-cert",
+            &missing,
+            "--tls-key",
+            &missing,
+            "--listen",
+            "127.0.0.1:0",
+            "--probe-listen",
+            "127.0.0.1:0",
+        ],
+        vec![
+            "webhook",
+            "--standalone",
+            "--state",
+            &good_state,
+            "--tls-cert",
+            &missing,
+            "--tls-key",
+            &missing,
+            "--listen",
+            "127.0.0.1:0",
+            "--probe-listen",
+            "127.0.0.1:0",
+        ],
+    ];
+    for args in cases {
+        let output = coral(&args);
+        assert!(!output.status.success(), "{args:?} should fail");
+        let text = stderr(&output);
+        let line = text
+            .lines()
+            .find(|line| line.starts_with("error: ") || line.contains("error:"))
+            .unwrap_or_else(|| panic!("{args:?}: no error line in {text}"));
+        let clauses: Vec<&str> = line
+            .split(": ")
+            .map(str::trim)
+            .filter(|c| c.len() > 3)
+            .collect();
+        for (i, clause) in clauses.iter().enumerate() {
+            assert!(
+                !clauses[i + 1..].contains(clause),
+                "{args:?}: {clause:?} is said twice in\n{line}"
+            );
+        }
+    }
+}

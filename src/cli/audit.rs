@@ -64,7 +64,7 @@ pub fn run(args: AuditArgs) -> Result<ExitCode> {
     match audit(args) {
         Ok(code) => Ok(code),
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", coral::report::error_message(&error));
             Ok(ExitCode::from(2))
         }
     }
