@@ -38,7 +38,7 @@ check-deploy:
 # Benchmarks; each prints its figures.
 bench:
     cargo bench --bench decision
-    cargo bench --bench webhook_load
+    CORAL_CONTROL_PLANE_BIN="$(bash scripts/control-plane.sh || true)" cargo bench --bench webhook_load
     cargo bench --bench pull
     cargo bench --bench aggregate
 

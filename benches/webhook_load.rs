@@ -1,13 +1,17 @@
 //! Load on the real `coral webhook --standalone` over HTTPS with keep-alive: Deployments with
 //! three containers and their own nodeSelector against a state of 1,000 managed images and
-//! 5,000 nodes (5 % tainted, 1 % cordoned).
+//! 5,000 nodes, each holding 100 of the images (5 % tainted, 1 % cordoned).
 //!
-//! `cargo bench --bench webhook_load` (or `just bench`) prints: latency at a fixed 1,000
-//! requests/s, the highest rate closed-loop clients reach and its latency, the same closed
-//! loop against a no-op AdmissionReview responder on the same TLS and HTTP stack (the floor,
-//! this benchmark re-run as a server in its own process: it parses the review and answers
-//! allowed), Coral's rate as a share of the floor's, and the server's resident memory (now
-//! and peak). The load generator runs in this process, on the same two cores as the servers.
+//! `cargo bench --bench webhook_load` (or `just bench`) prints: the time from start to ready
+//! and memory, latency at a fixed 1,000 requests/s, the highest rate closed-loop clients reach
+//! and its latency (the same Deployment each time: answered from the decision cache), the same
+//! two with the decision cache off, the same closed loop against a no-op AdmissionReview
+//! responder on the same TLS and HTTP stack (the floor, this benchmark re-run as a server in
+//! its own process: it parses the review and answers allowed), Coral's rate as a share of the
+//! floor's, and the server's resident memory (now and peak). With `CORAL_CONTROL_PLANE_BIN`
+//! set (`scripts/control-plane.sh` prints it) it then measures cluster mode against the real
+//! control plane. The load generator runs in this process, on the same two cores as the
+//! servers.
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark stops on setup failures
 
 #[path = "../tests/support/mod.rs"]

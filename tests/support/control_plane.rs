@@ -79,7 +79,9 @@ fn cert_user(cert: &str, key: &str) -> Value {
 impl ControlPlane {
     /// The directory of the binaries, or `None` when the control plane was not built.
     pub fn binaries() -> Option<PathBuf> {
-        std::env::var_os(BIN_ENV).map(PathBuf::from)
+        std::env::var_os(BIN_ENV)
+            .filter(|bin| !bin.is_empty())
+            .map(PathBuf::from)
     }
 
     /// Starts etcd, kube-apiserver, kube-scheduler and kube-controller-manager and waits until
