@@ -872,3 +872,62 @@ fn the_tests_run_the_webhook_with_the_environment_deploy_gives_it() {
         assert_eq!(entry["value"], value, "{name}");
     }
 }
+
+#[tokio::test]
+async fn a_private_image_is_not_handed_to_another_namespace() {
+    let state = r#"
+imageSets:
+  - metadata: {name: app, namespace: team-a}
+    spec: {images: ["ghcr.io/acme/private-app:1.0"], imagePullSecrets: [{name: ghcr}]}
+nodes:
+  - {name: a, images: ["ghcr.io/acme/private-app:1.0"]}
+"#;
+    let webhook = Webhook::start(state, &[]);
+    let pod = |namespace: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "app", "namespace": namespace,
+                         "annotations": {"coral.dev/inject": "selectors,pull-policy"}},
+            "spec": {"containers": [{"name": "app", "image": "ghcr.io/acme/private-app:1.0", "imagePullPolicy": "Always"}]},
+        })
+    };
+    let ask = |namespace: &'static str| {
+        let object = pod(namespace);
+        let webhook = &webhook;
+        async move {
+            let review = json!({
+                "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                "request": {"uid": format!("uid-{namespace}"),
+                    "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                    "resource": {"group": "", "version": "v1", "resource": "pods"},
+                    "namespace": namespace, "name": "app", "operation": "CREATE",
+                    "userInfo": {"username": "someone"}, "object": object},
+            });
+            let (status, text) =
+                post(webhook, "/mutate", &serde_json::to_vec(&review).unwrap()).await;
+            assert_eq!(status, 200, "{text}");
+            serde_json::from_str::<Value>(&text).unwrap()["response"].clone()
+        }
+    };
+    let other = ask("team-b").await;
+    assert!(
+        other.get("patch").is_none(),
+        "team-b must not be steered to it: {other}"
+    );
+    assert!(
+        other["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("private to namespace(s) team-a"),
+        "{other}"
+    );
+    let own = ask("team-a").await;
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(own["patch"].as_str().expect("team-a is steered"))
+        .unwrap();
+    let patch = String::from_utf8(patch).unwrap();
+    assert!(
+        patch.contains("nodeSelector") && patch.contains("IfNotPresent"),
+        "{patch}"
+    );
+}

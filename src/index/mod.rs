@@ -94,6 +94,8 @@ struct IndexedImageSet {
     images: Vec<ImageReference>,
     /// `None` when the selector is invalid: such a set targets no node.
     selector: Option<Selector>,
+    /// It pulls with `imagePullSecrets`: its images are private to its namespace.
+    credentials: bool,
 }
 
 /// What the index holds of one node. Shared between an index and its clones until one of
@@ -120,6 +122,9 @@ pub struct ImageAvailability {
     pub nodes_available: usize,
     /// Nodes where pulling it failed.
     pub nodes_failed: usize,
+    /// The namespaces of the ImageSets that pull it with credentials, sorted: a private image
+    /// is for their pods. Empty: no ImageSet gives credentials for it.
+    pub private_to: Vec<String>,
 }
 
 /// The cluster state, keyed for cheap updates. Node labels are interned: a clone shares them,
@@ -160,7 +165,11 @@ impl ClusterIndex {
             .filter_map(|raw| ImageReference::parse(raw).ok())
             .collect();
         let selector = Selector::new(set.spec.node_selector.as_ref()).ok();
-        let indexed = IndexedImageSet { images, selector };
+        let indexed = IndexedImageSet {
+            images,
+            selector,
+            credentials: !set.spec.image_pull_secrets.is_empty(),
+        };
         let key = (namespace, name);
         if self.image_sets.get(&key) == Some(&indexed) {
             return false;
@@ -343,6 +352,9 @@ impl ClusterIndex {
                     )
                 });
                 entry.image_sets.push(format!("{namespace}/{name}"));
+                if set.credentials && !entry.private_to.contains(namespace) {
+                    entry.private_to.push(namespace.clone());
+                }
                 sets.push(set_index);
             }
         }
@@ -350,6 +362,7 @@ impl ClusterIndex {
         managed
             .into_iter()
             .map(|(normalized, (mut entry, sets))| {
+                entry.private_to.sort_unstable();
                 entry.nodes_targeted = (0..nodes.len())
                     .filter(|&n| sets.iter().any(|&s| targets[s][n]))
                     .count();

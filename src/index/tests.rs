@@ -229,6 +229,10 @@ fn state_file_images_become_labels_and_errors_name_the_entry() {
         ("nodes: 5\n", "state file s.yaml is not valid"),
         ("nodez: []\n", "unknown field `nodez`"),
         ("settings: {preferredWeight: 500}\n", "preferredWeight"),
+        (
+            "settings: {sharePrivateImagesWith: [Team_B]}\n",
+            "sharePrivateImagesWith has \"Team_B\"",
+        ),
     ];
     for (text, expected) in cases {
         let error = StateFile::parse(text, "s.yaml").expect_err(text);
@@ -288,4 +292,42 @@ fn a_json_state_file_indexes_like_its_yaml() {
     std::fs::write(&path, "{\"nodes\": 5}").expect("write");
     let error = StateFile::load(&path).expect_err("bad shape").to_string();
     assert!(error.contains("is not valid JSON"), "{error}");
+}
+
+#[test]
+fn an_image_pulled_with_credentials_is_private_to_their_namespaces() {
+    let state = StateFile::parse(
+        r#"
+imageSets:
+  - metadata: {name: app, namespace: team-a}
+    spec: {images: ["ghcr.io/acme/private-app:1.0"], imagePullSecrets: [{name: ghcr}]}
+  - metadata: {name: app, namespace: team-c}
+    spec: {images: ["ghcr.io/acme/private-app:1.0", "nginx"], imagePullSecrets: [{name: ghcr}]}
+  - metadata: {name: web, namespace: team-b}
+    spec: {images: ["nginx", "ghcr.io/acme/private-app:1.0"]}
+"#,
+        "s.yaml",
+    )
+    .expect("valid");
+    let availability = state.to_index().image_availability();
+    assert_eq!(
+        availability["ghcr.io/acme/private-app:1.0"].private_to,
+        ["team-a", "team-c"],
+        "an ImageSet without credentials (team-b) does not make it its own"
+    );
+    assert_eq!(
+        availability["docker.io/library/nginx:latest"].private_to,
+        ["team-c"]
+    );
+    let data = crate::policy::coral_data(&state.to_index(), &crate::policy::Settings::default());
+    let private = &data["coral"]["images"]["ghcr.io/acme/private-app:1.0"];
+    assert_eq!(private["private"], true);
+    assert_eq!(
+        private["namespaces"],
+        serde_json::json!(["team-a", "team-c"])
+    );
+    assert_eq!(
+        data["coral"]["settings"]["sharePrivateImagesWith"],
+        serde_json::json!([])
+    );
 }

@@ -1,5 +1,8 @@
 //! The `data.coral` document: managed images, node label counts and settings. Built once per
 //! change of the cluster state and shared by every decision.
+//!
+//! An image is `private` when an ImageSet pulls it with `imagePullSecrets`; `namespaces` are
+//! then the namespaces of those ImageSets, whose pods may use it.
 
 use serde_json::{Map, Value, json};
 
@@ -15,6 +18,8 @@ pub fn coral_data(index: &ClusterIndex, settings: &Settings) -> Value {
             let value = json!({
                 "label": image.label,
                 "imageSets": image.image_sets,
+                "private": !image.private_to.is_empty(),
+                "namespaces": image.private_to,
                 "nodes": {
                     "targeted": image.nodes_targeted,
                     "available": image.nodes_available,

@@ -26,6 +26,9 @@ pub struct Settings {
     pub warn_unmanaged: bool,
     /// Leave Pods owned by a controller alone: their template was mutated already.
     pub skip_controlled_pods: bool,
+    /// Namespaces whose pods may use private images (pulled with an ImageSet's pull secrets)
+    /// besides the namespaces of those ImageSets; `*` is every namespace.
+    pub share_private_images_with: Vec<String>,
 }
 
 impl Default for Settings {
@@ -38,6 +41,7 @@ impl Default for Settings {
             pull_policy: PullPolicy::IfNotPresent,
             warn_unmanaged: true,
             skip_controlled_pods: true,
+            share_private_images_with: Vec::new(),
         }
     }
 }
@@ -70,6 +74,10 @@ pub enum SettingsError {
         "settings.json: defaultInject has unknown injection {0:?} (known: pull-policy, selectors)"
     )]
     Injection(String),
+    #[error(
+        "settings.json: sharePrivateImagesWith has {0:?}, which is neither a namespace name (a DNS label) nor *"
+    )]
+    SharedNamespace(String),
 }
 
 impl Settings {
@@ -91,6 +99,20 @@ impl Settings {
             .find(|name| !INJECTIONS.contains(&name.as_str()))
         {
             return Err(SettingsError::Injection(unknown.clone()));
+        }
+        let namespace = |name: &str| {
+            let alphanumeric = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+            (1..=63).contains(&name.len())
+                && name.starts_with(alphanumeric)
+                && name.ends_with(alphanumeric)
+                && name.chars().all(|c| alphanumeric(c) || c == '-')
+        };
+        if let Some(bad) = self
+            .share_private_images_with
+            .iter()
+            .find(|name| *name != "*" && !namespace(name))
+        {
+            return Err(SettingsError::SharedNamespace(bad.clone()));
         }
         Ok(())
     }

@@ -56,12 +56,26 @@ include_containers := annotation_list("coral.dev/include-containers")
 
 exclude_containers := annotation_list("coral.dev/exclude-containers")
 
-# Selected containers whose image is managed and held by at least
-# settings.minAvailableNodes nodes.
+# Private images: an image an ImageSet pulls with imagePullSecrets is for the pods of that
+# ImageSet's namespace (info.namespaces) and of the namespaces settings.sharePrivateImagesWith
+# names ("*": every namespace). A pod elsewhere is neither steered to it nor told not to pull
+# it, so the registry still decides whether it may have the image.
+may_use(info) if not info.private
+
+may_use(info) if input.namespace in info.namespaces
+
+may_use(info) if input.namespace in object.get(settings, "sharePrivateImagesWith", [])
+
+may_use(info) if "*" in object.get(settings, "sharePrivateImagesWith", [])
+
+# Selected containers whose image is managed, may be used in the pod's namespace, and is held
+# by at least settings.minAvailableNodes nodes.
 available contains i if {
 	injecting
 	some i in selected
-	data.coral.images[input.containers[i].normalized].nodes.available >= settings.minAvailableNodes
+	info := data.coral.images[input.containers[i].normalized]
+	may_use(info)
+	info.nodes.available >= settings.minAvailableNodes
 }
 
 # The pod spec of the object, wherever its kind keeps it.
@@ -87,6 +101,18 @@ warn contains msg if {
 	msg := sprintf("container %q: image %q is not managed by any ImageSet; left unchanged", [c.name, c.image])
 }
 
+warn contains msg if {
+	injecting
+	some i in selected
+	c := input.containers[i]
+	info := data.coral.images[c.normalized]
+	not may_use(info)
+	msg := sprintf(
+		"container %q: image %q is private to namespace(s) %s (pulled with their pull secrets), not to %q; left unchanged",
+		[c.name, c.image, concat(", ", info.namespaces), input.namespace],
+	)
+}
+
 # With selectors injected, feasibility.rego says why an image is left out.
 warn contains msg if {
 	injecting
@@ -94,6 +120,7 @@ warn contains msg if {
 	some i in selected
 	c := input.containers[i]
 	info := data.coral.images[c.normalized]
+	may_use(info)
 	info.nodes.available < settings.minAvailableNodes
 	msg := sprintf(
 		"container %q: image %q is on %d node(s), fewer than the %d required (minAvailableNodes); left unchanged",

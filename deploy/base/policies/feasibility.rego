@@ -17,11 +17,14 @@ placement := object.get(input, "placement", {"nodes": 0, "images": {}, "groups":
 # Fewer than one node is never enough.
 min_nodes := max([1, settings.minAvailableNodes])
 
-# Label keys of the managed images of the selected containers.
+# Label keys of the managed images of the selected containers that the pod's namespace may
+# use.
 wanted_labels contains label if {
 	inject_selectors
 	some i in selected
-	label := data.coral.images[input.containers[i].normalized].label
+	info := data.coral.images[input.containers[i].normalized]
+	may_use(info)
+	label := info.label
 }
 
 # How many nodes the pod may use that hold every image of `labels` (a non-empty set).
