@@ -121,6 +121,20 @@ fn review_body() -> Vec<u8> {
     .unwrap()
 }
 
+/// Sends the benchmark's request once and checks that the answer patches it.
+async fn assert_mutated(address: SocketAddr, ca: &str) {
+    let mut stream = tls_stream(address, ca).await.expect("connect");
+    stream
+        .write_all(&request_bytes("/mutate", &review_body(), false))
+        .await
+        .unwrap();
+    let (_, answer) = read_response(&mut stream).await;
+    assert!(
+        answer.contains("\"patch\""),
+        "the benchmark request must be mutated: {answer}"
+    );
+}
+
 /// Latencies, sorted.
 struct Run {
     latencies: Vec<Duration>,
@@ -457,18 +471,7 @@ fn cluster_mode(runtime: &tokio::runtime::Runtime, bin: &std::path::Path, phase:
     );
     let ca = webhook.authority.pem();
     let run = runtime.block_on(async {
-        let (_, answer) = {
-            let mut stream = tls_stream(webhook.https, &ca).await.expect("connect");
-            stream
-                .write_all(&request_bytes("/mutate", &review_body(), false))
-                .await
-                .unwrap();
-            read_response(&mut stream).await
-        };
-        assert!(
-            answer.contains("\"patch\""),
-            "cluster mode must mutate the request: {answer}"
-        );
+        assert_mutated(webhook.https, &ca).await;
         let run = load((webhook.https, ca.as_str()), 8, Some(1000.0), phase).await;
         let (_, metrics) = support::get_probe(&webhook, "/metrics").await;
         let rebuilds = metrics
@@ -540,18 +543,7 @@ fn main() {
     );
     drop(state);
     let (coral_max, uncached_max, floor_max) = runtime.block_on(async {
-        let (_, answer) = {
-            let mut stream = tls_stream(webhook.https, &ca).await.expect("connect");
-            stream
-                .write_all(&request_bytes("/mutate", &review_body(), false))
-                .await
-                .unwrap();
-            read_response(&mut stream).await
-        };
-        assert!(
-            answer.contains("\"patch\""),
-            "the benchmark request must be mutated: {answer}"
-        );
+        assert_mutated(webhook.https, &ca).await;
         load(coral, 4, None, phase / 5).await;
 
         let fixed = load(coral, 8, Some(1000.0), phase).await;

@@ -1100,6 +1100,29 @@ fn no_error_repeats_a_clause() {
     let policies = policies.display().to_string();
     let good_state = root().join("examples/state.yaml").display().to_string();
     let missing = dir.path().join("missing.pem").display().to_string();
+    let webhook = |state: &str| -> Vec<String> {
+        let flags = [
+            "--tls-cert",
+            &missing,
+            "--tls-key",
+            &missing,
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        [
+            "webhook",
+            "--standalone",
+            "--probe-listen",
+            "127.0.0.1:0",
+            "--state",
+            state,
+        ]
+        .into_iter()
+        .chain(flags)
+        .map(String::from)
+        .collect()
+    };
+    let (webhook_bad, webhook_good) = (webhook(&bad_set), webhook(&good_state));
     let cases: Vec<Vec<&str>> = vec![
         vec!["policy", "eval", "-f", &workload, "--state", &bad_set],
         vec!["policy", "eval", "-f", &workload, "--state", &bad_node],
@@ -1118,34 +1141,8 @@ fn no_error_repeats_a_clause() {
         vec!["policy", "test", &policies],
         vec!["audit", "--state", &bad_set, "-f", &workload],
         vec!["image", "key", "Bad/Ref:1"],
-        vec![
-            "webhook",
-            "--standalone",
-            "--state",
-            &bad_set,
-            "--tls-cert",
-            &missing,
-            "--tls-key",
-            &missing,
-            "--listen",
-            "127.0.0.1:0",
-            "--probe-listen",
-            "127.0.0.1:0",
-        ],
-        vec![
-            "webhook",
-            "--standalone",
-            "--state",
-            &good_state,
-            "--tls-cert",
-            &missing,
-            "--tls-key",
-            &missing,
-            "--listen",
-            "127.0.0.1:0",
-            "--probe-listen",
-            "127.0.0.1:0",
-        ],
+        webhook_bad.iter().map(String::as_str).collect(),
+        webhook_good.iter().map(String::as_str).collect(),
     ];
     for args in cases {
         let output = coral(&args);
