@@ -60,13 +60,19 @@ exclude_containers := annotation_list("coral.dev/exclude-containers")
 # ImageSet's namespace (info.namespaces) and of the namespaces settings.sharePrivateImagesWith
 # names ("*": every namespace). A pod elsewhere is neither steered to it nor told not to pull
 # it, so the registry still decides whether it may have the image.
-may_use(info) if not info.private
+# One chain: a public image (the common case) is decided by its first test.
+may_use(info) := true if {
+	not info.private
+} else := true if {
+	input.namespace in info.namespaces
+} else := true if {
+	shares_private_images
+}
 
-may_use(info) if input.namespace in info.namespaces
+# Computed once per decision.
+shares_private_images if input.namespace in object.get(settings, "sharePrivateImagesWith", [])
 
-may_use(info) if input.namespace in object.get(settings, "sharePrivateImagesWith", [])
-
-may_use(info) if "*" in object.get(settings, "sharePrivateImagesWith", [])
+shares_private_images if "*" in object.get(settings, "sharePrivateImagesWith", [])
 
 # Selected containers whose image is managed, may be used in the pod's namespace, and is held
 # by at least settings.minAvailableNodes nodes.
