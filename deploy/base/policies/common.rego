@@ -74,14 +74,17 @@ shares_private_images if input.namespace in object.get(settings, "sharePrivateIm
 
 shares_private_images if "*" in object.get(settings, "sharePrivateImagesWith", [])
 
-# Selected containers whose image is managed, may be used in the pod's namespace, and is held
-# by at least settings.minAvailableNodes nodes.
-available contains i if {
+# Selected containers whose image is managed and may be used in the pod's namespace.
+usable contains i if {
 	injecting
 	some i in selected
-	info := data.coral.images[input.containers[i].normalized]
-	may_use(info)
-	info.nodes.available >= settings.minAvailableNodes
+	may_use(data.coral.images[input.containers[i].normalized])
+}
+
+# Of those, the containers whose image is held by at least settings.minAvailableNodes nodes.
+available contains i if {
+	some i in usable
+	data.coral.images[input.containers[i].normalized].nodes.available >= settings.minAvailableNodes
 }
 
 # The pod spec of the object, wherever its kind keeps it.
@@ -110,9 +113,9 @@ warn contains msg if {
 warn contains msg if {
 	injecting
 	some i in selected
+	not i in usable
 	c := input.containers[i]
 	info := data.coral.images[c.normalized]
-	not may_use(info)
 	msg := sprintf(
 		"container %q: image %q is private to namespace(s) %s (pulled with their pull secrets), not to %q; left unchanged",
 		[c.name, c.image, concat(", ", info.namespaces), input.namespace],
@@ -125,8 +128,8 @@ warn contains msg if {
 	not inject_selectors
 	some i in selected
 	c := input.containers[i]
+	i in usable
 	info := data.coral.images[c.normalized]
-	may_use(info)
 	info.nodes.available < settings.minAvailableNodes
 	msg := sprintf(
 		"container %q: image %q is on %d node(s), fewer than the %d required (minAvailableNodes); left unchanged",

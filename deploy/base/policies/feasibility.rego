@@ -21,10 +21,8 @@ min_nodes := max([1, settings.minAvailableNodes])
 # use.
 wanted_labels contains label if {
 	inject_selectors
-	some i in selected
-	info := data.coral.images[input.containers[i].normalized]
-	may_use(info)
-	label := info.label
+	some i in usable
+	label := data.coral.images[input.containers[i].normalized].label
 }
 
 # How many nodes the pod may use that hold every image of `labels` (a non-empty set).
