@@ -154,6 +154,18 @@ impl Run {
     fn rate(&self) -> f64 {
         self.latencies.len() as f64 / self.elapsed.as_secs_f64()
     }
+
+    /// `N req/s, p50 …, p99 …, max …, errors N`.
+    fn summary(&self) -> String {
+        format!(
+            "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, errors {}",
+            self.rate(),
+            self.at(0.5),
+            self.at(0.99),
+            self.at(1.0),
+            self.errors
+        )
+    }
 }
 
 /// `connections` keep-alive connections; with `rate`, each sends on a fixed schedule and
@@ -485,11 +497,8 @@ fn cluster_mode(runtime: &tokio::runtime::Runtime, bin: &std::path::Path, phase:
         run
     });
     println!(
-        "cluster mode, fixed 1,000 req/s, 8 connections: {:.0} req/s done, p50 {:.2} ms, p99 {:.2} ms, errors {}; after it RSS {:.1} MiB, peak {:.1} MiB",
-        run.rate(),
-        run.at(0.5),
-        run.at(0.99),
-        run.errors,
+        "cluster mode, fixed 1,000 req/s, 8 connections: {}; after it RSS {:.1} MiB, peak {:.1} MiB",
+        run.summary(),
         memory_kib(pid, "VmRSS:") as f64 / 1024.0,
         memory_kib(pid, "VmHWM:") as f64 / 1024.0
     );
@@ -548,21 +557,14 @@ fn main() {
 
         let fixed = load(coral, 8, Some(1000.0), phase).await;
         println!(
-            "Coral, fixed 1,000 req/s, 8 connections: {:.0} req/s done, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, errors {}   target: p99 < 2 ms",
-            fixed.rate(),
-            fixed.at(0.5),
-            fixed.at(0.99),
-            fixed.at(1.0),
-            fixed.errors
+            "Coral, fixed 1,000 req/s, 8 connections: {}   target: p99 < 2 ms",
+            fixed.summary()
         );
 
         let max = load(coral, 16, None, phase).await;
         println!(
-            "Coral, closed loop, 16 connections (the same Deployment each time: answered from the decision cache): {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
-            max.rate(),
-            max.at(0.5),
-            max.at(0.99),
-            max.errors
+            "Coral, closed loop, 16 connections (the same Deployment each time: answered from the decision cache): {}",
+            max.summary()
         );
 
         // Every request evaluated: the cache off.
@@ -575,19 +577,13 @@ fn main() {
         load(server, 4, None, phase / 5).await;
         let uncached_fixed = load(server, 8, Some(1000.0), phase).await;
         println!(
-            "Coral without the decision cache, fixed 1,000 req/s, 8 connections: {:.0} req/s done, p50 {:.2} ms, p99 {:.2} ms, errors {}",
-            uncached_fixed.rate(),
-            uncached_fixed.at(0.5),
-            uncached_fixed.at(0.99),
-            uncached_fixed.errors
+            "Coral without the decision cache, fixed 1,000 req/s, 8 connections: {}",
+            uncached_fixed.summary()
         );
         let uncached_max = load(server, 16, None, phase).await;
         println!(
-            "Coral without the decision cache, closed loop, 16 connections (every request evaluated): {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
-            uncached_max.rate(),
-            uncached_max.at(0.5),
-            uncached_max.at(0.99),
-            uncached_max.errors
+            "Coral without the decision cache, closed loop, 16 connections (every request evaluated): {}",
+            uncached_max.summary()
         );
         drop(uncached);
 
@@ -597,11 +593,8 @@ fn main() {
         load(server, 4, None, phase / 5).await;
         let floor_max = load(server, 16, None, phase).await;
         println!(
-            "floor (no-op AdmissionReview responder, same TLS and HTTP stack), closed loop, 16 connections: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
-            floor_max.rate(),
-            floor_max.at(0.5),
-            floor_max.at(0.99),
-            floor_max.errors
+            "floor (no-op AdmissionReview responder, same TLS and HTTP stack), closed loop, 16 connections: {}",
+            floor_max.summary()
         );
         (max, uncached_max, floor_max)
     });

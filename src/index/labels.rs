@@ -23,15 +23,6 @@ impl Symbols {
         sym
     }
 
-    /// Like [`Symbols::intern`] for a string interned elsewhere: adopts it when it is new.
-    pub fn adopt(&mut self, sym: &Sym) -> Sym {
-        if let Some(stored) = self.0.get(&**sym) {
-            return stored.clone();
-        }
-        self.0.insert(sym.clone());
-        sym.clone()
-    }
-
     /// Forgets the strings nothing else refers to any more (labels of deleted nodes).
     pub fn prune(&mut self) {
         self.0.retain(|sym| Arc::strong_count(sym) > 1);
@@ -97,14 +88,6 @@ impl Labels {
     /// The interned pairs.
     pub fn syms(&self) -> &[(Sym, Sym)] {
         &self.0
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 }
 

@@ -146,7 +146,7 @@ watched_resource!(
 
 /// The resources an index is fed with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resource {
+enum Resource {
     ImageSets,
     Nodes,
     Namespaces,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 pub use labels::{LabelMap, Labels, Sym, Symbols};
-pub use live::{LiveIndex, Resource, WatchedNode, WatchedNodeImage};
+pub use live::{LiveIndex, WatchedNode, WatchedNodeImage};
 pub use objects::ClusterObjects;
 pub use placement::{
     NodeTaint, Placement, PlacementNode, RequiredImages, RequiredLabel, UNSCHEDULABLE_TAINT,

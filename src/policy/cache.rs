@@ -86,11 +86,6 @@ impl DecisionCache {
         }
     }
 
-    /// Whether decisions are cached.
-    pub fn enabled(&self) -> bool {
-        self.keying != CacheKeying::Off
-    }
-
     /// The key of a request: `None` when nothing is cached. The request is given back as it
     /// came.
     pub fn key(&self, request: &mut PolicyRequest) -> Option<Vec<u8>> {
@@ -133,8 +128,9 @@ impl DecisionCache {
             .insert(key, decision, cost, self.generation_bytes);
     }
 
-    /// Entries kept and their bytes, for tests and metrics.
-    pub fn usage(&self) -> (usize, usize) {
+    /// Entries kept and their bytes.
+    #[cfg(test)]
+    fn usage(&self) -> (usize, usize) {
         let generations = self.lock();
         let bytes: usize = generations
             .previous
