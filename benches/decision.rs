@@ -16,10 +16,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// The allocator of the `coral` binary.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use coral::api::{ImageSet, ImageSetSpec};
 use coral::image::{ImageReference, LABEL_AVAILABLE, label_key};
 use coral::index::{ClusterIndex, NodeTaint, Placement};

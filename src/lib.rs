@@ -5,6 +5,13 @@
 //! [`index`] (cluster state) and [`policy`] (the Rego engine, its input and data documents, the
 //! safety rails and the policy test runner) take values and return values.
 
+// The global allocator is regorus' mimalloc with allocation accounting (its
+// `allocator-memory-limits` feature declares it): allocation-heavy policy evaluation runs
+// about a fifth faster than on the system allocator, and the counts are what bound the memory
+// of one evaluation (`policy::EvaluatorOptions::memory_budget`). Every binary and test linking
+// the library gets it. The manifests in `deploy/` turn transparent huge pages off
+// (`MIMALLOC_ALLOW_THP=0`): they would hold on to far more memory than the webhook uses.
+
 pub mod agent;
 pub mod api;
 pub mod cluster;

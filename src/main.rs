@@ -4,12 +4,6 @@ use clap::Parser;
 
 mod cli;
 
-/// mimalloc: allocation-heavy policy evaluation runs about a fifth faster than on the system
-/// allocator (see benches/decision.rs, which uses the same allocator). Built without
-/// transparent huge pages, which would hold on to far more memory than the webhook uses.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     quiet_on_closed_stdout();
     match cli::Cli::parse().run() {

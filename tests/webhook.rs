@@ -931,3 +931,112 @@ nodes:
         "{patch}"
     );
 }
+
+/// A policy set that runs away on Pods labelled `bomb` (each value a different way past the
+/// engine's own checks) and warns `fine` on every other object.
+const RUNAWAY_POLICIES: &str = r#"package coral.mutate
+
+bomb := object.get(input.object.metadata, ["labels", "bomb"], "")
+
+warn contains "fine" if bomb == ""
+
+warn contains sprintf("%d", [count(numbers.range(1, 100000000))]) if bomb == "range"
+
+warn contains sprintf("%d", [count(net.cidr_expand("10.0.0.0/8"))]) if bomb == "cidr"
+
+warn contains sprintf("%d", [count(xs)]) if {
+	bomb == "loop"
+	xs := [sprintf("%d-%d", [a, b]) | some a in numbers.range(1, 5000); some b in numbers.range(1, 5000)]
+}
+"#;
+
+fn pod(name: &str, bomb: Option<&str>) -> Value {
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"containers": [{"name": "app", "image": "nginx:1.27"}]}
+    });
+    if let Some(bomb) = bomb {
+        pod["metadata"]["labels"] = json!({"bomb": bomb});
+    }
+    pod
+}
+
+/// Peak resident memory of a process, from /proc.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+#[tokio::test]
+async fn a_runaway_policy_is_stopped_within_its_bounds_and_the_webhook_keeps_serving() {
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(policies.path().join("mutate.rego"), RUNAWAY_POLICIES).unwrap();
+    let directory = policies.path().to_str().unwrap();
+    let webhook = Webhook::start(STATE, &["--policies", directory]);
+    let (response, _) = mutate(&webhook, &pod("calm", None), "CREATE").await;
+    assert_eq!(response["warnings"], json!(["fine"]), "{response}");
+    let limit = Duration::from_millis(250);
+
+    for bomb in ["range", "cidr", "loop"] {
+        let started = Instant::now();
+        let (response, _) = mutate(&webhook, &pod(bomb, Some(bomb)), "CREATE").await;
+        let took = started.elapsed();
+        eprintln!("{bomb}: answered after {took:?}: {}", response["warnings"]);
+        assert!(took < limit * 2, "{bomb}: {took:?}");
+        assert_eq!(
+            response["allowed"], true,
+            "--failure-mode allow: {response}"
+        );
+        let warning = response["warnings"][0].as_str().unwrap();
+        assert!(
+            warning.contains("took longer than 250ms")
+                || warning.contains("memory budget of 64 MiB"),
+            "{bomb}: {warning}"
+        );
+    }
+    // All at once, and calm requests among them: every one is answered.
+    let requests = (0..8).map(|i| {
+        let bomb = ["range", "cidr", "loop"][i % 3];
+        let object = if i % 2 == 0 {
+            pod(bomb, Some(bomb))
+        } else {
+            pod("calm", None)
+        };
+        let webhook = &webhook;
+        async move { mutate_as(webhook, &format!("together-{i}"), &object).await }
+    });
+    for response in futures::future::join_all(requests).await {
+        assert_eq!(response["allowed"], true, "{response}");
+    }
+    let (response, _) = mutate(&webhook, &pod("calm", None), "CREATE").await;
+    assert_eq!(
+        response["warnings"],
+        json!(["fine"]),
+        "still serving: {response}"
+    );
+
+    let (_, metrics) = get_probe(&webhook, "/metrics").await;
+    assert!(metric(&metrics, r#"coral_policy_errors_total{class="memory"}"#) >= 1.0);
+    let peak = peak_rss_mib(webhook.child.id());
+    eprintln!("peak resident memory {peak:.1} MiB");
+    assert!(peak < 256.0, "peak resident memory {peak:.1} MiB");
+
+    // A set that runs away on the probe evaluation is refused; the last good one serves.
+    let always = RUNAWAY_POLICIES.replace("bomb == \"range\"", "true");
+    replace_file(&policies.path().join("mutate.rego"), &always);
+    let failures = r#"coral_reloads_total{result="failure",what="state"}"#;
+    wait_for_metric(&webhook, failures, 1.0).await;
+    let (response, _) = mutate(&webhook, &pod("calm", None), "CREATE").await;
+    assert_eq!(response["warnings"], json!(["fine"]), "{response}");
+    let log = webhook.log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("break the evaluation bounds on a probe evaluation"),
+        "{log}"
+    );
+}

@@ -170,6 +170,15 @@ struct EvaluationArgs {
         env = "CORAL_EVAL_TIMEOUT_MS"
     )]
     eval_timeout_ms: u64,
+    /// Bound on the memory one policy evaluation allocates; past it the decision fails (the
+    /// webhook answers per --failure-mode). 0 turns the bound off.
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value = "64",
+        env = "CORAL_EVAL_MEMORY_MIB"
+    )]
+    eval_memory_mib: u64,
 }
 
 impl EvaluationArgs {
@@ -177,6 +186,7 @@ impl EvaluationArgs {
         let Self {
             allowed_paths,
             eval_timeout_ms,
+            eval_memory_mib,
         } = self;
         Ok(EvaluatorOptions {
             allowed_paths: if allowed_paths.is_empty() {
@@ -185,6 +195,7 @@ impl EvaluationArgs {
                 AllowedPaths::new(allowed_paths)?
             },
             timeout: Duration::from_millis(eval_timeout_ms),
+            memory_budget: eval_memory_mib.saturating_mul(1 << 20),
             decision_cache_bytes: 0,
         })
     }

@@ -3,15 +3,17 @@
 //! its safety rails.
 
 use std::collections::BTreeMap;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use json_patch::Patch;
+use regorus::MemoryBudgetConfig;
 use regorus::utils::limits::ExecutionTimerConfig;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::guard::{Bounds, Breach, Guard};
 use super::input::{containers, containers_after, placement_key, pod_placement};
 use super::rails::checked_patch;
 use super::{
@@ -27,6 +29,9 @@ const UNDEFINED_RULE_PATH: &str = "not a valid rule path";
 
 /// Default bound on one evaluation of the policies.
 pub const DEFAULT_EVAL_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// Default bound on the memory one evaluation allocates.
+pub const DEFAULT_EVAL_MEMORY: u64 = 64 << 20;
 
 /// The rules of [`DECISION_PACKAGE`] that make a decision.
 const DECISION_RULES: [&str; 3] = ["patch", "warn", "deny"];
@@ -47,6 +52,10 @@ impl CompiledPolicies {
     /// Parses every file and checks that the set compiles and defines `package coral.mutate`.
     /// A syntax error names the file and line.
     pub fn compile(set: &PolicySet) -> Result<Self, PolicyError> {
+        Guard::global().unaffected(|| Self::compile_once(set), |error| error.on_ceiling())
+    }
+
+    fn compile_once(set: &PolicySet) -> Result<Self, PolicyError> {
         let mut engine = regorus::Engine::new();
         let mut packages = Vec::new();
         for file in &set.files {
@@ -86,13 +95,25 @@ impl CompiledPolicies {
             .map_err(|e| compiled.compile_error(e))?;
         probe.set_input(regorus::Value::new_object());
         probe.set_execution_timer_config(timer(DEFAULT_EVAL_TIMEOUT));
+        let bounds = Bounds {
+            time: DEFAULT_EVAL_TIMEOUT,
+            memory: DEFAULT_EVAL_MEMORY,
+        };
         for rule in DECISION_RULES {
-            match probe.eval_rule(format!("{DECISION_PACKAGE}.{rule}")) {
+            match guarded(bounds, || {
+                probe.eval_rule(format!("{DECISION_PACKAGE}.{rule}"))
+            }) {
                 Ok(_) => compiled.rules.push(rule),
-                Err(e) if e.to_string() == UNDEFINED_RULE_PATH => {}
-                // Slow on an empty input is a matter for requests, not a compile error.
-                Err(e) if is_timeout(&e) => compiled.rules.push(rule),
-                Err(e) => return Err(compiled.compile_error(e)),
+                Err(Failure::Engine(e)) if e.to_string() == UNDEFINED_RULE_PATH => {}
+                // Over a bound on an empty input is a matter for the probe evaluation
+                // (`Evaluator::probe`) and for requests, not a compile error.
+                Err(Failure::Bound(_)) => compiled.rules.push(rule),
+                Err(Failure::Engine(e)) if is_timeout(&e) || on_ceiling(&e.to_string()) => {
+                    compiled.rules.push(rule);
+                }
+                Err(Failure::Engine(e) | Failure::Ceiling(e)) => {
+                    return Err(compiled.compile_error(e));
+                }
             }
         }
         compiled
@@ -148,6 +169,8 @@ fn decision_wrapper(rules: &[&str]) -> String {
 pub struct EvaluatorOptions {
     pub allowed_paths: AllowedPaths,
     pub timeout: Duration,
+    /// Bytes one evaluation may allocate; past them it fails (`PolicyError::Memory`).
+    pub memory_budget: u64,
     /// Memory for decisions already made with a snapshot (see [`super::DecisionCache`]);
     /// 0 caches nothing.
     pub decision_cache_bytes: usize,
@@ -158,6 +181,7 @@ impl Default for EvaluatorOptions {
         Self {
             allowed_paths: AllowedPaths::default(),
             timeout: DEFAULT_EVAL_TIMEOUT,
+            memory_budget: DEFAULT_EVAL_MEMORY,
             decision_cache_bytes: 0,
         }
     }
@@ -285,9 +309,21 @@ impl Evaluator {
         data: Value,
         options: EvaluatorOptions,
     ) -> Result<Self, PolicyError> {
+        let data = regorus::Value::from(data);
+        Guard::global().unaffected(
+            || Self::new_once(policies, data.clone(), options.clone()),
+            PolicyError::on_ceiling,
+        )
+    }
+
+    fn new_once(
+        policies: &CompiledPolicies,
+        data: regorus::Value,
+        options: EvaluatorOptions,
+    ) -> Result<Self, PolicyError> {
         let mut engine = policies.engine.clone();
         engine
-            .add_data(regorus::Value::from(data))
+            .add_data(data)
             .map_err(|e| PolicyError::Data(e.to_string()))?;
         engine.set_execution_timer_config(timer(options.timeout));
         let backend = match Self::compile_vm(&mut engine, &policies.rules) {
@@ -298,7 +334,9 @@ impl Evaluator {
                 // input) still leaves it prepared; static errors were caught at compile time.
                 engine.set_input(regorus::Value::new_object());
                 if let Some(rule) = policies.rules.first() {
-                    let _ = engine.eval_rule(format!("{DECISION_PACKAGE}.{rule}"));
+                    let _ = guarded(options.bounds(), || {
+                        engine.eval_rule(format!("{DECISION_PACKAGE}.{rule}"))
+                    });
                 }
                 Backend::Interpreter(Arc::new(engine))
             }
@@ -470,6 +508,10 @@ impl Evaluator {
                         // (25,000) would cut off legitimate policies on large objects.
                         vm.set_max_instructions(usize::MAX);
                         vm.set_execution_timer_config(Some(timer(self.options.timeout)));
+                        vm.set_memory_budget_config(
+                            NonZeroU64::new(self.options.memory_budget)
+                                .map(|limit| MemoryBudgetConfig { limit }),
+                        );
                         Box::new(vm)
                     }
                 };
@@ -487,17 +529,35 @@ impl Evaluator {
     /// One evaluation of the policies on an input made by [`build_input`]: what a decision
     /// makes of the rules, before the rails. The decision's two passes are two of these.
     pub fn evaluate(&self, input: Value, pass: Pass) -> Result<RuleOutput, PolicyError> {
-        let mut session = self.session(regorus::Value::from(input))?;
-        let mut run = |rule: &str| session.eval(rule);
+        let input = regorus::Value::from(input);
+        let gathered = guarded(self.options.bounds(), || self.run(input.clone(), pass))
+            .map_err(|failure| failure.into_error(&self.options))?;
         let mut output = RuleOutput::default();
+        for (rule, value) in gathered {
+            let items = set_items(rule, value)?;
+            match rule {
+                "patch" => output.patch = items,
+                "warn" => output.warn = strings(rule, items)?,
+                _ => output.deny = strings(rule, items)?,
+            }
+        }
+        Ok(output)
+    }
+
+    /// Evaluates the rules `pass` needs on `input`: each rule's value.
+    fn run(
+        &self,
+        input: regorus::Value,
+        pass: Pass,
+    ) -> anyhow::Result<Vec<(&'static str, regorus::Value)>> {
+        let mut session = self.session(input).map_err(|e| anyhow::anyhow!("{e}"))?;
         // The decision pass asks for all rules at once; the convergence pass only needs to
         // know whether the object changes again.
         let gathered = match pass {
-            Pass::Decide => {
-                run(DECISION_WRAPPER).map_err(|e| classify_eval_error(&e, self.options.timeout))?
-            }
+            Pass::Decide => session.eval(DECISION_WRAPPER)?,
             Pass::Converge => regorus::Value::Undefined,
         };
+        let mut values = Vec::with_capacity(self.rules.len());
         for rule in &self.rules {
             if pass == Pass::Converge && *rule != "patch" {
                 continue;
@@ -509,18 +569,66 @@ impl Evaluator {
                     .unwrap_or(regorus::Value::Undefined),
                 // A rule written as a complete rule may be undefined, and the gathered object
                 // with it: ask each rule on its own.
-                Err(_) => run(&format!("{DECISION_PACKAGE}.{rule}"))
-                    .map_err(|e| classify_eval_error(&e, self.options.timeout))?,
+                Err(_) => session.eval(&format!("{DECISION_PACKAGE}.{rule}"))?,
             };
-            let items = set_items(rule, value)?;
-            match *rule {
-                "patch" => output.patch = items,
-                "warn" => output.warn = strings(rule, items)?,
-                _ => output.deny = strings(rule, items)?,
-            }
+            values.push((*rule, value));
         }
-        Ok(output)
+        Ok(values)
     }
+}
+
+impl EvaluatorOptions {
+    fn bounds(&self) -> Bounds {
+        Bounds {
+            time: self.timeout,
+            memory: self.memory_budget,
+        }
+    }
+}
+
+/// Why one guarded run of the engine failed.
+enum Failure {
+    /// The guard found a bound broken.
+    Bound(Breach),
+    /// The allocator ceiling stopped it, lowered for another evaluation.
+    Ceiling(anyhow::Error),
+    /// The engine's own answer.
+    Engine(anyhow::Error),
+}
+
+impl Failure {
+    fn into_error(self, options: &EvaluatorOptions) -> PolicyError {
+        match self {
+            Self::Bound(Breach::Time) => PolicyError::Timeout(options.timeout),
+            Self::Bound(Breach::Memory) => PolicyError::Memory(options.memory_budget),
+            Self::Ceiling(e) | Self::Engine(e) => classify_eval_error(&e, options),
+        }
+    }
+}
+
+/// Runs the engine under the guard: a builtin call past `bounds` is stopped too, and a run
+/// stopped in passing (for another evaluation) runs again.
+fn guarded<T>(bounds: Bounds, mut run: impl FnMut() -> anyhow::Result<T>) -> Result<T, Failure> {
+    let guard = Guard::global();
+    guard.unaffected(
+        || {
+            let ticket = guard.enter(bounds);
+            let result = run();
+            let (breach, lowered) = ticket.finish();
+            result.map_err(|error| match breach {
+                Some(breach) => Failure::Bound(breach),
+                None if lowered && on_ceiling(&error.to_string()) => Failure::Ceiling(error),
+                None => Failure::Engine(error),
+            })
+        },
+        |failure| matches!(failure, Failure::Ceiling(_)),
+    )
+}
+
+/// regorus reports "execution exceeded memory limit (usage=…, limit=…)" when it meets the
+/// allocator ceiling.
+pub(super) fn on_ceiling(message: &str) -> bool {
+    message.contains("exceeded memory limit")
 }
 
 /// A time bound checked every 256 steps of the engine (a few microseconds of work).
@@ -536,11 +644,14 @@ fn is_timeout(error: &anyhow::Error) -> bool {
     error.to_string().contains("exceeded time limit")
 }
 
-fn classify_eval_error(error: &anyhow::Error, limit: Duration) -> PolicyError {
+fn classify_eval_error(error: &anyhow::Error, options: &EvaluatorOptions) -> PolicyError {
+    let message = error.to_string();
     if is_timeout(error) {
-        PolicyError::Timeout(limit)
+        PolicyError::Timeout(options.timeout)
+    } else if message.contains("exceeded memory budget") || on_ceiling(&message) {
+        PolicyError::Memory(options.memory_budget)
     } else {
-        PolicyError::Evaluation(error.to_string())
+        PolicyError::Evaluation(message)
     }
 }
 

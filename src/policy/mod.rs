@@ -4,6 +4,7 @@
 mod cache;
 mod data;
 mod engine;
+mod guard;
 mod input;
 mod rails;
 mod settings;
@@ -18,8 +19,8 @@ use thiserror::Error;
 pub use cache::{CacheKeying, DecisionCache};
 pub use data::coral_data;
 pub use engine::{
-    CompiledPolicies, DECISION_PACKAGE, DEFAULT_EVAL_TIMEOUT, Decision, Evaluator,
-    EvaluatorOptions, Pass, RuleOutput,
+    CompiledPolicies, DECISION_PACKAGE, DEFAULT_EVAL_MEMORY, DEFAULT_EVAL_TIMEOUT, Decision,
+    Evaluator, EvaluatorOptions, Pass, RuleOutput,
 };
 pub use input::{
     CONTAINER_LISTS, GroupVersionKind, GroupVersionResource, PolicyRequest, WorkloadKind,
@@ -55,6 +56,12 @@ pub enum PolicyError {
     Evaluation(String),
     #[error("policy evaluation took longer than {0:?}")]
     Timeout(Duration),
+    #[error("policy evaluation took more than its memory budget of {} MiB", .0 >> 20)]
+    Memory(u64),
+    #[error(
+        "policies from {origin} break the evaluation bounds on a probe evaluation (a Pod with one container): {message}"
+    )]
+    Probe { origin: String, message: String },
     #[error("policy decision rejected ({rule}): {message}")]
     Rail { rule: &'static str, message: String },
     #[error(
@@ -68,6 +75,17 @@ pub enum PolicyError {
 }
 
 impl PolicyError {
+    /// Whether the engine stopped on the allocator ceiling, which the evaluation guard lowers
+    /// to stop a runaway evaluation: an operation caught in passing runs again.
+    fn on_ceiling(&self) -> bool {
+        match self {
+            Self::Compile { message, .. } | Self::Data(message) | Self::Evaluation(message) => {
+                engine::on_ceiling(message)
+            }
+            _ => false,
+        }
+    }
+
     /// A bounded label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -77,6 +95,8 @@ impl PolicyError {
             Self::Data(_) => "data",
             Self::Evaluation(_) => "evaluation",
             Self::Timeout(_) => "timeout",
+            Self::Memory(_) => "memory",
+            Self::Probe { .. } => "probe",
             Self::Rail { .. } => "rail",
             Self::UnsupportedKind { .. } => "unsupported_kind",
             Self::AllowedPath(_) => "config",

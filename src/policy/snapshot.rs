@@ -64,6 +64,28 @@ impl Snapshot {
         )
     }
 
+    /// Decides a Pod with one container, as a check of the evaluation bounds: a policy set
+    /// that breaks them here would break them on every request, and is rejected at load
+    /// time like one that does not compile. Other errors are a matter for requests.
+    pub fn probe(&self) -> Result<(), PolicyError> {
+        let pod = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "coral-probe", "namespace": "default"},
+            "spec": {"containers": [{"name": "app", "image": "registry.example/coral/probe:1"}]}
+        });
+        let request = PolicyRequest::create(pod, "default")?;
+        match self.decide(&request) {
+            Err(error @ (PolicyError::Timeout(_) | PolicyError::Memory(_))) => {
+                Err(PolicyError::Probe {
+                    origin: self.policy_origin.clone(),
+                    message: error.to_string(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Labels of a namespace, empty when the state does not know it.
     pub fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
         self.index

@@ -276,6 +276,46 @@ warn contains "never" if { some a in xs; some b in xs; a * b < 0 }"#,
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
 
+/// Policies that blow up on every request, each a different way past the engine's own checks.
+const BOMBS: [(&str, &str); 3] = [
+    (
+        "one builtin call allocating 2 GiB",
+        "n := count([x | some x in numbers.range(1, 100000000)])\nwarn contains sprintf(\"%d\", [n]) if true",
+    ),
+    (
+        "a comprehension growing between instructions",
+        "xs := [sprintf(\"%d-%d\", [a, b]) | some a in numbers.range(1, 3000); some b in numbers.range(1, 3000)]\nwarn contains sprintf(\"%d\", [count(xs)]) if true",
+    ),
+    (
+        "a builtin call on a value built in one instruction",
+        "warn contains sprintf(\"%d\", [count(net.cidr_expand(\"10.0.0.0/8\"))]) if true",
+    ),
+];
+
+#[test]
+fn every_way_past_the_bounds_is_stopped_within_twice_the_limit() {
+    let data = coral_data(&crate::index::ClusterIndex::new(), &Settings::default());
+    let options = EvaluatorOptions::default();
+    let request = PolicyRequest::create(fixture("deployment-web.json"), "shop").expect("request");
+    for (what, rules) in BOMBS {
+        let policies = compile(&[("bomb.rego", &format!("package coral.mutate\n{rules}\n"))])
+            .expect("compiles");
+        let evaluator =
+            Evaluator::new(&policies, data.clone(), options.clone()).expect("evaluator");
+        let started = std::time::Instant::now();
+        let error = evaluator
+            .decide(&request, &BTreeMap::new(), &placement())
+            .expect_err(what);
+        let took = started.elapsed();
+        assert!(
+            matches!(error, PolicyError::Timeout(_) | PolicyError::Memory(_)),
+            "{what}: {error}"
+        );
+        assert!(took < options.timeout * 2, "{what}: {took:?}, {error}");
+        eprintln!("{what}: {error} after {took:?}");
+    }
+}
+
 #[test]
 fn syntax_error_names_the_file_and_line() {
     let error = compile(&[(

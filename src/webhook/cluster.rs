@@ -185,6 +185,7 @@ impl PolicyTracker {
             .and_then(|set| CompiledPolicies::compile(&set))
             .and_then(|compiled| {
                 let snapshot = Snapshot::new(&compiled, index.clone(), None, options.clone())?;
+                snapshot.probe()?;
                 Ok((compiled, snapshot))
             });
         match candidate {

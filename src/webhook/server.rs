@@ -374,17 +374,22 @@ async fn decide(
             return decision_response(uid, &decision);
         }
     }
-    let permit = shared.workers.acquire().await;
+    // The wait for a worker counts: the answer comes within twice the evaluation bound
+    // whatever runs. The worker stays taken until its evaluation ends (the evaluation guard
+    // ends a runaway one), so stuck evaluations never pile up beyond the workers.
     let evaluation_started = Instant::now();
-    let decided = {
+    let decided = tokio::time::timeout(shared.evaluation_timeout * 2, async {
+        // The semaphore is never closed.
+        let permit = shared.workers.clone().acquire_owned().await.ok();
         let snapshot = snapshot.clone();
-        tokio::time::timeout(
-            shared.evaluation_timeout * 2,
-            tokio::task::spawn_blocking(move || snapshot.decide(&request)),
-        )
+        tokio::task::spawn_blocking(move || {
+            let decided = snapshot.decide(&request);
+            drop(permit);
+            decided
+        })
         .await
-    };
-    drop(permit);
+    })
+    .await;
     shared
         .metrics
         .evaluation_seconds

@@ -45,7 +45,9 @@ pub fn load_snapshot(
         None => PolicySet::embedded(),
     };
     let state = StateFile::load(&source.state)?;
-    Ok(Snapshot::from_state_file(&set, state, options.clone())?)
+    let snapshot = Snapshot::from_state_file(&set, state, options.clone())?;
+    snapshot.probe()?;
+    Ok(snapshot)
 }
 
 /// Modification times of files, by path.

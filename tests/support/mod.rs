@@ -51,11 +51,13 @@ impl Authority {
     }
 }
 
-/// A running webhook; killed and waited for when dropped, even when the test fails.
 /// The environment `deploy/base/webhook.yaml` gives the webhook: mimalloc returns pages it
-/// no longer uses to the system at once, not after a delay.
-pub const DEPLOYED_ENV: [(&str, &str); 1] = [("MIMALLOC_PURGE_DELAY", "0")];
+/// no longer uses to the system at once, not after a delay, and uses no transparent huge
+/// pages.
+pub const DEPLOYED_ENV: [(&str, &str); 2] =
+    [("MIMALLOC_PURGE_DELAY", "0"), ("MIMALLOC_ALLOW_THP", "0")];
 
+/// A running webhook; killed and waited for when dropped, even when the test fails.
 pub struct Webhook {
     pub child: Child,
     pub https: SocketAddr,

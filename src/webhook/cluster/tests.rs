@@ -27,7 +27,7 @@ fn shared() -> Arc<Shared> {
         snapshot: std::sync::RwLock::new(None),
         metrics: WebhookMetrics::new(),
         failure_mode: FailureMode::Allow,
-        workers: tokio::sync::Semaphore::new(1),
+        workers: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
         max_body_bytes: 1 << 20,
         request_timeout: Duration::from_secs(1),
         evaluation_timeout: Duration::from_secs(1),
@@ -424,6 +424,48 @@ fn cluster_policy_tracker_compiles_each_configmap_version_once() {
         snapshot.expect("snapshot").policy_origin,
         "embedded default policies"
     );
+}
+
+#[test]
+fn cluster_policy_tracker_rejects_a_configmap_that_breaks_the_evaluation_bounds() {
+    let mut tracker =
+        PolicyTracker::new(Some("coral-system/coral-policies".parse().expect("name")))
+            .expect("tracker");
+    let options = EvaluatorOptions::default();
+    let good = parse_configmap(configmap(json!({"mutate.rego": GOOD_POLICY})));
+    let (_, change) = tracker.build(Some(&good), ClusterIndex::new(), &options);
+    assert!(matches!(change, PolicyChange::Loaded { .. }), "{change:?}");
+
+    // It compiles; only an evaluation shows what it costs.
+    let bomb = "package coral.mutate\n\nwarn contains sprintf(\"%d\", [count(numbers.range(1, 100000000))]) if true\n";
+    let mut runaway = parse_configmap(configmap(json!({"mutate.rego": bomb})));
+    runaway.metadata.resource_version = Some("33".into());
+    let started = std::time::Instant::now();
+    let (snapshot, change) = tracker.build(Some(&runaway), ClusterIndex::new(), &options);
+    assert!(
+        started.elapsed() < options.timeout * 2,
+        "{:?}",
+        started.elapsed()
+    );
+    let PolicyChange::Rejected { error, .. } = change else {
+        panic!("expected a rejection, got {change:?}");
+    };
+    assert!(
+        error.contains("break the evaluation bounds on a probe evaluation")
+            && error.contains("memory budget of 64 MiB"),
+        "{error}"
+    );
+    // The last good policies keep serving.
+    let snapshot = snapshot.expect("snapshot");
+    let request = crate::policy::PolicyRequest::create(
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+               "spec": {"containers": [{"name": "c", "image": "nginx:1.27"}]}}),
+        "default",
+    )
+    .expect("request");
+    snapshot
+        .decide(&request)
+        .expect("the last good policies decide");
 }
 
 #[test]
