@@ -35,6 +35,14 @@ else
   echo "error: the control plane did not build" >&2
   exit "$status"
 fi
+echo "== fuzzing: every target of fuzz/ for 15 s from its seed corpus"
+status=0
+bash scripts/fuzz.sh 15 || status=$?
+if [ "$status" -eq 3 ]; then
+  echo "fuzzing: NOT RUN (nightly Rust is missing; the corpora were replayed by cargo test)"
+elif [ "$status" -ne 0 ]; then
+  exit "$status"
+fi
 echo "== coral crd matches crds/"
 diff <(cargo run --quiet --locked -- crd) <(cat crds/*.yaml)
 echo "== deploy/: render with kubectl kustomize, validate offline"

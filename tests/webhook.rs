@@ -962,17 +962,6 @@ fn pod(name: &str, bomb: Option<&str>) -> Value {
     pod
 }
 
-/// Peak resident memory of a process, from /proc.
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib / 1024.0
-}
-
 #[tokio::test]
 async fn a_runaway_policy_is_stopped_within_its_bounds_and_the_webhook_keeps_serving() {
     let policies = tempfile::tempdir().unwrap();
@@ -1023,7 +1012,7 @@ async fn a_runaway_policy_is_stopped_within_its_bounds_and_the_webhook_keeps_ser
 
     let (_, metrics) = get_probe(&webhook, "/metrics").await;
     assert!(metric(&metrics, r#"coral_policy_errors_total{class="memory"}"#) >= 1.0);
-    let peak = peak_rss_mib(webhook.child.id());
+    let peak = support::process::memory_kib(webhook.child.id(), "VmHWM:") as f64 / 1024.0;
     eprintln!("peak resident memory {peak:.1} MiB");
     assert!(peak < 256.0, "peak resident memory {peak:.1} MiB");
 

@@ -121,6 +121,15 @@ impl Engine {
         }
     }
 
+    /// Records a listing of the runtime without asking it: what the tests of exact API
+    /// requests give an engine whose runtime they do not run.
+    #[cfg(test)]
+    pub(crate) fn runtime_listed(&self, images: Vec<super::cri::RuntimeImage>) {
+        let inventory = Inventory::new(images);
+        self.tracker().observe(&inventory, Instant::now(), false);
+        self.changed();
+    }
+
     /// Replaces the wanted images; returns the records of images no longer wanted.
     pub fn set_wanted(
         &self,

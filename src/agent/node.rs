@@ -321,7 +321,9 @@ impl Recorder {
         tracker: &Tracker,
         paused: Option<&str>,
     ) -> Result<(), kube::Error> {
-        let Some(node) = node else {
+        // Before the runtime's images are listed, the records say nothing about what the node
+        // holds: writing them would take labels and availability away, for a moment.
+        let (Some(node), true) = (node, tracker.listed()) else {
             return Ok(());
         };
         let current = node.metadata.labels.clone().unwrap_or_default();

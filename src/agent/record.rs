@@ -16,12 +16,18 @@ use crate::image::{LABEL_AVAILABLE, is_image_label, label_key};
 /// Longest error message kept per image in the NodeImage status.
 const MAX_ERROR_CHARS: usize = 1024;
 
-/// The Coral labels the node should carry: one per wanted image that is present.
-pub fn desired_labels(tracker: &Tracker) -> BTreeMap<String, String> {
+/// The Coral labels the node should carry: one per wanted image that is present (`Some`).
+/// An image the agent has not looked for in the runtime yet (it was just wanted, or the agent
+/// just started) keeps the label it has (`None`): a restarted agent must not take away, even
+/// for a moment, the labels of what the node holds.
+pub fn desired_labels(tracker: &Tracker) -> BTreeMap<String, Option<String>> {
     tracker
         .records()
-        .filter(|r| r.state == ImageState::Available)
-        .map(|r| (label_key(&r.reference), LABEL_AVAILABLE.to_string()))
+        .filter(|r| r.state == ImageState::Available || !r.looked)
+        .map(|r| {
+            let value = r.looked.then(|| LABEL_AVAILABLE.to_string());
+            (label_key(&r.reference), value)
+        })
         .collect()
 }
 
@@ -29,11 +35,13 @@ pub fn desired_labels(tracker: &Tracker) -> BTreeMap<String, String> {
 /// are already there. Labels that are not Coral's are never touched.
 pub fn label_patch(
     current: &BTreeMap<String, String>,
-    desired: &BTreeMap<String, String>,
+    desired: &BTreeMap<String, Option<String>>,
 ) -> Option<Value> {
     let mut labels = Map::new();
     for (key, value) in desired {
-        if current.get(key) != Some(value) {
+        if let Some(value) = value
+            && current.get(key) != Some(value)
+        {
             labels.insert(key.clone(), Value::String(value.clone()));
         }
     }
@@ -161,7 +169,7 @@ mod tests {
         let desired = desired_labels(&tracker);
         assert_eq!(
             desired,
-            BTreeMap::from([(key("nginx:1.27"), "available".to_string())])
+            BTreeMap::from([(key("nginx:1.27"), Some("available".to_string()))])
         );
         let current = BTreeMap::from([
             ("kubernetes.io/hostname".to_string(), "node-a".to_string()),
@@ -176,6 +184,27 @@ mod tests {
         applied.remove(&key("busybox"));
         applied.insert(key("nginx:1.27"), "available".into());
         assert_eq!(label_patch(&applied, &desired), None, "nothing to write");
+    }
+
+    #[test]
+    fn labels_of_images_not_looked_for_yet_stay() {
+        // A restarted agent wants nginx and redis before it has listed the runtime: the
+        // node's nginx label stays until the runtime says otherwise.
+        let mut tracker = Tracker::new(RetryPolicy::default());
+        tracker.set_wanted(["nginx:1.27", "redis:7"].map(|i| {
+            (
+                ImageReference::parse(i).expect("valid"),
+                Arc::new(Keyring::new()),
+            )
+        }));
+        let current = BTreeMap::from([(key("nginx:1.27"), "available".to_string())]);
+        assert_eq!(label_patch(&current, &desired_labels(&tracker)), None);
+        // Listed without nginx: its label goes.
+        tracker.observe(&Inventory::new(Vec::new()), Instant::now(), false);
+        assert_eq!(
+            label_patch(&current, &desired_labels(&tracker)),
+            Some(json!({"metadata": {"labels": {key("nginx:1.27"): null}}}))
+        );
     }
 
     #[test]

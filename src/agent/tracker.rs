@@ -122,6 +122,9 @@ pub struct ImageRecord {
     pub pulls: u32,
     /// Credentials to try, from the pull secrets of the ImageSets that want the image.
     pub keyring: Arc<Keyring>,
+    /// Whether the runtime was looked at since the image became wanted: until then the
+    /// agent does not know whether the node holds it.
+    pub looked: bool,
 }
 
 impl ImageRecord {
@@ -157,6 +160,8 @@ pub struct Observed {
 pub struct Tracker {
     records: BTreeMap<String, ImageRecord>,
     policy: RetryPolicy,
+    /// Whether the runtime's images were listed at least once.
+    listed: bool,
 }
 
 impl Tracker {
@@ -164,6 +169,7 @@ impl Tracker {
         Self {
             records: BTreeMap::new(),
             policy,
+            listed: false,
         }
     }
 
@@ -188,6 +194,7 @@ impl Tracker {
                 vanished: 0,
                 pulls: 0,
                 keyring: keyring.clone(),
+                looked: false,
             });
             next.insert(key, ImageRecord { keyring, ..record });
         }
@@ -198,12 +205,18 @@ impl Tracker {
 
     /// Brings the records in line with what the runtime holds. `paused` holds back new pulls.
     pub fn observe(&mut self, inventory: &Inventory, now: Instant, paused: bool) -> Observed {
-        let mut observed = Observed::default();
+        let mut observed = Observed {
+            changed: !self.listed,
+            ..Observed::default()
+        };
+        self.listed = true;
         let policy = self.policy;
         for record in self.records.values_mut() {
             if record.in_flight {
                 continue;
             }
+            observed.changed |= !record.looked;
+            record.looked = true;
             let before = (record.state, record.held.clone(), record.not_before);
             match inventory.find(&record.reference) {
                 Some(held) => {
@@ -233,6 +246,12 @@ impl Tracker {
             observed.changed |= before != (record.state, record.held.clone(), record.not_before);
         }
         observed
+    }
+
+    /// Whether the runtime's images were listed at least once: before that, the records say
+    /// nothing about what the node holds.
+    pub fn listed(&self) -> bool {
+        self.listed
     }
 
     /// Images to pull now: not available, not being pulled, not paused, past their backoff.

@@ -45,7 +45,7 @@ pub enum ReferenceError {
     #[error("image reference {reference:?} has an empty repository path component")]
     EmptyPathComponent { reference: String },
     #[error(
-        "image reference {reference:?} is too long: the name is {length} characters, at most {MAX_NAME_LENGTH} are allowed"
+        "image reference {reference:?} is too long: its full name (registry/repository) is {length} characters, at most {MAX_NAME_LENGTH} are allowed"
     )]
     NameTooLong { reference: String, length: usize },
     #[error(
@@ -111,12 +111,6 @@ impl ImageReference {
         if name.is_empty() {
             return Err(ReferenceError::MissingRepository { reference });
         }
-        if name.len() > MAX_NAME_LENGTH {
-            return Err(ReferenceError::NameTooLong {
-                length: name.len(),
-                reference,
-            });
-        }
 
         let (registry, path) = split_registry(name);
         let registry = match registry {
@@ -136,6 +130,12 @@ impl ImageReference {
         } else {
             path.to_string()
         };
+        // The limit holds for the name as Coral writes it (with the default registry and
+        // namespace filled in), so that every reference it prints parses again.
+        let length = registry.len() + 1 + repository.len();
+        if length > MAX_NAME_LENGTH {
+            return Err(ReferenceError::NameTooLong { length, reference });
+        }
 
         let tag = match (tag, &digest) {
             (None, None) => Some(DEFAULT_TAG.to_string()),

@@ -140,6 +140,18 @@ fn invalid_references_are_rejected_with_a_reason() {
 }
 
 #[test]
+fn the_length_limit_holds_for_the_name_as_printed() {
+    // Short form within 255 characters, full name (docker.io/library/…) beyond: found by the
+    // image_reference fuzz target, whose invariant is that every printed reference parses.
+    let short = "a".repeat(240);
+    let error = ImageReference::parse(&short).expect_err("too long once normalized");
+    assert!(error.to_string().contains("is 258 characters"), "{error}");
+    let fits = "a".repeat(255 - "docker.io/library/".len());
+    let parsed = ImageReference::parse(&fits).expect("fits");
+    ImageReference::parse(&parsed.to_string()).expect("prints as a reference that parses");
+}
+
+#[test]
 fn aliases_of_one_image_share_a_label_key() {
     let key = |r: &str| label_key(&ImageReference::parse(r).expect("valid"));
     let nginx = key("nginx");

@@ -22,9 +22,18 @@ use serde_json::{Value, json};
 /// Where `scripts/control-plane.sh` put the binaries, when it ran.
 pub const BIN_ENV: &str = "CORAL_CONTROL_PLANE_BIN";
 
+/// A component of the control plane, with what it was started with.
+struct Component {
+    name: &'static str,
+    /// `None` while killed.
+    child: Option<Child>,
+    command: PathBuf,
+    args: Vec<String>,
+}
+
 pub struct ControlPlane {
-    /// Started processes, stopped in reverse order.
-    processes: Vec<(&'static str, Child)>,
+    /// Started components, stopped in reverse order.
+    processes: Vec<Component>,
     dir: tempfile::TempDir,
     pub url: String,
     /// An admin (system:masters) kubeconfig.
@@ -229,14 +238,60 @@ impl ControlPlane {
     }
 
     fn spawn(&mut self, name: &'static str, bin: &Path, args: &[String]) {
-        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
-        let child = Command::new(bin.join(name))
-            .args(args)
+        let mut component = Component {
+            name,
+            child: None,
+            command: bin.join(name),
+            args: args.to_vec(),
+        };
+        self.run(&mut component);
+        self.processes.push(component);
+    }
+
+    fn run(&self, component: &mut Component) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", component.name)))
+            .unwrap();
+        let child = Command::new(&component.command)
+            .args(&component.args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        self.processes.push((name, child));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", component.name));
+        component.child = Some(child);
+    }
+
+    /// Kills one component (`etcd`, `kube-apiserver`, …) without warning, as a crash would,
+    /// and waits for it.
+    pub fn kill(&mut self, name: &str) {
+        let component = self
+            .processes
+            .iter_mut()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no component {name}"));
+        if let Some(mut child) = component.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a killed component again with its arguments; the API server is waited for
+    /// until it is ready.
+    pub fn start_again(&mut self, name: &str) {
+        let at = self
+            .processes
+            .iter()
+            .position(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no component {name}"));
+        let mut component = self.processes.remove(at);
+        assert!(component.child.is_none(), "{name} is running");
+        self.run(&mut component);
+        self.processes.insert(at, component);
+        if name == "kube-apiserver" {
+            self.wait_ready(Duration::from_secs(60));
+        }
     }
 
     fn wait_ready(&mut self, limit: Duration) {
@@ -246,10 +301,10 @@ impl ControlPlane {
             if output.status.success() && String::from_utf8_lossy(&output.stdout).trim() == "ok" {
                 return;
             }
-            let exited = self
-                .processes
-                .iter_mut()
-                .find_map(|(name, child)| Some((*name, child.try_wait().ok()??)));
+            let exited = self.processes.iter_mut().find_map(|component| {
+                let status = component.child.as_mut()?.try_wait().ok()??;
+                Some((component.name, status))
+            });
             if let Some((name, status)) = exited {
                 panic!("{name} exited ({status}):\n{}", self.log(name));
             }
@@ -368,9 +423,11 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        while let Some((_, mut child)) = self.processes.pop() {
-            let _ = child.kill();
-            let _ = child.wait();
+        while let Some(component) = self.processes.pop() {
+            if let Some(mut child) = component.child {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 }

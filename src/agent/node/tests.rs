@@ -149,6 +149,8 @@ fn start_agent() -> (Api, Arc<Engine>) {
         EngineOptions::default(),
         AgentMetrics::new(),
     );
+    // The runtime is not run here: it answers its first listing empty.
+    engine.runtime_listed(Vec::new());
     let options = AgentOptions {
         node_name: "node-a".to_string(),
         coral_namespace: "coral-system".to_string(),
