@@ -1506,7 +1506,8 @@ impl System {
                 Err(why) if Instant::now() > deadline => panic!("{fault}: not converged: {why}"),
                 Err(why) => {
                     if why != last {
-                        println!("  {:.1} s: {why}", since.elapsed().as_secs_f64());
+                        let short: String = why.chars().take(160).collect();
+                        println!("  {:.1} s: {short}", since.elapsed().as_secs_f64());
                         last = why;
                     }
                     std::thread::sleep(Duration::from_millis(200));

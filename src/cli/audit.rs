@@ -159,7 +159,7 @@ fn audit(args: AuditArgs) -> Result<ExitCode> {
 /// The objects of a manifest file or directory: YAML streams, JSON, and `List`s unpacked.
 fn read_manifests(file: &str) -> Result<Vec<Value>> {
     if file == "-" {
-        return parse_manifests(&super::read_input(file)?, "stdin");
+        return parse_manifests(&super::policy::read_input(file)?, "stdin");
     }
     let path = Path::new(file);
     if !path.is_dir() {

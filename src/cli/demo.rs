@@ -22,7 +22,7 @@ use coral::index::StateFile;
 use coral::policy::{Decision, EvaluatorOptions, PolicyRequest};
 use coral::webhook::{FailureMode, SnapshotSource, Source, WebhookOptions, serve};
 
-use super::render_diff;
+use super::policy::render_diff;
 
 const STATE_FILE: &str = "examples/state.yaml";
 const STATE: &str = include_str!("../../examples/state.yaml");

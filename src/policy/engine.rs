@@ -106,7 +106,7 @@ impl CompiledPolicies {
                 Ok(_) => compiled.rules.push(rule),
                 Err(Failure::Engine(e)) if e.to_string() == UNDEFINED_RULE_PATH => {}
                 // Over a bound on an empty input is a matter for the probe evaluation
-                // (`Evaluator::probe`) and for requests, not a compile error.
+                // (`Snapshot::probe`) and for requests, not a compile error.
                 Err(Failure::Bound(_)) => compiled.rules.push(rule),
                 Err(Failure::Engine(e)) if is_timeout(&e) || on_ceiling(&e.to_string()) => {
                     compiled.rules.push(rule);
