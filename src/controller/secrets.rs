@@ -10,6 +10,8 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use sha2::{Digest, Sha256};
 use tracing::info;
 
+use crate::api::ImageSet;
+
 /// Label on every copy.
 pub const COPY_LABEL: &str = "coral.dev/pull-secret-copy";
 /// Annotation naming the source, `namespace/name`.
@@ -116,6 +118,20 @@ pub async fn sync_copies(
         info!(copy = %name, "pull secret copy no longer referenced; deleted");
     }
     Ok(missing)
+}
+
+/// Referenced pull secrets of live ImageSets, `(namespace, name)`.
+pub fn referenced_secrets(sets: &[&ImageSet]) -> BTreeSet<(String, String)> {
+    sets.iter()
+        .filter(|s| s.metadata.deletion_timestamp.is_none())
+        .flat_map(|s| {
+            let namespace = s.metadata.namespace.clone().unwrap_or_default();
+            s.spec
+                .image_pull_secrets
+                .iter()
+                .map(move |r| (namespace.clone(), r.name.clone()))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -266,25 +266,21 @@ impl ControlPlane {
     /// Kills one component (`etcd`, `kube-apiserver`, …) without warning, as a crash would,
     /// and waits for it.
     pub fn kill(&mut self, name: &str) {
-        let component = self
-            .processes
-            .iter_mut()
-            .find(|c| c.name == name)
-            .unwrap_or_else(|| panic!("no component {name}"));
-        if let Some(mut child) = component.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let at = self.position(name);
+        stop(self.processes[at].child.take());
+    }
+
+    fn position(&self, name: &str) -> usize {
+        self.processes
+            .iter()
+            .position(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no component {name}"))
     }
 
     /// Starts a killed component again with its arguments; the API server is waited for
     /// until it is ready.
     pub fn start_again(&mut self, name: &str) {
-        let at = self
-            .processes
-            .iter()
-            .position(|c| c.name == name)
-            .unwrap_or_else(|| panic!("no component {name}"));
+        let at = self.position(name);
         let mut component = self.processes.remove(at);
         assert!(component.child.is_none(), "{name} is running");
         self.run(&mut component);
@@ -421,13 +417,18 @@ impl ControlPlane {
     }
 }
 
+/// Kills a process, if there is one, and waits for it.
+fn stop(child: Option<Child>) {
+    if let Some(mut child) = child {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         while let Some(component) = self.processes.pop() {
-            if let Some(mut child) = component.child {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            stop(component.child);
         }
     }
 }
