@@ -10,8 +10,9 @@ import kubernetes_validate
 import yaml
 
 KUBERNETES_VERSION = "1.33.0"
-# Custom resources of other projects (cert-manager's overlay): their CRDs are not here.
-FOREIGN_GROUPS = {"cert-manager.io"}
+# Custom resources of other projects (the cert-manager and monitoring overlays): their CRDs
+# are not here.
+FOREIGN_GROUPS = {"cert-manager.io", "monitoring.coreos.com"}
 
 
 def crd_schemas():

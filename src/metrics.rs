@@ -1,6 +1,7 @@
 //! Prometheus metrics, all prefixed `coral_`, with bounded labels (kinds, operations, results,
 //! rule names and error classes; never object names or image references).
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
@@ -30,6 +31,8 @@ pub struct WebhookMetrics {
     pub rejected: IntCounterVec,
     /// Requests answered while the TLS certificate could not be renewed.
     pub certificate_errors: IntCounter,
+    /// When the serving certificate in use expires (Unix seconds).
+    pub certificate_expiry: IntGauge,
     /// Errors of the cluster watches (each is retried with backoff), by resource.
     pub watch_errors: IntCounterVec,
     /// Objects in the cluster-state index, by resource.
@@ -106,6 +109,11 @@ impl WebhookMetrics {
                 "Requests refused before admission, by reason.",
                 &["reason"],
             ),
+            certificate_expiry: IntGauge::new(
+                "coral_tls_certificate_expiry_timestamp_seconds",
+                "Unix time the serving certificate in use expires.",
+            )
+            .expect("valid metric definition"),
             certificate_errors: IntCounter::new(
                 "coral_tls_certificate_errors_total",
                 "Failed loads of the TLS certificate or key (the last good pair is kept).",
@@ -131,12 +139,12 @@ impl WebhookMetrics {
             .expect("valid metric definition"),
         };
         metrics.policy_configmap_valid.set(1);
-        metrics.register_all();
+        register(&metrics.registry, metrics.collectors());
         metrics
     }
 
-    fn register_all(&self) {
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+    fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
             Box::new(self.requests.clone()),
             Box::new(self.request_seconds.clone()),
             Box::new(self.evaluation_seconds.clone()),
@@ -147,11 +155,11 @@ impl WebhookMetrics {
             Box::new(self.index_built.clone()),
             Box::new(self.rejected.clone()),
             Box::new(self.certificate_errors.clone()),
+            Box::new(self.certificate_expiry.clone()),
             Box::new(self.watch_errors.clone()),
             Box::new(self.index_objects.clone()),
             Box::new(self.policy_configmap_valid.clone()),
-        ];
-        register(&self.registry, collectors);
+        ]
     }
 
     /// The Prometheus text exposition of every metric.
@@ -246,7 +254,13 @@ impl AgentMetrics {
                 &["what", "result"],
             ),
         };
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+        register(&metrics.registry, metrics.collectors());
+        metrics
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        let metrics = self;
+        vec![
             Box::new(metrics.pulls.clone()),
             Box::new(metrics.pull_seconds.clone()),
             Box::new(metrics.pulled_bytes.clone()),
@@ -256,9 +270,7 @@ impl AgentMetrics {
             Box::new(metrics.vanished.clone()),
             Box::new(metrics.removed.clone()),
             Box::new(metrics.writes.clone()),
-        ];
-        register(&metrics.registry, collectors);
-        metrics
+        ]
     }
 
     /// The Prometheus text exposition of every metric.
@@ -273,7 +285,24 @@ impl Default for AgentMetrics {
     }
 }
 
-fn register(registry: &Registry, collectors: Vec<Box<dyn prometheus::core::Collector>>) {
+/// Every metric Coral's components export: its name, and the names of its labels. What the
+/// alerts and the dashboard in `deploy/overlays/monitoring` may use.
+pub fn catalog() -> std::collections::BTreeMap<String, Vec<String>> {
+    let collectors = WebhookMetrics::new()
+        .collectors()
+        .into_iter()
+        .chain(AgentMetrics::new().collectors())
+        .chain(ControllerMetrics::new().collectors());
+    let mut catalog = std::collections::BTreeMap::new();
+    for collector in collectors {
+        for desc in collector.desc() {
+            catalog.insert(desc.fq_name.clone(), desc.variable_labels.clone());
+        }
+    }
+    catalog
+}
+
+fn register(registry: &Registry, collectors: Vec<Box<dyn Collector>>) {
     for collector in collectors {
         // Each collector is registered once, on a fresh registry: no duplicates.
         #[allow(clippy::expect_used)]
@@ -353,16 +382,20 @@ impl ControllerMetrics {
             )
             .expect("valid metric definition"),
         };
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+        register(&metrics.registry, metrics.collectors());
+        metrics
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        let metrics = self;
+        vec![
             Box::new(metrics.reconciles.clone()),
             Box::new(metrics.reconcile_seconds.clone()),
             Box::new(metrics.image_sets.clone()),
             Box::new(metrics.available_ratio.clone()),
             Box::new(metrics.leader.clone()),
             Box::new(metrics.stranded_workloads.clone()),
-        ];
-        register(&metrics.registry, collectors);
-        metrics
+        ]
     }
 
     /// The Prometheus text exposition of every metric.

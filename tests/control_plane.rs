@@ -710,6 +710,7 @@ fn deploy_and_its_overlays_apply_to_a_real_api_server() {
         "deploy/overlays/containerd",
         "deploy/overlays/crio",
         "deploy/overlays/cert-manager",
+        "deploy/overlays/monitoring",
     ] {
         let rendered = std::process::Command::new("kubectl")
             .args(["kustomize", dir])
@@ -720,14 +721,14 @@ fn deploy_and_its_overlays_apply_to_a_real_api_server() {
             "{dir}: {}",
             String::from_utf8_lossy(&rendered.stderr)
         );
-        // cert-manager's own kinds need cert-manager's CRDs, which are not Coral's to install.
+        // cert-manager's and the Prometheus Operator's own kinds need their CRDs, which are
+        // not Coral's to install.
         let objects: Vec<Value> = serde_yaml::Deserializer::from_slice(&rendered.stdout)
             .map(|document| Value::deserialize(document).unwrap())
             .filter(|o| {
-                !o["apiVersion"]
-                    .as_str()
-                    .unwrap_or("")
-                    .starts_with("cert-manager.io/")
+                let api_version = o["apiVersion"].as_str().unwrap_or("");
+                !api_version.starts_with("cert-manager.io/")
+                    && !api_version.starts_with("monitoring.coreos.com/")
             })
             .collect();
         let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});

@@ -403,7 +403,12 @@ async fn certificate_rotation_keeps_serving() {
     assert_eq!(read_response(&mut before).await.0, 200);
 
     let new_authority = Authority::new();
-    new_authority.issue(&webhook.path("tls.crt"), &webhook.path("tls.key"));
+    // Expiring at 2040-01-01T00:00:00Z: the metric the expiry alert watches follows it.
+    new_authority.issue_until(
+        &webhook.path("tls.crt"),
+        &webhook.path("tls.key"),
+        Some((2040, 1, 1)),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if tls_stream(webhook.https, &new_authority.pem())
@@ -419,6 +424,19 @@ async fn certificate_rotation_keeps_serving() {
         tls_stream(webhook.https, &old_ca).await.is_err(),
         "new connections get the new certificate"
     );
+    let expiry = || async {
+        let (_, metrics) = get_probe(&webhook, "/metrics").await;
+        metric(&metrics, "coral_tls_certificate_expiry_timestamp_seconds")
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while expiry().await != 2_208_988_800.0 {
+        assert!(
+            Instant::now() < deadline,
+            "expiry not updated: {}",
+            expiry().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The connection from before still works.
     before
         .write_all(&request_bytes("/mutate", &body, true))

@@ -54,6 +54,9 @@ pub async fn serve(
     let metrics = WebhookMetrics::new();
     let cert = Arc::new(ReloadingCert::load(&options.tls_cert, &options.tls_key)?);
     let tls = TlsAcceptor::from(Arc::new(cert.server_config()?));
+    if let Some(expiry) = cert.not_after() {
+        metrics.certificate_expiry.set(expiry);
+    }
     let shared = Arc::new(Shared::new(metrics, &options));
     let files = match &options.source {
         Source::Files(files) => {
@@ -208,6 +211,9 @@ async fn poll_files(
             Ok(Reload::Unchanged) => {}
             Ok(Reload::Reloaded) => {
                 info!("TLS certificate reloaded");
+                if let Some(expiry) = cert.not_after() {
+                    shared.metrics.certificate_expiry.set(expiry);
+                }
                 shared
                     .metrics
                     .reloads

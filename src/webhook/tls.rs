@@ -101,6 +101,14 @@ impl ReloadingCert {
         })
     }
 
+    /// When the serving certificate (the first of the chain) expires, in Unix seconds.
+    pub fn not_after(&self) -> Option<i64> {
+        let loaded = self.current.read().ok()?;
+        let leaf = loaded.key.cert.first()?;
+        let (_, certificate) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+        Some(certificate.validity().not_after.timestamp())
+    }
+
     /// Reloads the pair when either file changed. On error the last good pair stays.
     pub fn reload_if_changed(&self) -> Result<Reload, TlsError> {
         let stamp = (modified(&self.cert_path), modified(&self.key_path));

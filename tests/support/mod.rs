@@ -40,9 +40,17 @@ impl Authority {
 
     /// Writes a serving certificate for localhost and 127.0.0.1, and its key.
     pub fn issue(&self, cert: &Path, key: &Path) {
+        self.issue_until(cert, key, None);
+    }
+
+    /// The same, expiring at midnight (UTC) of `(year, month, day)` when given.
+    pub fn issue_until(&self, cert: &Path, key: &Path, not_after: Option<(i32, u8, u8)>) {
         let key_pair = KeyPair::generate().unwrap();
-        let params =
+        let mut params =
             CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        if let Some((year, month, day)) = not_after {
+            params.not_after = rcgen::date_time_ymd(year, month, day);
+        }
         let certificate = params.signed_by(&key_pair, &self.issuer).unwrap();
         // Write the key first: the server reloads when either file changes, and must see a
         // matching pair once both are written.
