@@ -1718,3 +1718,158 @@ fn the_whole_system_converges_after_each_component_is_killed() {
         system.unanswered,
     );
 }
+
+/// `kubectl coral …` through kubectl's plugin mechanism: `kubectl-coral` on the PATH.
+fn kubectl_coral(plane: &ControlPlane, plugins: &std::path::Path, args: &[&str]) -> String {
+    let path = format!(
+        "{}:{}",
+        plugins.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let output = std::process::Command::new("kubectl")
+        .arg("coral")
+        .args(args)
+        .env("PATH", path)
+        .env("KUBECONFIG", &plane.kubeconfig)
+        .env("KUBERNETES_SERVICE_HOST", "")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "kubectl coral {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[test]
+#[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
+fn kubectl_coral_answers_status_why_and_nodes_from_the_live_cluster() {
+    let plane = coral_control_plane(&[]);
+    plane.kubectl_ok(&["label", "namespace", "shop", "coral.dev/inject=enabled"]);
+    let plugins = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        env!("CARGO_BIN_EXE_coral"),
+        plugins.path().join("kubectl-coral"),
+    )
+    .unwrap();
+    let image_set = json!({
+        "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"images": ["nginx:1.27", "redis:7.4"], "nodeSelector": {"matchLabels": {"pool": "web"}}},
+    });
+    assert!(
+        plane
+            .kubectl_stdin(&["create"], &image_set)
+            .status
+            .success()
+    );
+    let mut held = json!({"pool": "web"});
+    held[label("nginx:1.27")] = json!("available");
+    plane.node("node-a", held, json!([]), false);
+    plane.node("node-b", json!({"pool": "web"}), json!([]), false);
+    // node-b's agent could not pull redis.
+    let node_image = json!({"apiVersion": "coral.dev/v1alpha1", "kind": "NodeImage",
+        "metadata": {"name": "node-b"}, "spec": {"nodeName": "node-b"}});
+    assert!(
+        plane
+            .kubectl_stdin(&["create"], &node_image)
+            .status
+            .success()
+    );
+    let status = json!({"status": {"available": 0, "pulling": 0, "failed": 1, "conditions": [],
+        "images": [{"image": "docker.io/library/redis:7.4", "label": label("redis:7.4"),
+                    "state": "failed", "attempts": 5,
+                    "lastError": "pull access denied for redis"}]}});
+    plane.kubectl_ok(&[
+        "patch",
+        "nodeimage",
+        "node-b",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status.to_string(),
+    ]);
+    let _controller = start_controller(&plane, "controller-0");
+    wait_until("the ImageSet's status", Duration::from_secs(30), || {
+        image_set_status_of(&plane, "web")["imageCount"] == 2
+    });
+    let deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "shop",
+                     "annotations": {"coral.dev/inject": "selectors"}},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [
+                                  {"name": "web", "image": "nginx:1.27"},
+                                  {"name": "cache", "image": "redis:7.4"},
+                                  {"name": "tools", "image": "busybox:1.36"}]}}},
+    });
+    assert!(
+        plane
+            .kubectl_stdin(&["create"], &deployment)
+            .status
+            .success()
+    );
+
+    let status = kubectl_coral(&plane, plugins.path(), &["status"]);
+    println!("{status}");
+    assert!(status.contains("shop/web  Ready: False"), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("nginx:1.27") && l.contains("1/2")),
+        "{status}"
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("redis:7.4") && l.contains("1 failed")),
+        "{status}"
+    );
+
+    let why = kubectl_coral(
+        &plane,
+        plugins.path(),
+        &["why", "deployment/web", "-n", "shop"],
+    );
+    println!("{why}");
+    assert!(why.contains("policies: embedded"), "{why}");
+    assert!(why.contains("Deployment shop/web: "), "{why}");
+    assert!(
+        why.contains(&label("nginx:1.27")),
+        "steered to nginx: {why}"
+    );
+    assert!(
+        why.contains("nginx:1.27: managed by shop/web; on 1 of 2 targeted node(s)"),
+        "{why}"
+    );
+    assert!(
+        why.contains("redis:7.4: managed by shop/web; on 0 of 2 targeted node(s)"),
+        "{why}"
+    );
+    assert!(why.contains("failed on 1"), "{why}");
+    assert!(why.contains("busybox:1.36: unmanaged"), "{why}");
+    assert!(why.contains("warning: "), "the policies say why: {why}");
+
+    let nodes = kubectl_coral(&plane, plugins.path(), &["nodes", "redis:7.4"]);
+    println!("{nodes}");
+    assert!(
+        nodes.contains("node-b") && nodes.contains("failed after 5 attempt(s): pull access denied"),
+        "{nodes}"
+    );
+    assert!(nodes.contains("0 of 2 node(s) hold it"), "{nodes}");
+    let nodes = kubectl_coral(&plane, plugins.path(), &["nodes", "nginx:1.27"]);
+    assert!(
+        nodes.contains("node-a") && nodes.contains("1 of 2 node(s) hold it"),
+        "{nodes}"
+    );
+}
+
+fn image_set_status_of(plane: &ControlPlane, name: &str) -> Value {
+    let output = plane.kubectl(&["get", "imageset", name, "-n", "shop", "-o", "json"]);
+    serde_json::from_slice::<Value>(&output.stdout)
+        .map(|set| set["status"].clone())
+        .unwrap_or(Value::Null)
+}

@@ -266,7 +266,7 @@ async fn from_cluster(
 }
 
 /// Every object of a resource, 500 per page.
-async fn list_all<K>(api: Api<K>, resource: &str) -> Result<Vec<K>>
+pub(super) async fn list_all<K>(api: Api<K>, resource: &str) -> Result<Vec<K>>
 where
     K: Clone + DeserializeOwned + std::fmt::Debug,
 {

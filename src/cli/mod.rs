@@ -12,6 +12,7 @@ mod controller;
 mod crd;
 mod demo;
 mod image;
+mod inspect;
 mod policy;
 mod webhook;
 
@@ -49,6 +50,13 @@ enum Command {
     /// satisfy (against a state file and manifests, or the cluster of the kubeconfig); exits 1
     /// when it finds any.
     Audit(Box<audit::AuditArgs>),
+    /// ImageSets of the cluster, their readiness and, per image, the nodes holding it.
+    Status(inspect::StatusArgs),
+    /// What the live policies would change on a live Pod or workload against the live state,
+    /// why, and what the cluster knows of each of its images.
+    Why(inspect::WhyArgs),
+    /// Which nodes hold an image, which pull it, and why pulls failed.
+    Nodes(inspect::NodesArgs),
     /// Start the webhook on localhost over HTTPS with the embedded policies and an example
     /// cluster state, send it the example workloads, and show what Coral changes and why.
     Demo,
@@ -96,6 +104,9 @@ impl Cli {
             Command::Crd(args) => crd::crd(args),
             Command::Policy(PolicyCommand::Test(args)) => policy::policy_test(args),
             Command::Policy(PolicyCommand::Eval(args)) => policy::policy_eval(args),
+            Command::Status(args) => inspect::status(args),
+            Command::Why(args) => inspect::why(args),
+            Command::Nodes(args) => inspect::nodes(args),
             Command::Demo => demo::run(),
             Command::Audit(args) => audit::run(*args),
             Command::Webhook(args) => webhook::webhook(*args),
