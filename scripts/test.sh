@@ -11,6 +11,11 @@ cd "$(dirname "$0")/.."
 need_packages protoc:protobuf-compiler containerd:containerd docker-registry:docker-registry \
   umoci:umoci skopeo:skopeo htpasswd:apache2-utils
 
+echo "== fuzz/Cargo.lock matches the crate's dependencies"
+if ! cargo metadata --quiet --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null; then
+  echo "error: fuzz/Cargo.lock is out of date: run cargo metadata --manifest-path fuzz/Cargo.toml and commit it" >&2
+  exit 1
+fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
