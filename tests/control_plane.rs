@@ -192,11 +192,17 @@ fn coral_control_plane(extra: &[&str]) -> ControlPlane {
     plane
 }
 
+/// The same, the namespace `shop` opted in to Coral's injections.
+fn injecting_control_plane() -> ControlPlane {
+    let plane = coral_control_plane(&[]);
+    plane.kubectl_ok(&["label", "namespace", "shop", "coral.dev/inject=enabled"]);
+    plane
+}
+
 #[test]
 #[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
 fn the_real_scheduler_binds_every_pod_coral_mutated() {
-    let plane = coral_control_plane(&[]);
-    plane.kubectl_ok(&["label", "namespace", "shop", "coral.dev/inject=enabled"]);
+    let plane = injecting_control_plane();
     let image_set = json!({
         "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
         "metadata": {"name": "shop", "namespace": "shop"},
@@ -1527,8 +1533,7 @@ impl System {
 #[test]
 #[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
 fn the_whole_system_converges_after_each_component_is_killed() {
-    let plane = coral_control_plane(&[]);
-    plane.kubectl_ok(&["label", "namespace", "shop", "coral.dev/inject=enabled"]);
+    let plane = injecting_control_plane();
     let registry = runtime::Registry::start(None);
     // app-3 is large enough (30 MB of random bytes) that killing its agent catches the pull.
     let mut random = String::with_capacity(60 << 20);
@@ -1746,8 +1751,7 @@ fn kubectl_coral(plane: &ControlPlane, plugins: &std::path::Path, args: &[&str])
 #[test]
 #[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
 fn kubectl_coral_answers_status_why_and_nodes_from_the_live_cluster() {
-    let plane = coral_control_plane(&[]);
-    plane.kubectl_ok(&["label", "namespace", "shop", "coral.dev/inject=enabled"]);
+    let plane = injecting_control_plane();
     let plugins = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(
         env!("CARGO_BIN_EXE_coral"),

@@ -42,15 +42,8 @@ pub struct AuditArgs {
     /// settings, or in a cluster of the policy ConfigMap's settings.json, else 1.
     #[arg(long, value_name = "N", env = "CORAL_MIN_AVAILABLE_NODES")]
     min_available_nodes: Option<u32>,
-    /// In a cluster: the policy ConfigMap whose settings.json gives minAvailableNodes (absent:
-    /// the defaults).
-    #[arg(
-        long,
-        value_name = "NAMESPACE/NAME",
-        default_value = "coral-system/coral-policies",
-        env = "CORAL_POLICIES_CONFIGMAP"
-    )]
-    policies_configmap: ObjectName,
+    #[command(flatten)]
+    policies_configmap: super::PoliciesConfigMapArg,
     /// In a cluster: audit only this namespace. Default: every namespace.
     #[arg(short, long, env = "CORAL_NAMESPACE")]
     namespace: Option<String>,
@@ -107,7 +100,7 @@ fn audit(args: AuditArgs) -> Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(from_cluster(&policies_configmap, namespace.as_deref()))?
+            runtime.block_on(from_cluster(&policies_configmap.name, namespace.as_deref()))?
         }
     };
     let min = min_available_nodes.unwrap_or(settings.min_available_nodes);

@@ -39,14 +39,8 @@ pub struct WhyArgs {
     /// Its namespace.
     #[arg(short, long, default_value = "default", env = "CORAL_NAMESPACE")]
     namespace: String,
-    /// The policy ConfigMap the webhook serves (absent: the embedded policies).
-    #[arg(
-        long,
-        value_name = "NAMESPACE/NAME",
-        default_value = "coral-system/coral-policies",
-        env = "CORAL_POLICIES_CONFIGMAP"
-    )]
-    policies_configmap: ObjectName,
+    #[command(flatten)]
+    policies_configmap: super::PoliciesConfigMapArg,
 }
 
 #[derive(Debug, Args)]
@@ -171,7 +165,7 @@ pub fn why(args: WhyArgs) -> Result<ExitCode> {
     let text = block_on(async {
         let client = coral::cluster::client().await?;
         let object = live_object(&client, &args.object, &args.namespace).await?;
-        let (index, set) = live_state(&client, &args.policies_configmap).await?;
+        let (index, set) = live_state(&client, &args.policies_configmap.name).await?;
         explain(object, &args.namespace, index, &set)
     })?;
     print!("{text}");

@@ -19,6 +19,20 @@ mod webhook;
 use image::ImageCommand;
 use policy::PolicyCommand;
 
+/// `--policies-configmap` of the commands that read a cluster's policies or settings.
+#[derive(Debug, clap::Args)]
+pub(super) struct PoliciesConfigMapArg {
+    /// In a cluster: the policy ConfigMap the webhook serves (its policies and settings.json;
+    /// absent: the embedded policies and the default settings).
+    #[arg(
+        long = "policies-configmap",
+        value_name = "NAMESPACE/NAME",
+        default_value = "coral-system/coral-policies",
+        env = "CORAL_POLICIES_CONFIGMAP"
+    )]
+    pub(super) name: coral::webhook::ObjectName,
+}
+
 /// Keeps container images on the nodes that need them, and steers workloads to those nodes.
 #[derive(Debug, Parser)]
 #[command(name = "coral", version, about, propagate_version = true)]
