@@ -996,6 +996,20 @@ fn the_agent_labels_its_own_node_with_its_own_token_and_nothing_else() {
     );
 }
 
+/// Which controller replica holds the Lease (empty: none, or the API server does not answer).
+fn lease_holder(plane: &ControlPlane) -> String {
+    let output = plane.kubectl(&[
+        "get",
+        "lease",
+        "coral-controller",
+        "-n",
+        "coral-system",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// A `coral controller` under the coral-controller ServiceAccount, killed when dropped.
 fn start_controller(plane: &ControlPlane, name: &str) -> support::process::Kill {
     support::process::Kill(
@@ -1044,22 +1058,10 @@ fn a_standby_controller_takes_over_when_the_leader_dies() {
         });
         assert!(plane.kubectl_stdin(&["create"], &set).status.success());
     };
-    let holder = || {
-        plane
-            .kubectl(&[
-                "get",
-                "lease",
-                "coral-controller",
-                "-n",
-                "coral-system",
-                "-o",
-                "jsonpath={.spec.holderIdentity}",
-            ])
-            .stdout
-    };
+    let holder = || lease_holder(&plane);
     let mut first = Some(start_controller(&plane, "controller-0"));
     wait_until("controller-0 to lead", Duration::from_secs(30), || {
-        holder() == b"controller-0"
+        holder() == "controller-0"
     });
     let _second = start_controller(&plane, "controller-1");
 
@@ -1082,7 +1084,7 @@ fn a_standby_controller_takes_over_when_the_leader_dies() {
     wait_until(
         "controller-1 to take the Lease",
         Duration::from_secs(30),
-        || holder() == b"controller-1",
+        || holder() == "controller-1",
     );
     image_set_with_secret("api", "registry-api");
     let copy = coral::controller::secrets::copy_name("shop", "registry-api");
@@ -1619,15 +1621,7 @@ fn the_whole_system_converges_after_each_component_is_killed() {
     times.push(("agent mid-pull", system.settle("agent mid-pull", fault)));
 
     // The leading controller killed as it reconciles a change; the standby takes the Lease.
-    let leader = system.plane.kubectl_ok(&[
-        "get",
-        "lease",
-        "coral-controller",
-        "-n",
-        "coral-system",
-        "-o",
-        "jsonpath={.spec.holderIdentity}",
-    ]);
+    let leader = lease_holder(&system.plane);
     system.set_images(&images[..4]);
     let fault = Instant::now();
     let index = system
@@ -1640,15 +1634,7 @@ fn the_whole_system_converges_after_each_component_is_killed() {
         "controller mid-reconcile",
         system.settle("controller mid-reconcile, the Lease taken over", fault),
     ));
-    let holder = system.plane.kubectl_ok(&[
-        "get",
-        "lease",
-        "coral-controller",
-        "-n",
-        "coral-system",
-        "-o",
-        "jsonpath={.spec.holderIdentity}",
-    ]);
+    let holder = lease_holder(&system.plane);
     assert_ne!(holder, leader, "the standby holds the Lease");
     let name = system.controllers[index].0.clone();
     system.controllers[index].1 = Some(start_controller(&system.plane, &name));
