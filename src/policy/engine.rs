@@ -107,13 +107,9 @@ impl CompiledPolicies {
                 Err(Failure::Engine(e)) if e.to_string() == UNDEFINED_RULE_PATH => {}
                 // Over a bound on an empty input is a matter for the probe evaluation
                 // (`Snapshot::probe`) and for requests, not a compile error.
-                Err(Failure::Bound(_)) => compiled.rules.push(rule),
-                Err(Failure::Engine(e)) if is_timeout(&e) || on_ceiling(&e.to_string()) => {
-                    compiled.rules.push(rule);
-                }
-                Err(Failure::Engine(e) | Failure::Ceiling(e)) => {
-                    return Err(compiled.compile_error(e));
-                }
+                Err(Failure::Bound(_) | Failure::Ceiling(_)) => compiled.rules.push(rule),
+                Err(Failure::Engine(e)) if is_timeout(&e) => compiled.rules.push(rule),
+                Err(Failure::Engine(e)) => return Err(compiled.compile_error(e)),
             }
         }
         compiled
@@ -590,7 +586,7 @@ impl EvaluatorOptions {
 enum Failure {
     /// The guard found a bound broken.
     Bound(Breach),
-    /// The allocator ceiling stopped it, lowered for another evaluation.
+    /// The allocator ceiling stopped it, not for a breach of its own.
     Ceiling(anyhow::Error),
     /// The engine's own answer.
     Engine(anyhow::Error),
@@ -614,10 +610,12 @@ fn guarded<T>(bounds: Bounds, mut run: impl FnMut() -> anyhow::Result<T>) -> Res
         || {
             let ticket = guard.enter(bounds);
             let result = run();
-            let (breach, lowered) = ticket.finish();
+            let breach = ticket.finish();
+            // An error on the ceiling without a breach of its own: `unaffected` runs it again
+            // when the ceiling was lowered meanwhile (for another evaluation).
             result.map_err(|error| match breach {
                 Some(breach) => Failure::Bound(breach),
-                None if lowered && on_ceiling(&error.to_string()) => Failure::Ceiling(error),
+                None if on_ceiling(&error.to_string()) => Failure::Ceiling(error),
                 None => Failure::Engine(error),
             })
         },

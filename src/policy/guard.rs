@@ -67,7 +67,6 @@ pub struct Guard {
 pub struct Ticket<'a> {
     guard: &'a Guard,
     id: u64,
-    engagements: u64,
     left: bool,
 }
 
@@ -97,7 +96,6 @@ impl Guard {
         }
         let id = state.next_id;
         state.next_id += 1;
-        let engagements = state.engagements;
         let first = state.running.is_empty();
         state.running.push(Running {
             id,
@@ -113,7 +111,6 @@ impl Guard {
         Ticket {
             guard: self,
             id,
-            engagements,
             left: false,
         }
     }
@@ -207,14 +204,12 @@ fn breach(running: &Running, now: Instant, grown: u64, together: u64) -> Option<
 }
 
 impl Ticket<'_> {
-    /// Leaves the guard: which bound the watchdog found broken, if any, and whether the
-    /// ceiling was lowered while the evaluation ran (an error on the ceiling then means it
-    /// was caught in passing).
-    pub fn finish(mut self) -> (Option<Breach>, bool) {
+    /// Leaves the guard: which bound the watchdog found broken, if any.
+    pub fn finish(mut self) -> Option<Breach> {
         self.leave()
     }
 
-    fn leave(&mut self) -> (Option<Breach>, bool) {
+    fn leave(&mut self) -> Option<Breach> {
         self.left = true;
         let mut state = self.guard.lock();
         let breach = state
@@ -222,14 +217,13 @@ impl Ticket<'_> {
             .iter()
             .position(|running| running.id == self.id)
             .and_then(|at| state.running.swap_remove(at).breach);
-        let lowered = state.engaged || state.engagements != self.engagements;
         if state.engaged && state.running.iter().all(|r| r.breach.is_none()) {
             regorus::set_global_memory_limit(None);
             state.engaged = false;
             drop(state);
             self.guard.wake.notify_all();
         }
-        (breach, lowered)
+        breach
     }
 }
 

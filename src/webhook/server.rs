@@ -383,10 +383,12 @@ async fn decide(
     // The wait for a worker counts: the answer comes within twice the evaluation bound
     // whatever runs. The worker stays taken until its evaluation ends (the evaluation guard
     // ends a runaway one), so stuck evaluations never pile up beyond the workers.
-    let evaluation_started = Instant::now();
+    // The evaluation's own time is measured from when it has a worker (none: it never got one).
+    let mut evaluation_started = None;
     let decided = tokio::time::timeout(shared.evaluation_timeout * 2, async {
         // The semaphore is never closed.
         let permit = shared.workers.clone().acquire_owned().await.ok();
+        evaluation_started = Some(Instant::now());
         let snapshot = snapshot.clone();
         tokio::task::spawn_blocking(move || {
             let decided = snapshot.decide(&request);
@@ -396,11 +398,13 @@ async fn decide(
         .await
     })
     .await;
-    shared
-        .metrics
-        .evaluation_seconds
-        .with_label_values(&[kind])
-        .observe(evaluation_started.elapsed().as_secs_f64());
+    if let Some(started) = evaluation_started {
+        shared
+            .metrics
+            .evaluation_seconds
+            .with_label_values(&[kind])
+            .observe(started.elapsed().as_secs_f64());
+    }
     match decided {
         Ok(Ok(result)) => {
             match &result {
