@@ -59,6 +59,10 @@ impl CompiledPolicies {
         let mut engine = regorus::Engine::new();
         let mut packages = Vec::new();
         for file in &set.files {
+            check_nesting(&file.name, &file.source).map_err(|message| PolicyError::Compile {
+                origin: set.origin.clone(),
+                message,
+            })?;
             let package = engine
                 .add_policy(file.name.clone(), file.source.clone())
                 .map_err(|e| PolicyError::Compile {
@@ -143,6 +147,65 @@ impl CompiledPolicies {
     pub fn cache_keying(&self) -> super::CacheKeying {
         self.cache_keying
     }
+}
+
+/// Deepest nesting of brackets a policy file may have. The parser's time grows steeply with
+/// unclosed brackets (48 held it for minutes: found by the policy_configmap fuzz target);
+/// real policies nest a few levels.
+const MAX_NESTING: usize = 16;
+
+/// Refuses a file whose `(`, `[` and `{` (outside strings and comments) nest deeper than
+/// [`MAX_NESTING`], naming the line.
+fn check_nesting(name: &str, source: &str) -> Result<(), String> {
+    let mut depth = 0usize;
+    let mut line = 1;
+    let mut chars = source.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' => line += 1,
+            '#' => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        line += 1;
+                        break;
+                    }
+                }
+            }
+            '"' => {
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' | '\n' => {
+                            line += usize::from(c == '\n');
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            '`' => {
+                for c in chars.by_ref() {
+                    line += usize::from(c == '\n');
+                    if c == '`' {
+                        break;
+                    }
+                }
+            }
+            '(' | '[' | '{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(format!(
+                        "{name}:{line}: brackets nested deeper than {MAX_NESTING} levels"
+                    ));
+                }
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// A rule gathering the decision rules into one object, so that one evaluation computes the
@@ -610,14 +673,21 @@ fn guarded<T>(bounds: Bounds, mut run: impl FnMut() -> anyhow::Result<T>) -> Res
         || {
             let ticket = guard.enter(bounds);
             let result = run();
-            let breach = ticket.finish();
-            // An error on the ceiling without a breach of its own: `unaffected` runs it again
-            // when the ceiling was lowered meanwhile (for another evaluation).
-            result.map_err(|error| match breach {
-                Some(breach) => Failure::Bound(breach),
-                None if on_ceiling(&error.to_string()) => Failure::Ceiling(error),
-                None => Failure::Engine(error),
-            })
+            let (breach, lowered) = ticket.finish();
+            match (result, breach) {
+                (_, Some(breach)) => Err(Failure::Bound(breach)),
+                // The ceiling was lowered for another evaluation while this one ran: whatever
+                // it answered (a builtin stopped in passing may leave a rule undefined rather
+                // than fail it), `unaffected` runs it again.
+                (_, None) if lowered => Err(Failure::Ceiling(anyhow::anyhow!(
+                    "stopped in passing by the allocator ceiling"
+                ))),
+                (Ok(value), None) => Ok(value),
+                (Err(error), None) if on_ceiling(&error.to_string()) => {
+                    Err(Failure::Ceiling(error))
+                }
+                (Err(error), None) => Err(Failure::Engine(error)),
+            }
         },
         |failure| matches!(failure, Failure::Ceiling(_)),
     )

@@ -67,6 +67,7 @@ pub struct Guard {
 pub struct Ticket<'a> {
     guard: &'a Guard,
     id: u64,
+    engagements: u64,
     left: bool,
 }
 
@@ -96,6 +97,7 @@ impl Guard {
         }
         let id = state.next_id;
         state.next_id += 1;
+        let engagements = state.engagements;
         let first = state.running.is_empty();
         state.running.push(Running {
             id,
@@ -111,6 +113,7 @@ impl Guard {
         Ticket {
             guard: self,
             id,
+            engagements,
             left: false,
         }
     }
@@ -204,12 +207,15 @@ fn breach(running: &Running, now: Instant, grown: u64, together: u64) -> Option<
 }
 
 impl Ticket<'_> {
-    /// Leaves the guard: which bound the watchdog found broken, if any.
-    pub fn finish(mut self) -> Option<Breach> {
+    /// Leaves the guard: which bound the watchdog found broken, if any, and whether the
+    /// ceiling was lowered while the evaluation ran. Then even a result without an error is
+    /// suspect: a builtin stopped by the ceiling may have made a rule undefined rather than
+    /// failed it.
+    pub fn finish(mut self) -> (Option<Breach>, bool) {
         self.leave()
     }
 
-    fn leave(&mut self) -> Option<Breach> {
+    fn leave(&mut self) -> (Option<Breach>, bool) {
         self.left = true;
         let mut state = self.guard.lock();
         let breach = state
@@ -217,13 +223,14 @@ impl Ticket<'_> {
             .iter()
             .position(|running| running.id == self.id)
             .and_then(|at| state.running.swap_remove(at).breach);
+        let lowered = state.engaged || state.engagements != self.engagements;
         if state.engaged && state.running.iter().all(|r| r.breach.is_none()) {
             regorus::set_global_memory_limit(None);
             state.engaged = false;
             drop(state);
             self.guard.wake.notify_all();
         }
-        breach
+        (breach, lowered)
     }
 }
 

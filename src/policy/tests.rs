@@ -317,6 +317,28 @@ fn every_way_past_the_bounds_is_stopped_within_twice_the_limit() {
 }
 
 #[test]
+fn brackets_nested_too_deep_are_refused_before_parsing() {
+    // Found by the policy_configmap fuzz target: 48 unclosed brackets held the parser.
+    let source = format!(
+        "package coral.mutate\n\n# [[[[ in a comment\ninject_{} if true\n",
+        "[".repeat(48)
+    );
+    let error = compile(&[("deep.rego", &source)]).expect_err("refused");
+    assert!(
+        error
+            .to_string()
+            .contains("deep.rego:4: brackets nested deeper than 16"),
+        "{error}"
+    );
+    let fine = format!(
+        "package coral.mutate\n\nx := {}1{}\n",
+        "[".repeat(12),
+        "]".repeat(12)
+    );
+    compile(&[("fine.rego", &fine)]).expect("12 levels compile");
+}
+
+#[test]
 fn syntax_error_names_the_file_and_line() {
     let error = compile(&[(
         "broken.rego",
