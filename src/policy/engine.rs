@@ -52,7 +52,8 @@ impl CompiledPolicies {
     /// Parses every file and checks that the set compiles and defines `package coral.mutate`.
     /// A syntax error names the file and line.
     pub fn compile(set: &PolicySet) -> Result<Self, PolicyError> {
-        Guard::global().unaffected(|| Self::compile_once(set), |error| error.on_ceiling())
+        // Anything compiled while the ceiling was lowered is compiled again.
+        Guard::global().unaffected(|| Self::compile_once(set))
     }
 
     fn compile_once(set: &PolicySet) -> Result<Self, PolicyError> {
@@ -92,10 +93,10 @@ impl CompiledPolicies {
         // engine refuses to evaluate a rule no file defines; that is how absent rules show.
         let mut probe = compiled.engine.clone();
         probe
-            .add_data(regorus::Value::from(coral_data(
-                &ClusterIndex::new(),
-                &compiled.settings,
-            )))
+            .add_data(
+                rego(&coral_data(&ClusterIndex::new(), &compiled.settings))
+                    .map_err(|e| compiled.compile_error(e))?,
+            )
             .map_err(|e| compiled.compile_error(e))?;
         probe.set_input(regorus::Value::new_object());
         probe.set_execution_timer_config(timer(DEFAULT_EVAL_TIMEOUT));
@@ -111,7 +112,7 @@ impl CompiledPolicies {
                 Err(Failure::Engine(e)) if e.to_string() == UNDEFINED_RULE_PATH => {}
                 // Over a bound on an empty input is a matter for the probe evaluation
                 // (`Snapshot::probe`) and for requests, not a compile error.
-                Err(Failure::Bound(_) | Failure::Ceiling(_)) => compiled.rules.push(rule),
+                Err(Failure::Bound(_)) => compiled.rules.push(rule),
                 Err(Failure::Engine(e)) if is_timeout(&e) => compiled.rules.push(rule),
                 Err(Failure::Engine(e)) => return Err(compiled.compile_error(e)),
             }
@@ -368,21 +369,18 @@ impl Evaluator {
         data: Value,
         options: EvaluatorOptions,
     ) -> Result<Self, PolicyError> {
-        let data = regorus::Value::from(data);
-        Guard::global().unaffected(
-            || Self::new_once(policies, data.clone(), options.clone()),
-            PolicyError::on_ceiling,
-        )
+        // An evaluator prepared while the ceiling was lowered is prepared again.
+        Guard::global().unaffected(|| Self::new_once(policies, &data, options.clone()))
     }
 
     fn new_once(
         policies: &CompiledPolicies,
-        data: regorus::Value,
+        data: &Value,
         options: EvaluatorOptions,
     ) -> Result<Self, PolicyError> {
         let mut engine = policies.engine.clone();
         engine
-            .add_data(data)
+            .add_data(rego(data).map_err(|e| PolicyError::Data(e.to_string()))?)
             .map_err(|e| PolicyError::Data(e.to_string()))?;
         engine.set_execution_timer_config(timer(options.timeout));
         let backend = match Self::compile_vm(&mut engine, &policies.rules) {
@@ -588,8 +586,7 @@ impl Evaluator {
     /// One evaluation of the policies on an input made by [`build_input`]: what a decision
     /// makes of the rules, before the rails. The decision's two passes are two of these.
     pub fn evaluate(&self, input: Value, pass: Pass) -> Result<RuleOutput, PolicyError> {
-        let input = regorus::Value::from(input);
-        let gathered = guarded(self.options.bounds(), || self.run(input.clone(), pass))
+        let gathered = guarded(self.options.bounds(), || self.run(rego(&input)?, pass))
             .map_err(|failure| failure.into_error(&self.options))?;
         let mut output = RuleOutput::default();
         for (rule, value) in gathered {
@@ -649,8 +646,6 @@ impl EvaluatorOptions {
 enum Failure {
     /// The guard found a bound broken.
     Bound(Breach),
-    /// The allocator ceiling stopped it, not for a breach of its own.
-    Ceiling(anyhow::Error),
     /// The engine's own answer.
     Engine(anyhow::Error),
 }
@@ -659,44 +654,28 @@ impl Failure {
     fn into_error(self, options: &EvaluatorOptions) -> PolicyError {
         match self {
             Self::Bound(Breach::Time) => PolicyError::Timeout(options.timeout),
-            Self::Bound(Breach::Memory) => PolicyError::Memory(options.memory_budget),
-            Self::Ceiling(e) | Self::Engine(e) => classify_eval_error(&e, options),
+            Self::Bound(Breach::Memory | Breach::Crowd) => {
+                PolicyError::Memory(options.memory_budget)
+            }
+            Self::Engine(e) => classify_eval_error(&e, options),
         }
     }
 }
 
-/// Runs the engine under the guard: a builtin call past `bounds` is stopped too, and a run
-/// stopped in passing (for another evaluation) runs again.
-fn guarded<T>(bounds: Bounds, mut run: impl FnMut() -> anyhow::Result<T>) -> Result<T, Failure> {
-    let guard = Guard::global();
-    guard.unaffected(
-        || {
-            let ticket = guard.enter(bounds);
-            let result = run();
-            let (breach, lowered) = ticket.finish();
-            match (result, breach) {
-                (_, Some(breach)) => Err(Failure::Bound(breach)),
-                // The ceiling was lowered for another evaluation while this one ran: whatever
-                // it answered (a builtin stopped in passing may leave a rule undefined rather
-                // than fail it), `unaffected` runs it again.
-                (_, None) if lowered => Err(Failure::Ceiling(anyhow::anyhow!(
-                    "stopped in passing by the allocator ceiling"
-                ))),
-                (Ok(value), None) => Ok(value),
-                (Err(error), None) if on_ceiling(&error.to_string()) => {
-                    Err(Failure::Ceiling(error))
-                }
-                (Err(error), None) => Err(Failure::Engine(error)),
-            }
-        },
-        |failure| matches!(failure, Failure::Ceiling(_)),
-    )
+/// Runs the engine under the guard (see [`Guard::evaluate`]).
+fn guarded<T>(bounds: Bounds, run: impl FnMut() -> anyhow::Result<T>) -> Result<T, Failure> {
+    match Guard::global().evaluate(bounds, run) {
+        Ok(answer) => answer.map_err(Failure::Engine),
+        Err(breach) => Err(Failure::Bound(breach)),
+    }
 }
 
-/// regorus reports "execution exceeded memory limit (usage=…, limit=…)" when it meets the
-/// allocator ceiling.
-pub(super) fn on_ceiling(message: &str) -> bool {
-    message.contains("exceeded memory limit")
+/// `value` as the engine holds it. Unlike regorus' `From`, which makes a value it cannot
+/// convert undefined, this says why (the allocator ceiling, say).
+pub(super) fn rego(value: &Value) -> anyhow::Result<regorus::Value> {
+    use serde::Deserialize;
+    regorus::Value::deserialize(value)
+        .map_err(|e| anyhow::anyhow!("converting a value for the policies: {e}"))
 }
 
 /// A time bound checked every 256 steps of the engine (a few microseconds of work).
@@ -716,7 +695,7 @@ fn classify_eval_error(error: &anyhow::Error, options: &EvaluatorOptions) -> Pol
     let message = error.to_string();
     if is_timeout(error) {
         PolicyError::Timeout(options.timeout)
-    } else if message.contains("exceeded memory budget") || on_ceiling(&message) {
+    } else if message.contains("exceeded memory budget") {
         PolicyError::Memory(options.memory_budget)
     } else {
         PolicyError::Evaluation(message)

@@ -12,20 +12,33 @@
 //! evaluation runs. Another evaluation that fails on the ceiling meanwhile was caught in
 //! passing: it is not marked, and [`Guard::unaffected`] runs it again.
 
+use std::cell::Cell;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 /// How often the watchdog looks while evaluations run.
 const TICK: Duration = Duration::from_millis(2);
 
-/// Times an operation caught in passing by the lowered ceiling runs again.
-const RETRIES: usize = 3;
+/// How long a compile or a data load caught in passing by the lowered ceiling keeps running
+/// again: long enough for several runaway evaluations in a row to be stopped (each within
+/// twice its time limit), bounded so that nothing waits forever on a ceiling that keeps being
+/// lowered.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+thread_local! {
+    /// How many of this thread's evaluations the watchdog marked: an operation whose own
+    /// evaluation lowered the ceiling was not caught in passing.
+    static MARKED_HERE: Cell<u64> = const { Cell::new(0) };
+}
 
 /// Which bound a marked evaluation broke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Breach {
     Time,
     Memory,
+    /// The process grew past the budgets of several evaluations running together: any of
+    /// them may be the one. Each runs again; one that breaks it alone is [`Breach::Memory`].
+    Crowd,
 }
 
 /// The bounds of one evaluation.
@@ -64,7 +77,7 @@ pub struct Guard {
 }
 
 /// One running evaluation; it leaves the guard when dropped.
-pub struct Ticket<'a> {
+struct Ticket<'a> {
     guard: &'a Guard,
     id: u64,
     engagements: u64,
@@ -86,7 +99,7 @@ impl Guard {
     }
 
     /// Registers an evaluation that begins now.
-    pub fn enter(&'static self, bounds: Bounds) -> Ticket<'static> {
+    fn enter(&'static self, bounds: Bounds) -> Ticket<'static> {
         let allocated_at_start = allocated();
         let mut state = self.lock();
         if !state.watchdog {
@@ -159,30 +172,64 @@ impl Guard {
             .unwrap_or_else(PoisonError::into_inner);
     }
 
-    /// Runs `operation`, again when the lowered ceiling caught it in passing: when it failed
-    /// on the allocator ceiling (`caught`) while the ceiling was lowered for another
-    /// evaluation. The ceiling is lifted once that evaluation ends, so the next run is clean.
-    pub fn unaffected<T, E>(
-        &self,
-        mut operation: impl FnMut() -> Result<T, E>,
-        caught: impl Fn(&E) -> bool,
-    ) -> Result<T, E> {
-        let mut tries = 0;
+    /// Runs one evaluation (`run`, the engine's answer) under the watchdog: `Err` with the
+    /// bound it broke, or the answer of a run the lowered ceiling did not catch in passing.
+    /// A run caught in passing (its answer, even a success, may be an effect of the ceiling:
+    /// a builtin stopped in passing can leave a rule undefined rather than fail it) or marked
+    /// with others in a crowd runs again within its own time limit, so that it too is
+    /// answered within twice that; past it, it is out of time.
+    pub fn evaluate<T>(
+        &'static self,
+        bounds: Bounds,
+        mut run: impl FnMut() -> anyhow::Result<T>,
+    ) -> Result<anyhow::Result<T>, Breach> {
+        let started = Instant::now();
+        loop {
+            let ticket = self.enter(bounds);
+            let answer = run();
+            let (breach, lowered) = ticket.finish();
+            let left = bounds.time.saturating_sub(started.elapsed());
+            let stopped = match breach {
+                None if !lowered && !answer.as_ref().is_err_and(on_ceiling) => return Ok(answer),
+                Some(Breach::Time | Breach::Memory) => breach,
+                // Caught in passing, or in a crowd: again, if it has time left.
+                _ if left.is_zero() => Some(Breach::Time),
+                _ => None,
+            };
+            if let Some(breach) = stopped {
+                MARKED_HERE.set(MARKED_HERE.get() + 1);
+                return Err(breach);
+            }
+            self.wait_lifted(left);
+        }
+    }
+
+    /// Runs `operation` (a compile, an evaluator's preparation), again when the ceiling was
+    /// lowered for another evaluation while it ran: whatever it answered. regorus fails on
+    /// the ceiling in some places and quietly gives up in others (a value that does not
+    /// convert becomes undefined, a policy that does not compile for the virtual machine
+    /// falls back to the interpreter). The ceiling is lifted once that evaluation ends, so
+    /// the next run is clean. No run begins after [`PATIENCE`].
+    pub fn unaffected<T>(&self, mut operation: impl FnMut() -> T) -> T {
+        let started = Instant::now();
         loop {
             let before = self.lock().engagements;
+            let marked_before = MARKED_HERE.get();
             let result = operation();
-            let Err(error) = &result else {
-                return result;
-            };
-            tries += 1;
             let lowered = {
                 let state = self.lock();
                 state.engaged || state.engagements != before
             };
-            if tries > RETRIES || !lowered || !caught(error) {
+            // One of its own evaluations stopped for its bounds: its result says so.
+            let own = MARKED_HERE.get() != marked_before;
+            let left = PATIENCE.saturating_sub(started.elapsed());
+            if !lowered || own || left.is_zero() {
                 return result;
             }
-            self.wait_lifted(Duration::from_secs(1));
+            self.wait_lifted(left);
+            if started.elapsed() >= PATIENCE {
+                return result;
+            }
         }
     }
 }
@@ -203,7 +250,11 @@ fn breach(running: &Running, now: Instant, grown: u64, together: u64) -> Option<
         .memory
         .saturating_mul(together)
         .saturating_add(running.bounds.memory / 4);
-    (grown > allowed).then_some(Breach::Memory)
+    (grown > allowed).then_some(if together == 1 {
+        Breach::Memory
+    } else {
+        Breach::Crowd
+    })
 }
 
 impl Ticket<'_> {
@@ -211,7 +262,7 @@ impl Ticket<'_> {
     /// ceiling was lowered while the evaluation ran. Then even a result without an error is
     /// suspect: a builtin stopped by the ceiling may have made a rule undefined rather than
     /// failed it.
-    pub fn finish(mut self) -> (Option<Breach>, bool) {
+    fn finish(mut self) -> (Option<Breach>, bool) {
         self.leave()
     }
 
@@ -241,6 +292,12 @@ impl Drop for Ticket<'_> {
             self.leave();
         }
     }
+}
+
+/// regorus reports "execution exceeded memory limit (usage=…, limit=…)" when it meets the
+/// allocator ceiling.
+pub fn on_ceiling(error: &anyhow::Error) -> bool {
+    error.to_string().contains("exceeded memory limit")
 }
 
 /// Live bytes of the whole process, as the allocator counts them.
@@ -285,6 +342,10 @@ mod tests {
             None,
             "two evaluations, two budgets"
         );
-        assert_eq!(breach(&running, now, 145, 2), Some(Breach::Memory));
+        assert_eq!(
+            breach(&running, now, 145, 2),
+            Some(Breach::Crowd),
+            "either may be the cause"
+        );
     }
 }

@@ -75,17 +75,6 @@ pub enum PolicyError {
 }
 
 impl PolicyError {
-    /// Whether the engine stopped on the allocator ceiling, which the evaluation guard lowers
-    /// to stop a runaway evaluation: an operation caught in passing runs again.
-    fn on_ceiling(&self) -> bool {
-        match self {
-            Self::Compile { message, .. } | Self::Data(message) | Self::Evaluation(message) => {
-                engine::on_ceiling(message)
-            }
-            _ => false,
-        }
-    }
-
     /// A bounded label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -105,4 +94,4 @@ impl PolicyError {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -371,7 +371,7 @@ pub fn run_tests(paths: &[PathBuf], options: &TestOptions) -> Result<TestReport,
         }
     }
     engine
-        .add_data(regorus::Value::from(data))
+        .add_data(super::engine::rego(&data).map_err(|e| PolicyError::Data(e.to_string()))?)
         .map_err(|e| PolicyError::Data(e.to_string()))?;
     engine.set_enable_coverage(options.coverage);
 

@@ -276,6 +276,15 @@ warn contains "never" if { some a in xs; some b in xs; a * b < 0 }"#,
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
 
+/// Held by every test that runs a runaway evaluation on purpose: one at a time, so that each is
+/// stopped within its bounds on two cores, while the other tests run beside it.
+pub(crate) fn runaway() -> std::sync::MutexGuard<'static, ()> {
+    static RUNAWAY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RUNAWAY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Policies that blow up on every request, each a different way past the engine's own checks.
 const BOMBS: [(&str, &str); 3] = [
     (
@@ -294,6 +303,7 @@ const BOMBS: [(&str, &str); 3] = [
 
 #[test]
 fn every_way_past_the_bounds_is_stopped_within_twice_the_limit() {
+    let _one_at_a_time = runaway();
     let data = coral_data(&crate::index::ClusterIndex::new(), &Settings::default());
     let options = EvaluatorOptions::default();
     let request = PolicyRequest::create(fixture("deployment-web.json"), "shop").expect("request");
@@ -314,6 +324,51 @@ fn every_way_past_the_bounds_is_stopped_within_twice_the_limit() {
         assert!(took < options.timeout * 2, "{what}: {took:?}, {error}");
         eprintln!("{what}: {error} after {took:?}");
     }
+}
+
+#[test]
+fn what_runs_beside_a_stopped_evaluation_is_whole() {
+    // Stopping a runaway evaluation lowers a process-wide ceiling; compiles, evaluators and
+    // decisions running meanwhile must neither fail nor quietly come out different (a data
+    // document that does not convert, a policy that falls back to the interpreter).
+    let _one_at_a_time = runaway();
+    let data = coral_data(&crate::index::ClusterIndex::new(), &Settings::default());
+    let request = PolicyRequest::create(fixture("deployment-web.json"), "shop").expect("request");
+    let bombs: Vec<(&str, Evaluator)> = BOMBS
+        .iter()
+        .map(|(what, rules)| {
+            let policies = compile(&[("bomb.rego", &format!("package coral.mutate\n{rules}\n"))])
+                .expect("compiles");
+            let evaluator = Evaluator::new(&policies, data.clone(), EvaluatorOptions::default())
+                .expect("evaluator");
+            (*what, evaluator)
+        })
+        .collect();
+    let expected = decide(
+        &evaluator_with(Settings::default()),
+        fixture("deployment-web.json"),
+    );
+    std::thread::scope(|scope| {
+        let stopping = scope.spawn(|| {
+            for (what, bomb) in &bombs {
+                bomb.decide(&request, &BTreeMap::new(), &placement())
+                    .expect_err(what);
+            }
+        });
+        let mut rounds = 0;
+        while !stopping.is_finished() {
+            let evaluator = evaluator_with(Settings::default());
+            assert_eq!(
+                decide(&evaluator, fixture("deployment-web.json")).patch,
+                expected.patch,
+                "round {rounds}"
+            );
+            rounds += 1;
+        }
+        stopping.join().expect("bomb thread");
+        eprintln!("{rounds} rounds beside the stopped evaluations");
+        assert!(rounds > 0);
+    });
 }
 
 #[test]

@@ -428,6 +428,7 @@ fn cluster_policy_tracker_compiles_each_configmap_version_once() {
 
 #[test]
 fn cluster_policy_tracker_rejects_a_configmap_that_breaks_the_evaluation_bounds() {
+    let _one_at_a_time = crate::policy::tests::runaway();
     let mut tracker =
         PolicyTracker::new(Some("coral-system/coral-policies".parse().expect("name")))
             .expect("tracker");
@@ -451,8 +452,10 @@ fn cluster_policy_tracker_rejects_a_configmap_that_breaks_the_evaluation_bounds(
         panic!("expected a rejection, got {change:?}");
     };
     assert!(
+        // Memory, or time when other evaluations grew the process beside it and it ran
+        // again until its time was up.
         error.contains("break the evaluation bounds on a probe evaluation")
-            && error.contains("memory budget of 64 MiB"),
+            && (error.contains("memory budget of 64 MiB") || error.contains("longer than 250ms")),
         "{error}"
     );
     // The last good policies keep serving.
