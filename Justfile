@@ -23,7 +23,11 @@ opa-test:
 
 # Build (or find cached) the control plane of the control-plane tests, and run them.
 control-plane-test:
-    CORAL_CONTROL_PLANE_BIN="$(bash scripts/control-plane.sh)" cargo test --test control_plane -- --ignored --test-threads=1
+    CORAL_CONTROL_PLANE_BIN="$(bash scripts/control-plane.sh)" CORAL_HELM_BIN="$(bash scripts/helm.sh)" cargo test --test control_plane -- --ignored --test-threads=1
+
+# Build (or find cached) Helm, and check the chart against deploy/.
+helm-test:
+    CORAL_HELM_BIN="$(bash scripts/helm.sh)" cargo test --test helm -- --ignored
 
 # Regenerate committed files: the CRDs in crds/, and their copies and the policies' in deploy/.
 generate:

@@ -26,13 +26,25 @@ echo "== coral policy test policies/ policy-tests/"
 cargo run --quiet --locked -- policy test policies/ policy-tests/ --coverage --threshold 100
 echo "== the same policy tests under the real OPA engine"
 bash scripts/opa-policy-test.sh policies/ policy-tests/
+echo "== the Helm chart renders what deploy/ renders, and passes helm lint --strict"
+status=0
+helm=$(bash scripts/helm.sh) || status=$?
+if [ "$status" -eq 0 ]; then
+  CORAL_HELM_BIN="$helm" cargo test --locked --test helm -- --ignored
+elif [ "$status" -eq 3 ]; then
+  echo "Helm chart tests: NOT RUN (Go is missing; see above)"
+else
+  echo "error: helm did not build" >&2
+  exit "$status"
+fi
 echo "== control plane: kube-apiserver, etcd, kube-scheduler, kube-controller-manager"
 status=0
 bin=$(bash scripts/control-plane.sh) || status=$?
 if [ "$status" -eq 0 ]; then
   started=$(date +%s)
   # One control plane at a time: two would share the two cores.
-  CORAL_CONTROL_PLANE_BIN="$bin" cargo test --locked --test control_plane -- --ignored --test-threads=1 --nocapture
+  CORAL_CONTROL_PLANE_BIN="$bin" CORAL_HELM_BIN="$helm" \
+    cargo test --locked --test control_plane -- --ignored --test-threads=1 --nocapture
   echo "control-plane tests ran in $(( $(date +%s) - started )) s"
 elif [ "$status" -eq 3 ]; then
   echo "control-plane tests: NOT RUN (Go is missing; see above)"

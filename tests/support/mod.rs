@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub mod api_server;
 pub mod control_plane;
+pub mod helm;
 pub mod process;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
