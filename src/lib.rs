@@ -24,6 +24,7 @@ mod fake_api;
 pub mod image;
 pub mod index;
 pub mod metrics;
+pub mod mirror;
 pub mod policy;
 pub mod probe;
 pub mod report;

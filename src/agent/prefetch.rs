@@ -181,7 +181,7 @@ pub async fn prefetch(
 
 /// The summary table.
 pub fn summary(tracker: &Tracker) -> String {
-    let mut rows = vec![[
+    let mut rows = vec![vec![
         "IMAGE".to_string(),
         "STATE".to_string(),
         "DIGEST".to_string(),
@@ -191,33 +191,18 @@ pub fn summary(tracker: &Tracker) -> String {
     ]];
     for record in tracker.records() {
         let held = record.held.as_ref();
-        rows.push([
+        rows.push(vec![
             record.reference.to_string(),
             state_name(record.state).to_string(),
             held.and_then(|h| h.digest.clone())
                 .map(|d| d.chars().take(19).collect())
                 .unwrap_or_else(|| "-".to_string()),
-            held.map_or_else(|| "-".to_string(), |h| human_size(h.size)),
+            held.map_or_else(|| "-".to_string(), |h| crate::report::human_size(h.size)),
             record.attempts.to_string(),
             record.last_error.clone().unwrap_or_default(),
         ]);
     }
-    let widths: Vec<usize> = (0..5)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut text = String::new();
-    for row in rows {
-        for (c, cell) in row.iter().enumerate() {
-            if c < 5 {
-                text.push_str(&format!("{cell:<width$}  ", width = widths[c]));
-            } else {
-                text.push_str(cell);
-            }
-        }
-        text = text.trim_end().to_string();
-        text.push('\n');
-    }
-    text
+    crate::report::table(&rows)
 }
 
 /// The name of a state as it appears in NodeImage status.
@@ -227,20 +212,5 @@ pub fn state_name(state: ImageState) -> &'static str {
         ImageState::Available => "available",
         ImageState::Failed => "failed",
         ImageState::Paused => "paused",
-    }
-}
-
-fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
     }
 }

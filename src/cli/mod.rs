@@ -13,6 +13,7 @@ mod crd;
 mod demo;
 mod image;
 mod inspect;
+mod mirror;
 mod policy;
 mod webhook;
 
@@ -60,6 +61,9 @@ enum Command {
     /// Pull what ImageSets want on a node, once, through the container runtime (no cluster):
     /// for baking node images and for CI.
     Prefetch(Box<agent::PrefetchArgs>),
+    /// Copy the images ImageSets name into a registry, once (no cluster): for air-gapped
+    /// preparation and CI. Exits 1 unless every image is mirrored.
+    Mirror(Box<mirror::MirrorArgs>),
     /// List workloads whose pod template requires image labels that too few schedulable nodes
     /// satisfy (against a state file and manifests, or the cluster of the kubeconfig); exits 1
     /// when it finds any.
@@ -125,6 +129,7 @@ impl Cli {
             Command::Audit(args) => audit::run(*args),
             Command::Webhook(args) => webhook::webhook(*args),
             Command::Prefetch(args) => agent::run_prefetch(*args),
+            Command::Mirror(args) => mirror::run(*args),
             Command::Agent(args) => agent::run_agent(*args),
             Command::Controller(args) => controller::run_controller(*args),
             Command::Version => {

@@ -197,6 +197,11 @@ impl Registry {
     /// Builds a tiny image holding `content` and pushes it as `NAME:TAG`; returns the
     /// reference.
     pub fn push(&self, name: &str, tag: &str, content: &str) -> String {
+        self.push_bytes(name, tag, content.as_bytes())
+    }
+
+    /// [`Registry::push`] with any bytes as the file's content.
+    pub fn push_bytes(&self, name: &str, tag: &str, content: &[u8]) -> String {
         require("umoci", "umoci");
         require("skopeo", "skopeo");
         let work = tempfile::tempdir().unwrap();
@@ -291,4 +296,116 @@ pub fn docker_config(host: &str, user: &str, password: &str) -> String {
     use base64::Engine as _;
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
     serde_json::json!({"auths": {host: {"auth": auth}}}).to_string()
+}
+
+impl Registry {
+    /// Builds one tiny image per `(os, architecture, content)` in one OCI layout, an image
+    /// index over them, and pushes the whole index as `NAME:TAG` (`skopeo copy --all`);
+    /// returns the reference.
+    pub fn push_index(&self, name: &str, tag: &str, platforms: &[(&str, &str, &str)]) -> String {
+        require("umoci", "umoci");
+        require("skopeo", "skopeo");
+        let work = tempfile::tempdir().unwrap();
+        let layout = work.path().join("oci");
+        let layout_text = layout.display().to_string();
+        run("umoci", &["init", "--layout", &layout_text], None);
+        for (i, (_, _, content)) in platforms.iter().enumerate() {
+            let image = format!("{layout_text}:p{i}");
+            run("umoci", &["new", "--image", &image], None);
+            let bundle = work.path().join(format!("bundle{i}"));
+            let bundle_text = bundle.display().to_string();
+            run(
+                "umoci",
+                &["unpack", "--rootless", "--image", &image, &bundle_text],
+                None,
+            );
+            std::fs::create_dir_all(bundle.join("rootfs/data")).unwrap();
+            std::fs::write(bundle.join("rootfs/data/content"), content).unwrap();
+            run("umoci", &["repack", "--image", &image, &bundle_text], None);
+        }
+        let index_path = layout.join("index.json");
+        let mut layout_index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+        let entries = layout_index["manifests"].as_array().unwrap().clone();
+        let manifests: Vec<serde_json::Value> = platforms
+            .iter()
+            .enumerate()
+            .map(|(i, (os, architecture, _))| {
+                let entry = entries
+                    .iter()
+                    .find(|e| {
+                        e["annotations"]["org.opencontainers.image.ref.name"] == format!("p{i}")
+                    })
+                    .unwrap();
+                serde_json::json!({
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": entry["digest"],
+                    "size": entry["size"],
+                    "platform": {"os": os, "architecture": architecture},
+                })
+            })
+            .collect();
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": manifests,
+        }))
+        .unwrap();
+        let digest = {
+            use sha2::Digest as _;
+            let hash = sha2::Sha256::digest(&index);
+            hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        };
+        std::fs::write(layout.join("blobs/sha256").join(&digest), &index).unwrap();
+        layout_index["manifests"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "digest": format!("sha256:{digest}"),
+                "size": index.len(),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }));
+        std::fs::write(&index_path, serde_json::to_vec(&layout_index).unwrap()).unwrap();
+        let reference = format!("{}/{name}:{tag}", self.host());
+        let mut args = vec![
+            "copy".to_string(),
+            "--quiet".to_string(),
+            "--all".to_string(),
+            "--dest-tls-verify=false".to_string(),
+        ];
+        if let Some((user, password)) = &self.credentials {
+            args.push(format!("--dest-creds={user}:{password}"));
+        }
+        args.push(format!("oci:{layout_text}:{tag}"));
+        args.push(format!("docker://{reference}"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run("skopeo", &args, Some(work.path()));
+        reference
+    }
+
+    /// The digest of the manifest `reference` names here, as the registry serves it.
+    pub fn manifest_digest(&self, reference: &str) -> String {
+        let mut args = vec![
+            "inspect".to_string(),
+            "--raw".to_string(),
+            "--tls-verify=false".to_string(),
+        ];
+        if let Some((user, password)) = &self.credentials {
+            args.push(format!("--creds={user}:{password}"));
+        }
+        args.push(format!("docker://{reference}"));
+        let output = Command::new("skopeo").args(&args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "skopeo inspect {reference}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        use sha2::Digest as _;
+        let hash = sha2::Sha256::digest(&output.stdout);
+        format!(
+            "sha256:{}",
+            hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )
+    }
 }

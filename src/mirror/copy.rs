@@ -1,0 +1,434 @@
+//! Copying one image from its source registry to the mirror, over the OCI distribution API
+//! (`oci-client`): the tag resolved to a digest, the manifest or the whole image index (every
+//! platform, or those asked for), blobs the mirror holds skipped, the others streamed from the
+//! source into the mirror (memory does not grow with a layer's size), every manifest pushed as
+//! the bytes the source served so that its digest stays, the tag last.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference, RegistryOperation};
+use thiserror::Error;
+
+use super::plan::{
+    Content, Descriptor, MANIFEST_TYPES, Manifest, MirrorTarget, PlanError, Platform, is_loopback,
+    mirror_reference, sha256_digest,
+};
+use crate::agent::auth::Keyring;
+use crate::image::ImageReference;
+
+/// What one upload request of a blob carries: oci-client sends each piece of a stream as one
+/// request, and the network hands over a few KiB at a time. Memory holds one such piece per
+/// blob being copied, whatever the blob's size.
+const PUSH_CHUNK: usize = 4 << 20;
+
+/// Blobs of one image copied at once.
+pub const DEFAULT_BLOB_CONCURRENCY: usize = 4;
+
+/// Why an image was not mirrored.
+#[derive(Debug, Error)]
+pub enum MirrorError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("{what} {reference}: {message}")]
+    Registry {
+        what: &'static str,
+        reference: String,
+        message: String,
+    },
+    #[error("{reference}: the source served a manifest whose digest is {got}, not {expected}")]
+    Digest {
+        reference: String,
+        expected: String,
+        got: String,
+    },
+}
+
+impl MirrorError {
+    /// A bounded label for metrics and summaries.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Plan(_) => "plan",
+            Self::Registry { what, .. } => match *what {
+                "reading the manifest of" | "reading a blob of" => "source",
+                _ => "mirror",
+            },
+            Self::Digest { .. } => "digest",
+        }
+    }
+}
+
+/// What mirroring one image did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Copied {
+    pub source: ImageReference,
+    pub mirror: ImageReference,
+    /// The digest the source reference resolved to.
+    pub source_digest: String,
+    /// The digest of what the mirror serves under the mirror reference: the same, unless some
+    /// platforms of an index were left out (then a new index holds the others).
+    pub mirror_digest: String,
+    /// The mirror held the image already: nothing was transferred.
+    pub already: bool,
+    pub blobs_copied: usize,
+    pub blobs_skipped: usize,
+    pub bytes_copied: u64,
+    pub manifests_pushed: usize,
+    pub took: Duration,
+}
+
+/// Copies images between registries, with credentials from a keyring for both sides.
+pub struct Copier {
+    client: Client,
+    keyring: Keyring,
+    blob_concurrency: usize,
+}
+
+fn oci_reference(reference: &ImageReference) -> Reference {
+    match (reference.tag(), reference.digest()) {
+        (_, Some(digest)) => Reference::with_digest(
+            reference.registry().to_string(),
+            reference.repository().to_string(),
+            digest.to_string(),
+        ),
+        (Some(tag), None) => Reference::with_tag(
+            reference.registry().to_string(),
+            reference.repository().to_string(),
+            tag.to_string(),
+        ),
+        (None, None) => Reference::with_tag(
+            reference.registry().to_string(),
+            reference.repository().to_string(),
+            crate::image::DEFAULT_TAG.to_string(),
+        ),
+    }
+}
+
+fn with_digest(reference: &Reference, digest: &str) -> Reference {
+    Reference::with_digest(
+        reference.registry().to_string(),
+        reference.repository().to_string(),
+        digest.to_string(),
+    )
+}
+
+fn message(error: OciDistributionError) -> String {
+    error.to_string()
+}
+
+impl Copier {
+    /// A copier that speaks plain HTTP to `plain_http` registries (loopback ones, as
+    /// containerd does) and HTTPS with the system's roots to the others.
+    pub fn new(keyring: Keyring, plain_http: Vec<String>, blob_concurrency: usize) -> Self {
+        // reqwest runs on rustls without a provider of its own: the ring one Coral uses (an
+        // error only says one is installed already).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(plain_http),
+            read_timeout: Some(Duration::from_secs(60)),
+            connect_timeout: Some(Duration::from_secs(10)),
+            ..ClientConfig::default()
+        };
+        Self {
+            client: Client::new(config),
+            keyring,
+            blob_concurrency: blob_concurrency.max(1),
+        }
+    }
+
+    /// A copier for images of `sources` into `target`: plain HTTP to the loopback ones.
+    pub fn for_target<'a>(
+        keyring: Keyring,
+        target: &MirrorTarget,
+        sources: impl IntoIterator<Item = &'a ImageReference>,
+        blob_concurrency: usize,
+    ) -> Self {
+        let mut plain: Vec<String> = sources
+            .into_iter()
+            .map(|s| s.registry().to_string())
+            .filter(|r| is_loopback(r))
+            .collect();
+        if target.is_loopback() {
+            plain.push(target.endpoint().to_string());
+        }
+        plain.sort();
+        plain.dedup();
+        Self::new(keyring, plain, blob_concurrency)
+    }
+
+    fn auth(&self, image: &ImageReference) -> RegistryAuth {
+        match self.keyring.lookup(image).first() {
+            Some(credential) if !credential.registry_token.is_empty() => {
+                RegistryAuth::Bearer(credential.registry_token.clone())
+            }
+            Some(credential) if !credential.username.is_empty() => {
+                RegistryAuth::Basic(credential.username.clone(), credential.password.clone())
+            }
+            _ => RegistryAuth::Anonymous,
+        }
+    }
+
+    /// Mirrors `source` into `target`, with the `platforms` of an index (all when empty).
+    pub async fn copy(
+        &self,
+        source: &ImageReference,
+        target: &MirrorTarget,
+        platforms: &[Platform],
+    ) -> Result<Copied, MirrorError> {
+        let started = Instant::now();
+        let mirror = mirror_reference(source, target)?;
+        let from = oci_reference(source);
+        let to = oci_reference(&mirror);
+        let source_auth = self.auth(source);
+        let mirror_auth = self.auth(&mirror);
+        let registry = |what: &'static str, reference: &ImageReference| {
+            let reference = reference.to_string();
+            move |error: OciDistributionError| MirrorError::Registry {
+                what,
+                reference,
+                message: message(error),
+            }
+        };
+        self.client
+            .auth(&from, &source_auth, RegistryOperation::Pull)
+            .await
+            .map_err(registry("reading the manifest of", source))?;
+        self.client
+            .auth(&to, &mirror_auth, RegistryOperation::Push)
+            .await
+            .map_err(registry("writing to the mirror", &mirror))?;
+
+        let top = self.manifest(&from, &source_auth, source).await?;
+        if let Some(expected) = source.digest() {
+            if top.digest != expected {
+                return Err(MirrorError::Digest {
+                    reference: source.to_string(),
+                    expected: expected.to_string(),
+                    got: top.digest.clone(),
+                });
+            }
+        }
+        let reference = source.to_string();
+        let selected = top.select(&reference, platforms)?;
+        let (top_bytes, top_digest) = match selected.as_ref().and_then(|s| s.index.as_ref()) {
+            Some(filtered) => (filtered.clone(), sha256_digest(filtered)),
+            None => (top.bytes.clone(), top.digest.clone()),
+        };
+
+        let mut copied = Copied {
+            source: source.clone(),
+            mirror: mirror.clone(),
+            source_digest: top.digest.clone(),
+            mirror_digest: top_digest.clone(),
+            already: false,
+            blobs_copied: 0,
+            blobs_skipped: 0,
+            bytes_copied: 0,
+            manifests_pushed: 0,
+            took: Duration::ZERO,
+        };
+        // The mirror serves this very manifest under the reference already: nothing to do.
+        if self
+            .client
+            .fetch_manifest_digest(&to, &mirror_auth)
+            .await
+            .is_ok_and(|digest| digest == top_digest)
+        {
+            copied.already = true;
+            copied.took = started.elapsed();
+            return Ok(copied);
+        }
+
+        let images = match selected {
+            Some(selection) => {
+                let mut images = Vec::new();
+                for child in selection.children {
+                    let child_ref = with_digest(&from, &child.digest);
+                    let manifest = self.manifest(&child_ref, &source_auth, source).await?;
+                    if manifest.digest != child.digest {
+                        return Err(MirrorError::Digest {
+                            reference: format!("{}@{}", source.name(), child.digest),
+                            expected: child.digest.clone(),
+                            got: manifest.digest,
+                        });
+                    }
+                    images.push(manifest);
+                }
+                images
+            }
+            None => Vec::new(),
+        };
+        let single = matches!(top.content, Content::Image { .. });
+        for image in images.iter().chain(single.then_some(&top)) {
+            self.copy_blobs(image, &from, &to, source, &mirror, &mut copied)
+                .await?;
+        }
+        // Children by digest, then the top manifest under the reference (tag last).
+        for image in &images {
+            self.push_manifest(
+                &with_digest(&to, &image.digest),
+                &image.bytes,
+                &image.media_type,
+                &mirror,
+            )
+            .await?;
+            copied.manifests_pushed += 1;
+        }
+        self.push_manifest(&to, &top_bytes, &top.media_type, &mirror)
+            .await?;
+        copied.manifests_pushed += 1;
+        copied.took = started.elapsed();
+        Ok(copied)
+    }
+
+    async fn manifest(
+        &self,
+        reference: &Reference,
+        auth: &RegistryAuth,
+        source: &ImageReference,
+    ) -> Result<Manifest, MirrorError> {
+        let (bytes, _) = self
+            .client
+            .pull_manifest_raw(reference, auth, &MANIFEST_TYPES)
+            .await
+            .map_err(|error| MirrorError::Registry {
+                what: "reading the manifest of",
+                reference: source.to_string(),
+                message: message(error),
+            })?;
+        Ok(Manifest::parse(&source.to_string(), None, bytes.to_vec())?)
+    }
+
+    async fn push_manifest(
+        &self,
+        reference: &Reference,
+        bytes: &[u8],
+        media_type: &str,
+        mirror: &ImageReference,
+    ) -> Result<(), MirrorError> {
+        let content_type = media_type.parse().map_err(|_| MirrorError::Registry {
+            what: "writing to the mirror",
+            reference: mirror.to_string(),
+            message: format!("media type {media_type:?} is not a header value"),
+        })?;
+        self.client
+            .push_manifest_raw(reference, bytes.to_vec(), content_type)
+            .await
+            .map_err(|error| MirrorError::Registry {
+                what: "writing a manifest of",
+                reference: mirror.to_string(),
+                message: message(error),
+            })?;
+        Ok(())
+    }
+
+    /// Copies the blobs of one image manifest that the mirror lacks, some at once.
+    async fn copy_blobs(
+        &self,
+        image: &Manifest,
+        from: &Reference,
+        to: &Reference,
+        source: &ImageReference,
+        mirror: &ImageReference,
+        copied: &mut Copied,
+    ) -> Result<(), MirrorError> {
+        let bytes = Arc::new(AtomicU64::new(0));
+        let results: Vec<Result<bool, MirrorError>> = futures::stream::iter(image.blobs())
+            .map(|blob| {
+                let bytes = bytes.clone();
+                async move { self.copy_blob(blob, from, to, source, mirror, bytes).await }
+            })
+            .buffer_unordered(self.blob_concurrency)
+            .collect()
+            .await;
+        for result in results {
+            if result? {
+                copied.blobs_copied += 1;
+            } else {
+                copied.blobs_skipped += 1;
+            }
+        }
+        copied.bytes_copied += bytes.load(Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Copies one blob unless the mirror has it: whether it was copied.
+    async fn copy_blob(
+        &self,
+        blob: &Descriptor,
+        from: &Reference,
+        to: &Reference,
+        source: &ImageReference,
+        mirror: &ImageReference,
+        bytes: Arc<AtomicU64>,
+    ) -> Result<bool, MirrorError> {
+        let mirror_error = |error: OciDistributionError| MirrorError::Registry {
+            what: "writing a blob of",
+            reference: format!("{mirror} ({})", blob.digest),
+            message: message(error),
+        };
+        if self
+            .client
+            .blob_exists(to, &blob.digest)
+            .await
+            .map_err(mirror_error)?
+        {
+            return Ok(false);
+        }
+        let stream = self
+            .client
+            .pull_blob_stream(from, blob.digest.as_str())
+            .await
+            .map_err(|error| MirrorError::Registry {
+                what: "reading a blob of",
+                reference: format!("{source} ({})", blob.digest),
+                message: message(error),
+            })?;
+        let counted = stream.stream.inspect_ok(move |chunk| {
+            bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        });
+        self.client
+            .push_blob_stream(to, in_chunks(counted, PUSH_CHUNK), &blob.digest)
+            .await
+            .map_err(mirror_error)?;
+        Ok(true)
+    }
+}
+
+/// `stream` in pieces of `size` bytes (the last one smaller).
+fn in_chunks<S>(
+    stream: S,
+    size: usize,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, OciDistributionError>>
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Unpin,
+{
+    futures::stream::unfold(
+        (stream, Some(bytes::BytesMut::new())),
+        move |(mut stream, buffer)| async move {
+            let mut buffer = buffer?;
+            loop {
+                match stream.next().await {
+                    Some(Ok(piece)) => {
+                        buffer.extend_from_slice(&piece);
+                        if buffer.len() >= size {
+                            let chunk = buffer.split().freeze();
+                            return Some((Ok(chunk), (stream, Some(buffer))));
+                        }
+                    }
+                    Some(Err(error)) => {
+                        let error = OciDistributionError::GenericError(Some(error.to_string()));
+                        return Some((Err(error), (stream, None)));
+                    }
+                    None if buffer.is_empty() => return None,
+                    None => return Some((Ok(buffer.split().freeze()), (stream, None))),
+                }
+            }
+        },
+    )
+}

@@ -1,0 +1,183 @@
+use super::plan::*;
+use crate::image::ImageReference;
+
+fn target(text: &str) -> MirrorTarget {
+    text.parse().expect("target")
+}
+
+fn mirrored(source: &str, to: &str) -> String {
+    mirror_reference(&ImageReference::parse(source).expect("source"), &target(to))
+        .expect("mapped")
+        .to_string()
+}
+
+#[test]
+fn the_mapping_rule_keeps_the_source_registry_and_path() {
+    assert_eq!(
+        mirrored("nginx:1.27", "mirror:5000"),
+        "mirror:5000/docker.io/library/nginx:1.27"
+    );
+    assert_eq!(
+        mirrored("ghcr.io/acme/app:1.0", "registry.example.com/coral"),
+        "registry.example.com/coral/ghcr.io/acme/app:1.0"
+    );
+    let digest = format!("sha256:{}", "a".repeat(64));
+    assert_eq!(
+        mirrored(&format!("nginx:1.27@{digest}"), "127.0.0.1:5001"),
+        format!("127.0.0.1:5001/docker.io/library/nginx:1.27@{digest}"),
+        "a digest stays, so digest references keep working"
+    );
+    assert_eq!(
+        mirrored(&format!("quay.io/a/b@{digest}"), "localhost:5000/"),
+        format!("localhost:5000/quay.io/a/b@{digest}")
+    );
+}
+
+#[test]
+fn no_two_sources_meet_in_the_mirror() {
+    // A port becomes _PORT, which no host name can contain.
+    let sources = [
+        "registry:5000/app:1",
+        "registry-5000/app:1",
+        "registry.5000.example/app:1",
+        "Registry.Example.com/app:1",
+        "registry.example.com/app:1",
+        "localhost:5000/app:1",
+        "localhost/app:1",
+    ];
+    let mapped: Vec<String> = sources.iter().map(|s| mirrored(s, "mirror:5000")).collect();
+    assert_eq!(mapped[0], "mirror:5000/registry_5000/app:1");
+    assert_eq!(mapped[3], mapped[4], "host names are case-insensitive");
+    let mut distinct = mapped.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), mapped.len() - 1, "{mapped:?}");
+}
+
+#[test]
+fn a_name_too_long_for_the_mirror_is_refused_with_both_names() {
+    let long = format!("ghcr.io/{}/app:1", "a".repeat(240));
+    let error = mirror_reference(
+        &ImageReference::parse(&long).expect("source"),
+        &target("registry.example.com/some/prefix"),
+    )
+    .expect_err("too long");
+    let message = error.to_string();
+    assert!(
+        message.starts_with(&format!("{long} cannot be mirrored: ")),
+        "{message}"
+    );
+    assert!(message.contains("at most 255"), "{message}");
+}
+
+#[test]
+fn a_target_must_start_with_a_registry_host() {
+    for (text, says) in [
+        ("mirror", "must be a registry host"),
+        ("mirror/coral", "must be a registry host"),
+        ("mirror:99999", "port must be between 1 and 65535"),
+        ("mirror:5000/Coral", "must be lower case"),
+    ] {
+        let error = text.parse::<MirrorTarget>().expect_err(text).to_string();
+        assert!(error.contains(says), "{text}: {error}");
+    }
+    assert_eq!(
+        target("mirror.local/coral/").to_string(),
+        "mirror.local/coral"
+    );
+    assert!(target("127.0.0.1:5000").is_loopback());
+    assert!(target("localhost:5000").is_loopback());
+    assert!(target("[::1]:5000").is_loopback());
+    assert!(!target("registry.example.com").is_loopback());
+}
+
+#[test]
+fn platforms_read_as_os_architecture_and_variant() {
+    let platform: Platform = "linux/arm64/v8".parse().expect("platform");
+    assert_eq!(platform.variant.as_deref(), Some("v8"));
+    assert_eq!(platform.to_string(), "linux/arm64/v8");
+    for bad in ["linux", "linux/", "linux/amd64/v1/x", "linux amd64"] {
+        assert!(bad.parse::<Platform>().is_err(), "{bad}");
+    }
+}
+
+fn index() -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": format!("sha256:{}", "1".repeat(64)), "size": 10,
+             "platform": {"os": "linux", "architecture": "amd64"}},
+            {"mediaType": OCI_MANIFEST, "digest": format!("sha256:{}", "2".repeat(64)), "size": 11,
+             "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+        ],
+        "annotations": {"org.opencontainers.image.ref.name": "1.0"}
+    }))
+    .expect("json")
+}
+
+#[test]
+fn an_index_is_copied_whole_or_with_the_platforms_asked_for() {
+    let manifest = Manifest::parse("app:1.0", None, index()).expect("index");
+    assert_eq!(manifest.digest, sha256_digest(&index()));
+    let all = manifest
+        .select("app:1.0", &[])
+        .expect("select")
+        .expect("index");
+    assert_eq!(all.children.len(), 2);
+    assert!(all.index.is_none(), "the whole index is pushed as it is");
+
+    let arm: Platform = "linux/arm64".parse().expect("platform");
+    let kept = manifest
+        .select("app:1.0", &[arm])
+        .expect("select")
+        .expect("index");
+    assert_eq!(kept.children.len(), 1);
+    assert_eq!(
+        kept.children[0].digest,
+        format!("sha256:{}", "2".repeat(64))
+    );
+    let filtered: serde_json::Value =
+        serde_json::from_slice(&kept.index.expect("a new index")).expect("json");
+    assert_eq!(filtered["manifests"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        filtered["annotations"]["org.opencontainers.image.ref.name"],
+        "1.0"
+    );
+
+    let error = manifest
+        .select("app:1.0", &["linux/s390x".parse().expect("platform")])
+        .expect_err("missing");
+    assert_eq!(
+        error.to_string(),
+        "app:1.0: the image index has no manifest for linux/s390x"
+    );
+}
+
+#[test]
+fn manifests_coral_cannot_copy_say_why() {
+    let error = Manifest::parse("app:1", None, b"not json".to_vec()).expect_err("json");
+    assert!(
+        error
+            .to_string()
+            .starts_with("app:1: not a manifest Coral can copy ("),
+        "{error}"
+    );
+    let schema1 = br#"{"schemaVersion": 1, "name": "app", "fsLayers": []}"#.to_vec();
+    let error = Manifest::parse("app:1", None, schema1).expect_err("schema 1");
+    assert!(
+        error
+            .to_string()
+            .contains("neither an image index nor an image manifest"),
+        "{error}"
+    );
+    let image = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": format!("sha256:{}", "c".repeat(64)), "size": 5},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": format!("sha256:{}", "d".repeat(64)), "size": 7}]
+    }))
+    .expect("json");
+    let manifest = Manifest::parse("app:1", None, image).expect("image");
+    assert_eq!(manifest.blobs().len(), 2, "its config and its layer");
+}

@@ -1,0 +1,329 @@
+//! `coral mirror` against real registries (the `docker-registry` OCI registry, the source with
+//! htpasswd auth, the mirror with and without), with images built by umoci and a multi-platform
+//! image index pushed by `skopeo copy --all`; then a real containerd pulls the mirror
+//! reference through `coral prefetch` with the source stopped.
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test helpers panic on setup failures
+
+#[path = "support/runtime.rs"]
+#[allow(dead_code)]
+mod runtime;
+
+use std::path::Path;
+use std::process::Command;
+
+use runtime::{Containerd, Registry, docker_config};
+
+const USER: &str = "coral";
+const PASSWORD: &str = "s3cret";
+
+fn image_set(images: &[String]) -> String {
+    format!(
+        "apiVersion: coral.dev/v1alpha1\nkind: ImageSet\nmetadata: {{name: mirrored, namespace: default}}\nspec:\n  images: {images:?}\n"
+    )
+}
+
+/// Runs `coral mirror` on an ImageSet of `images`: whether it succeeded, and what it printed.
+fn mirror(dir: &Path, images: &[String], to: &str, extra: &[&str]) -> (bool, String) {
+    let file = dir.join("set.yaml");
+    std::fs::write(&file, image_set(images)).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_coral"))
+        .args(["mirror", "-f"])
+        .arg(&file)
+        .args(["--to", to])
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// A Docker config with a credential for each `(host, user, password)`.
+fn credentials(dir: &Path, entries: &[(&str, &str, &str)]) -> String {
+    let mut auths = serde_json::Map::new();
+    for (host, user, password) in entries {
+        let config: serde_json::Value =
+            serde_json::from_str(&docker_config(host, user, password)).unwrap();
+        auths.insert(host.to_string(), config["auths"][*host].clone());
+    }
+    let path = dir.join("config.json");
+    std::fs::write(&path, serde_json::json!({"auths": auths}).to_string()).unwrap();
+    path.display().to_string()
+}
+
+/// The mirror reference of a source reference on a loopback registry, by the mapping rule.
+fn mirrored(mirror: &Registry, source: &str) -> String {
+    let (host, rest) = source.split_once('/').unwrap();
+    format!("{}/{}/{rest}", mirror.host(), host.replace(':', "_"))
+}
+
+#[test]
+fn every_platform_is_copied_with_its_digests_and_a_second_run_transfers_nothing() {
+    let source = Registry::start(Some((USER, PASSWORD)));
+    let target = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let app = source.push("team/app", "1.0", "app one");
+    let multi = source.push_index(
+        "team/multi",
+        "2.0",
+        &[
+            ("linux", "amd64", "multi amd64"),
+            ("linux", "arm64", "multi arm64"),
+        ],
+    );
+    let app_digest = source.manifest_digest(&app);
+    let pinned = format!("{}/team/app@{app_digest}", source.host());
+    let config = credentials(dir.path(), &[(&source.host(), USER, PASSWORD)]);
+    let images = vec![app.clone(), multi.clone(), pinned.clone()];
+
+    let (ok, text) = mirror(
+        dir.path(),
+        &images,
+        &target.host(),
+        &["--docker-config", &config],
+    );
+    assert!(ok, "{text}");
+    eprintln!("{text}");
+    assert!(text.contains("3 of 3 image(s) mirrored"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "mirrored   {multi} as {}",
+            mirrored(&target, &multi)
+        )),
+        "{text}"
+    );
+    // Every digest is the source's: the index, each platform's manifest, the pinned one.
+    assert_eq!(
+        target.manifest_digest(&mirrored(&target, &multi)),
+        source.manifest_digest(&multi),
+        "the index keeps its digest"
+    );
+    assert_eq!(target.manifest_digest(&mirrored(&target, &app)), app_digest);
+    assert_eq!(
+        target.manifest_digest(&mirrored(&target, &pinned)),
+        app_digest,
+        "a digest reference works in the mirror"
+    );
+    for platform in ["linux/amd64", "linux/arm64"] {
+        let (os, arch) = platform.split_once('/').unwrap();
+        let inspect = |registry: &Registry, reference: &str, creds: Option<&str>| {
+            let mut command = Command::new("skopeo");
+            command.args([
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                "--override-os",
+                os,
+                "--override-arch",
+                arch,
+            ]);
+            if let Some(creds) = creds {
+                command.arg(format!("--creds={creds}"));
+            }
+            let output = command
+                .arg(format!("docker://{reference}"))
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let _ = registry;
+            output.stdout
+        };
+        let index: serde_json::Value =
+            serde_json::from_slice(&inspect(&target, &mirrored(&target, &multi), None)).unwrap();
+        let child = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["platform"]["architecture"] == arch)
+            .unwrap()["digest"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let by_digest = format!(
+            "{}@{child}",
+            mirrored(&target, &multi).rsplit_once(':').unwrap().0
+        );
+        assert_eq!(target.manifest_digest(&by_digest), child, "{platform}");
+    }
+
+    let (ok, text) = mirror(
+        dir.path(),
+        &images,
+        &target.host(),
+        &["--docker-config", &config],
+    );
+    assert!(ok, "{text}");
+    assert_eq!(
+        text.matches("present    ").count(),
+        3,
+        "nothing transferred: {text}"
+    );
+    assert!(!text.contains("mirrored   "), "{text}");
+}
+
+#[test]
+fn a_moved_tag_is_copied_again_and_platforms_can_be_chosen() {
+    let source = Registry::start(None);
+    let target = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let app = source.push("app", "1.0", "first");
+    let (ok, text) = mirror(dir.path(), std::slice::from_ref(&app), &target.host(), &[]);
+    assert!(ok, "{text}");
+    let first = target.manifest_digest(&mirrored(&target, &app));
+
+    source.push("app", "1.0", "second");
+    let (ok, text) = mirror(dir.path(), std::slice::from_ref(&app), &target.host(), &[]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("mirrored   "),
+        "the moved tag is copied again: {text}"
+    );
+    let second = target.manifest_digest(&mirrored(&target, &app));
+    assert_ne!(first, second);
+    assert_eq!(second, source.manifest_digest(&app));
+
+    let multi = source.push_index(
+        "multi",
+        "1",
+        &[("linux", "amd64", "a"), ("linux", "arm64", "b")],
+    );
+    let prefix = format!("{}/only-arm", target.host());
+    let (ok, text) = mirror(
+        dir.path(),
+        std::slice::from_ref(&multi),
+        &prefix,
+        &["--platform", "linux/arm64"],
+    );
+    assert!(ok, "{text}");
+    let mirror_reference = format!(
+        "{prefix}/{}",
+        multi.replace(&source.host(), &source.host().replace(':', "_"))
+    );
+    let index: serde_json::Value = serde_json::from_slice(
+        &Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{mirror_reference}"))
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 1, "{index}");
+    assert_eq!(index["manifests"][0]["platform"]["architecture"], "arm64");
+    assert!(
+        text.contains("(source sha256:"),
+        "a new index, both digests shown: {text}"
+    );
+
+    let (ok, text) = mirror(
+        dir.path(),
+        std::slice::from_ref(&multi),
+        &target.host(),
+        &["--platform", "linux/s390x"],
+    );
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("the image index has no manifest for linux/s390x"),
+        "{text}"
+    );
+    assert!(text.contains("0 of 1 image(s) mirrored"), "{text}");
+}
+
+#[test]
+fn failures_name_the_side_that_failed_and_exit_non_zero() {
+    let mut source = Registry::start(None);
+    let target = Registry::start(Some((USER, PASSWORD)));
+    let dir = tempfile::tempdir().unwrap();
+    let app = source.push("app", "1.0", "content");
+    let missing = format!("{}/app:9.9", source.host());
+
+    // The mirror refuses a wrong password.
+    let config = credentials(dir.path(), &[(&target.host(), USER, "wrong")]);
+    let (ok, text) = mirror(
+        dir.path(),
+        std::slice::from_ref(&app),
+        &target.host(),
+        &["--docker-config", &config],
+    );
+    assert!(!ok, "{text}");
+    assert!(text.contains("failed     "), "{text}");
+    assert!(
+        text.contains(&mirrored(&target, &app)),
+        "names the mirror reference: {text}"
+    );
+
+    // With the right one, a missing tag fails alone; the other image is mirrored.
+    let config = credentials(dir.path(), &[(&target.host(), USER, PASSWORD)]);
+    let (ok, text) = mirror(
+        dir.path(),
+        &[app.clone(), missing.clone()],
+        &target.host(),
+        &["--docker-config", &config],
+    );
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            "failed     {missing}: reading the manifest of {missing}"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("1 of 2 image(s) mirrored"), "{text}");
+
+    // The source down: named, and nothing crashes.
+    source.stop();
+    let (ok, text) = mirror(
+        dir.path(),
+        std::slice::from_ref(&app),
+        &target.host(),
+        &["--docker-config", &config],
+    );
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&format!("failed     {app}: reading the manifest of {app}")),
+        "{text}"
+    );
+}
+
+#[test]
+fn containerd_pulls_the_mirror_reference_with_the_source_stopped() {
+    let mut source = Registry::start(Some((USER, PASSWORD)));
+    let target = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let app = source.push("team/app", "1.0", "served from the mirror");
+    let config = credentials(dir.path(), &[(&source.host(), USER, PASSWORD)]);
+    let (ok, text) = mirror(
+        dir.path(),
+        std::slice::from_ref(&app),
+        &target.host(),
+        &["--docker-config", &config],
+    );
+    assert!(ok, "{text}");
+    source.stop();
+
+    let containerd = Containerd::start();
+    let sets = dir.path().join("from-mirror.yaml");
+    std::fs::write(&sets, image_set(&[mirrored(&target, &app)])).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_coral"))
+        .args(["prefetch", "-f"])
+        .arg(&sets)
+        .args(["--cri-socket", &containerd.address()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.contains(&format!("pulled     {}", mirrored(&target, &app))),
+        "{text}"
+    );
+}
