@@ -63,8 +63,10 @@ pub fn run(args: MirrorArgs) -> Result<ExitCode> {
             .with_context(|| format!("cannot read --docker-config {}", path.display()))?;
         keyring.add_config_json(&bytes, &path.display().to_string())?;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: copying waits on the network, and bytes allocated as they are read are freed
+    // on the thread that read them once written (with two, the allocator held on to tens of
+    // MiB of a large layer in flight between them).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

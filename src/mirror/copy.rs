@@ -22,10 +22,9 @@ use super::plan::{
 use crate::agent::auth::Keyring;
 use crate::image::ImageReference;
 
-/// What one upload request of a blob carries: oci-client sends each piece of a stream as one
-/// request, and the network hands over a few KiB at a time. Memory holds one such piece per
-/// blob being copied, whatever the blob's size.
-const PUSH_CHUNK: usize = 4 << 20;
+/// Time to connect to a registry, and the longest silence while reading from one.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Blobs of one image copied at once.
 pub const DEFAULT_BLOB_CONCURRENCY: usize = 4;
@@ -85,6 +84,11 @@ pub struct Copied {
 /// Copies images between registries, with credentials from a keyring for both sides.
 pub struct Copier {
     client: Client,
+    /// Blob uploads: one streamed PUT each (oci-client sends a stream as a series of
+    /// requests, each waiting for the last).
+    http: reqwest::Client,
+    /// Registries spoken to over plain HTTP.
+    plain_http: Vec<String>,
     keyring: Keyring,
     blob_concurrency: usize,
 }
@@ -129,13 +133,20 @@ impl Copier {
         // error only says one is installed already).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(plain_http),
-            read_timeout: Some(Duration::from_secs(60)),
-            connect_timeout: Some(Duration::from_secs(10)),
+            protocol: ClientProtocol::HttpsExcept(plain_http.clone()),
+            read_timeout: Some(READ_TIMEOUT),
+            connect_timeout: Some(CONNECT_TIMEOUT),
             ..ClientConfig::default()
         };
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            .build()
+            .unwrap_or_default();
         Self {
             client: Client::new(config),
+            http,
+            plain_http,
             keyring,
             blob_concurrency: blob_concurrency.max(1),
         }
@@ -198,10 +209,18 @@ impl Copier {
             .auth(&from, &source_auth, RegistryOperation::Pull)
             .await
             .map_err(registry("reading the manifest of", source))?;
-        self.client
+        let token = self
+            .client
             .auth(&to, &mirror_auth, RegistryOperation::Push)
             .await
             .map_err(registry("writing to the mirror", &mirror))?;
+        let route = Route {
+            from: &from,
+            to: &to,
+            source,
+            mirror: &mirror,
+            authorization: authorization(&mirror_auth, token),
+        };
 
         let top = self.manifest(&from, &source_auth, source).await?;
         if let Some(expected) = source.digest() {
@@ -265,8 +284,7 @@ impl Copier {
         };
         let single = matches!(top.content, Content::Image { .. });
         for image in images.iter().chain(single.then_some(&top)) {
-            self.copy_blobs(image, &from, &to, source, &mirror, &mut copied)
-                .await?;
+            self.copy_blobs(image, &route, &mut copied).await?;
         }
         // Children by digest, then the top manifest under the reference (tag last).
         for image in &images {
@@ -331,17 +349,14 @@ impl Copier {
     async fn copy_blobs(
         &self,
         image: &Manifest,
-        from: &Reference,
-        to: &Reference,
-        source: &ImageReference,
-        mirror: &ImageReference,
+        route: &Route<'_>,
         copied: &mut Copied,
     ) -> Result<(), MirrorError> {
         let bytes = Arc::new(AtomicU64::new(0));
         let results: Vec<Result<bool, MirrorError>> = futures::stream::iter(image.blobs())
             .map(|blob| {
                 let bytes = bytes.clone();
-                async move { self.copy_blob(blob, from, to, source, mirror, bytes).await }
+                async move { self.copy_blob(blob, route, bytes).await }
             })
             .buffer_unordered(self.blob_concurrency)
             .collect()
@@ -361,12 +376,16 @@ impl Copier {
     async fn copy_blob(
         &self,
         blob: &Descriptor,
-        from: &Reference,
-        to: &Reference,
-        source: &ImageReference,
-        mirror: &ImageReference,
+        route: &Route<'_>,
         bytes: Arc<AtomicU64>,
     ) -> Result<bool, MirrorError> {
+        let Route {
+            from,
+            to,
+            source,
+            mirror,
+            ..
+        } = *route;
         let mirror_error = |error: OciDistributionError| MirrorError::Registry {
             what: "writing a blob of",
             reference: format!("{mirror} ({})", blob.digest),
@@ -392,43 +411,129 @@ impl Copier {
         let counted = stream.stream.inspect_ok(move |chunk| {
             bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         });
-        self.client
-            .push_blob_stream(to, in_chunks(counted, PUSH_CHUNK), &blob.digest)
+        self.upload(to, blob, route, counted)
             .await
-            .map_err(mirror_error)?;
+            .map_err(|message| MirrorError::Registry {
+                what: "writing a blob of",
+                reference: format!("{mirror} ({})", blob.digest),
+                message,
+            })?;
         Ok(true)
+    }
+
+    /// Uploads one blob as the distribution API's monolithic upload: a POST opens it, one PUT
+    /// streams the bytes and closes it with their digest (which the registry checks).
+    async fn upload<S>(
+        &self,
+        to: &Reference,
+        blob: &Descriptor,
+        route: &Route<'_>,
+        stream: S,
+    ) -> Result<(), String>
+    where
+        S: futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Unpin + 'static,
+    {
+        let registry = to.resolve_registry();
+        let scheme = if self.plain_http.iter().any(|r| r == registry) {
+            "http"
+        } else {
+            "https"
+        };
+        let start = format!(
+            "{scheme}://{registry}/v2/{}/blobs/uploads/",
+            to.repository()
+        );
+        let mut request = self
+            .http
+            .post(&start)
+            .header(reqwest::header::CONTENT_LENGTH, 0);
+        if let Some(value) = &route.authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, value);
+        }
+        let response = request.send().await.map_err(|e| e.to_string())?;
+        if response.status() != reqwest::StatusCode::ACCEPTED {
+            return Err(refusal("opening an upload", response).await);
+        }
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| "the registry opened an upload without a Location".to_string())?;
+        let mut url = reqwest::Url::parse(&start)
+            .and_then(|base| base.join(location))
+            .map_err(|e| format!("the upload Location {location:?}: {e}"))?;
+        url.query_pairs_mut().append_pair("digest", &blob.digest);
+        let mut request = self
+            .http
+            .put(url)
+            .header(reqwest::header::CONTENT_LENGTH, blob.size)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(Exclusive(
+                std::sync::Mutex::new(stream),
+            )));
+        if let Some(value) = &route.authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, value);
+        }
+        let response = request.send().await.map_err(|e| e.to_string())?;
+        if response.status() != reqwest::StatusCode::CREATED {
+            return Err(refusal("uploading", response).await);
+        }
+        Ok(())
     }
 }
 
-/// `stream` in pieces of `size` bytes (the last one smaller).
-fn in_chunks<S>(
-    stream: S,
-    size: usize,
-) -> impl futures::Stream<Item = Result<bytes::Bytes, OciDistributionError>>
-where
-    S: futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Unpin,
-{
-    futures::stream::unfold(
-        (stream, Some(bytes::BytesMut::new())),
-        move |(mut stream, buffer)| async move {
-            let mut buffer = buffer?;
-            loop {
-                match stream.next().await {
-                    Some(Ok(piece)) => {
-                        buffer.extend_from_slice(&piece);
-                        if buffer.len() >= size {
-                            let chunk = buffer.split().freeze();
-                            return Some((Ok(chunk), (stream, Some(buffer))));
-                        }
-                    }
-                    Some(Err(error)) => {
-                        let error = OciDistributionError::GenericError(Some(error.to_string()));
-                        return Some((Err(error), (stream, None)));
-                    }
-                    None if buffer.is_empty() => return None,
-                    None => return Some((Ok(buffer.split().freeze()), (stream, None))),
-                }
-            }
-        },
-    )
+/// A stream only ever polled through `&mut`, so `Sync` whatever it holds: reqwest asks a
+/// request body for `Sync`, and oci-client's blob streams are only `Send`.
+struct Exclusive<S>(std::sync::Mutex<S>);
+
+impl<S: futures::Stream + Unpin> futures::Stream for Exclusive<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        let inner = self
+            .get_mut()
+            .0
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::pin::Pin::new(inner).poll_next(cx)
+    }
+}
+
+/// One image's way from its source to the mirror.
+struct Route<'a> {
+    from: &'a Reference,
+    to: &'a Reference,
+    source: &'a ImageReference,
+    mirror: &'a ImageReference,
+    /// The `Authorization` header of blob uploads to the mirror, if any.
+    authorization: Option<String>,
+}
+
+/// The header for `auth`: the registry's token when it gave one (token auth), else the
+/// credential itself.
+fn authorization(auth: &RegistryAuth, token: Option<String>) -> Option<String> {
+    use base64::Engine as _;
+    match (token, auth) {
+        (Some(token), _) => Some(format!("Bearer {token}")),
+        (None, RegistryAuth::Basic(user, password)) => Some(format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        )),
+        (None, RegistryAuth::Bearer(token)) => Some(format!("Bearer {token}")),
+        (None, RegistryAuth::Anonymous) => None,
+    }
+}
+
+/// What a registry said when it refused a request: the status and the first error's message.
+async fn refusal(doing: &str, response: reqwest::Response) -> String {
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    let detail = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| body.chars().take(200).collect());
+    format!("{doing}: {status} {detail}").trim_end().to_string()
 }
