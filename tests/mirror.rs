@@ -327,3 +327,103 @@ fn containerd_pulls_the_mirror_reference_with_the_source_stopped() {
         "{text}"
     );
 }
+
+#[test]
+fn a_blob_corrupted_on_the_way_is_caught_by_its_digest_and_never_lands() {
+    let source = Registry::start(None);
+    let target = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let app = source.push("app", "1.0", "intact");
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{app}"))
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = source.blob_path(&layer);
+    let intact = std::fs::read(&path).unwrap();
+    let mut corrupted = intact.clone();
+    let last = corrupted.len() - 1;
+    corrupted[last] ^= 0xff;
+    std::fs::write(&path, &corrupted).unwrap();
+
+    let (ok, text) = mirror(
+        dir.path(),
+        std::slice::from_ref(&app),
+        &target.host(),
+        &["--attempts", "1"],
+    );
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            "failed     {app}: reading a blob of {app} ({layer}): "
+        )),
+        "the source's bytes are blamed: {text}"
+    );
+    assert!(text.contains("the source served "), "{text}");
+    assert!(
+        text.contains(&format!(
+            "for a blob of {} bytes with digest {layer}",
+            intact.len()
+        )),
+        "{text}"
+    );
+    let blob = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{}", mirrored(&target, &app)))
+        .output()
+        .unwrap();
+    assert!(!blob.status.success(), "nothing of it is in the mirror");
+    assert!(
+        !target.blob_path(&layer).exists(),
+        "the corrupted layer never lands"
+    );
+
+    std::fs::write(&path, &intact).unwrap();
+    let (ok, text) = mirror(dir.path(), std::slice::from_ref(&app), &target.host(), &[]);
+    assert!(ok, "{text}");
+    assert_eq!(
+        target.manifest_digest(&mirrored(&target, &app)),
+        source.manifest_digest(&app)
+    );
+}
+
+#[test]
+fn a_mirror_that_comes_back_is_retried_with_backoff() {
+    let source = Registry::start(None);
+    let mut target = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let app = source.push("app", "1.0", "retried");
+    let host = target.host();
+    let expected = mirrored(&target, &app);
+    target.stop();
+    let (ok, text) = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            target.resume();
+        });
+        mirror(
+            dir.path(),
+            std::slice::from_ref(&app),
+            &host,
+            &["--attempts", "5"],
+        )
+    });
+    assert!(ok, "{text}");
+    assert!(text.contains(&format!("retrying   {app} in ")), "{text}");
+    assert!(
+        text.contains("writing to the mirror"),
+        "the failed attempt names the mirror: {text}"
+    );
+    assert!(
+        text.contains(&format!("mirrored   {app} as {expected}")),
+        "{text}"
+    );
+}

@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -41,6 +42,17 @@ pub struct MirrorArgs {
     /// Blobs of an image copied at once.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_BLOB_CONCURRENCY)]
     concurrency: usize,
+    /// Attempts per image before it counts as failed; between them a backoff of 1 s, doubled
+    /// each time (at most 30 s), with jitter.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    attempts: u32,
+}
+
+/// The wait before attempt `next` (2, 3, …): 1 s doubled per attempt, at most 30 s, ±25 %.
+fn backoff(next: u32) -> Duration {
+    let base = Duration::from_secs(1).saturating_mul(1 << (next - 2).min(5));
+    base.min(Duration::from_secs(30))
+        .mul_f64(0.75 + fastrand::f64() / 2.0)
 }
 
 pub fn run(args: MirrorArgs) -> Result<ExitCode> {
@@ -84,7 +96,26 @@ pub fn run(args: MirrorArgs) -> Result<ExitCode> {
     for image in &images {
         writeln!(out, "copying    {image}")?;
         out.flush()?;
-        match runtime.block_on(copier.copy(image, &args.to, &args.platform)) {
+        let mut attempt = 1;
+        let result = loop {
+            match runtime.block_on(copier.copy(image, &args.to, &args.platform)) {
+                Err(error) if error.is_transient() && attempt < args.attempts => {
+                    attempt += 1;
+                    let wait = backoff(attempt);
+                    writeln!(
+                        out,
+                        "retrying   {image} in {:.1} s (attempt {} of {} failed: {error})",
+                        wait.as_secs_f64(),
+                        attempt - 1,
+                        args.attempts
+                    )?;
+                    out.flush()?;
+                    std::thread::sleep(wait);
+                }
+                result => break result,
+            }
+        };
+        match result {
             Ok(copied) => {
                 mirrored += 1;
                 if copied.already {

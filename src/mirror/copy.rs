@@ -16,8 +16,8 @@ use oci_client::{Client, Reference, RegistryOperation};
 use thiserror::Error;
 
 use super::plan::{
-    Content, Descriptor, MANIFEST_TYPES, Manifest, MirrorTarget, PlanError, Platform, is_loopback,
-    mirror_reference, sha256_digest,
+    Content, Descriptor, MANIFEST_TYPES, Manifest, MirrorTarget, PlanError, Platform,
+    finished_digest, is_loopback, mirror_reference, sha256_digest,
 };
 use crate::agent::auth::Keyring;
 use crate::image::ImageReference;
@@ -36,9 +36,14 @@ pub enum MirrorError {
     Plan(#[from] PlanError),
     #[error("{what} {reference}: {message}")]
     Registry {
+        /// What was being done, naming the side: "reading the manifest of", "reading a blob
+        /// of" (the source), "writing to the mirror", "writing a blob of", "writing a
+        /// manifest of" (the mirror).
         what: &'static str,
         reference: String,
         message: String,
+        /// Whether trying again may help (the network, a registry's 5xx or 429).
+        transient: bool,
     },
     #[error("{reference}: the source served a manifest whose digest is {got}, not {expected}")]
     Digest {
@@ -49,6 +54,18 @@ pub enum MirrorError {
 }
 
 impl MirrorError {
+    /// Whether trying again may help: not for what the plan refuses (the same input gives
+    /// the same answer).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Registry {
+                transient: true,
+                ..
+            }
+        )
+    }
+
     /// A bounded label for metrics and summaries.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -123,6 +140,16 @@ fn with_digest(reference: &Reference, digest: &str) -> Reference {
 
 fn message(error: OciDistributionError) -> String {
     error.to_string()
+}
+
+/// Whether a failed request may succeed when tried again: the network failed, or the registry
+/// said it is overloaded or broken (not: unauthorized, not found, invalid).
+fn is_transient(error: &OciDistributionError) -> bool {
+    match error {
+        OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => true,
+        OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
+        _ => false,
+    }
 }
 
 impl Copier {
@@ -202,6 +229,7 @@ impl Copier {
             move |error: OciDistributionError| MirrorError::Registry {
                 what,
                 reference,
+                transient: is_transient(&error),
                 message: message(error),
             }
         };
@@ -317,6 +345,7 @@ impl Copier {
             .map_err(|error| MirrorError::Registry {
                 what: "reading the manifest of",
                 reference: source.to_string(),
+                transient: is_transient(&error),
                 message: message(error),
             })?;
         Ok(Manifest::parse(&source.to_string(), None, bytes.to_vec())?)
@@ -333,6 +362,7 @@ impl Copier {
             what: "writing to the mirror",
             reference: mirror.to_string(),
             message: format!("media type {media_type:?} is not a header value"),
+            transient: false,
         })?;
         self.client
             .push_manifest_raw(reference, bytes.to_vec(), content_type)
@@ -340,6 +370,7 @@ impl Copier {
             .map_err(|error| MirrorError::Registry {
                 what: "writing a manifest of",
                 reference: mirror.to_string(),
+                transient: is_transient(&error),
                 message: message(error),
             })?;
         Ok(())
@@ -389,6 +420,7 @@ impl Copier {
         let mirror_error = |error: OciDistributionError| MirrorError::Registry {
             what: "writing a blob of",
             reference: format!("{mirror} ({})", blob.digest),
+            transient: is_transient(&error),
             message: message(error),
         };
         if self
@@ -406,18 +438,46 @@ impl Copier {
             .map_err(|error| MirrorError::Registry {
                 what: "reading a blob of",
                 reference: format!("{source} ({})", blob.digest),
+                transient: is_transient(&error),
                 message: message(error),
             })?;
-        let counted = stream.stream.inspect_ok(move |chunk| {
-            bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        });
-        self.upload(to, blob, route, counted)
-            .await
-            .map_err(|message| MirrorError::Registry {
-                what: "writing a blob of",
-                reference: format!("{mirror} ({})", blob.digest),
-                message,
-            })?;
+        // A failure while reading the source (its bytes do not match the digest, the
+        // connection dropped) ends the upload too; it is the one to report.
+        let read_failure = Arc::new(std::sync::Mutex::new(None::<String>));
+        let seen = read_failure.clone();
+        let counted = verified(stream.stream, blob)
+            .inspect_ok(move |chunk| {
+                bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            })
+            .inspect_err(move |error| {
+                if let Ok(mut seen) = seen.lock() {
+                    seen.get_or_insert_with(|| error.to_string());
+                }
+            });
+        let uploaded = self.upload(to, blob, route, counted).await;
+        let read = read_failure
+            .lock()
+            .ok()
+            .and_then(|mut failure| failure.take());
+        match (uploaded, read) {
+            (_, Some(message)) => {
+                return Err(MirrorError::Registry {
+                    what: "reading a blob of",
+                    reference: format!("{source} ({})", blob.digest),
+                    message,
+                    transient: true,
+                });
+            }
+            (Err((message, transient)), None) => {
+                return Err(MirrorError::Registry {
+                    what: "writing a blob of",
+                    reference: format!("{mirror} ({})", blob.digest),
+                    message,
+                    transient,
+                });
+            }
+            (Ok(()), None) => {}
+        }
         Ok(true)
     }
 
@@ -429,7 +489,7 @@ impl Copier {
         blob: &Descriptor,
         route: &Route<'_>,
         stream: S,
-    ) -> Result<(), String>
+    ) -> Result<(), (String, bool)>
     where
         S: futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Unpin + 'static,
     {
@@ -450,7 +510,7 @@ impl Copier {
         if let Some(value) = &route.authorization {
             request = request.header(reqwest::header::AUTHORIZATION, value);
         }
-        let response = request.send().await.map_err(|e| e.to_string())?;
+        let response = request.send().await.map_err(|e| (e.to_string(), true))?;
         if response.status() != reqwest::StatusCode::ACCEPTED {
             return Err(refusal("opening an upload", response).await);
         }
@@ -458,10 +518,15 @@ impl Copier {
             .headers()
             .get(reqwest::header::LOCATION)
             .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| "the registry opened an upload without a Location".to_string())?;
+            .ok_or_else(|| {
+                (
+                    "the registry opened an upload without a Location".to_string(),
+                    false,
+                )
+            })?;
         let mut url = reqwest::Url::parse(&start)
             .and_then(|base| base.join(location))
-            .map_err(|e| format!("the upload Location {location:?}: {e}"))?;
+            .map_err(|e| (format!("the upload Location {location:?}: {e}"), false))?;
         url.query_pairs_mut().append_pair("digest", &blob.digest);
         let mut request = self
             .http
@@ -474,7 +539,7 @@ impl Copier {
         if let Some(value) = &route.authorization {
             request = request.header(reqwest::header::AUTHORIZATION, value);
         }
-        let response = request.send().await.map_err(|e| e.to_string())?;
+        let response = request.send().await.map_err(|e| (e.to_string(), true))?;
         if response.status() != reqwest::StatusCode::CREATED {
             return Err(refusal("uploading", response).await);
         }
@@ -502,6 +567,41 @@ impl<S: futures::Stream + Unpin> futures::Stream for Exclusive<S> {
     }
 }
 
+/// `stream` checked against the blob's digest as it passes: the piece that completes the
+/// blob's size is withheld and replaced by an error when the bytes do not match, so that the
+/// upload ends before the mirror holds all of them (it would reject them too, but then the
+/// mirror would seem to blame).
+fn verified<S>(
+    stream: S,
+    blob: &Descriptor,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Unpin + 'static
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Unpin + 'static,
+{
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    let mut read = 0u64;
+    let size = blob.size;
+    let expected = blob.digest.clone();
+    let checked = expected.starts_with("sha256:");
+    stream.map(move |piece| {
+        let piece = piece?;
+        if checked {
+            hasher.update(&piece);
+            read += piece.len() as u64;
+            if read >= size {
+                let got = finished_digest(std::mem::take(&mut hasher));
+                if got != expected || read > size {
+                    return Err(std::io::Error::other(format!(
+                        "the source served {read} bytes with digest {got} for a blob of {size} bytes with digest {expected}"
+                    )));
+                }
+            }
+        }
+        Ok(piece)
+    })
+}
+
 /// One image's way from its source to the mirror.
 struct Route<'a> {
     from: &'a Reference,
@@ -527,13 +627,18 @@ fn authorization(auth: &RegistryAuth, token: Option<String>) -> Option<String> {
     }
 }
 
-/// What a registry said when it refused a request: the status and the first error's message.
-async fn refusal(doing: &str, response: reqwest::Response) -> String {
+/// What a registry said when it refused a request (the status and the first error's message),
+/// and whether trying again may help.
+async fn refusal(doing: &str, response: reqwest::Response) -> (String, bool) {
     let status = response.status();
+    let transient = status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
     let body = response.text().await.unwrap_or_default();
     let detail = serde_json::from_str::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_string))
         .unwrap_or_else(|| body.chars().take(200).collect());
-    format!("{doing}: {status} {detail}").trim_end().to_string()
+    (
+        format!("{doing}: {status} {detail}").trim_end().to_string(),
+        transient,
+    )
 }

@@ -273,10 +273,14 @@ struct Raw {
 
 /// `sha256:` and the hex digest of `bytes`.
 pub fn sha256_digest(bytes: &[u8]) -> String {
-    let hash = Sha256::digest(bytes);
+    finished_digest(Sha256::new_with_prefix(bytes))
+}
+
+/// `sha256:` and the hex digest of what `hasher` was fed.
+pub fn finished_digest(hasher: Sha256) -> String {
     let mut out = String::with_capacity(7 + 64);
     out.push_str("sha256:");
-    for byte in hash {
+    for byte in hasher.finalize() {
         out.push_str(&format!("{byte:02x}"));
     }
     out

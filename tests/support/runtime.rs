@@ -409,3 +409,16 @@ impl Registry {
         )
     }
 }
+
+impl Registry {
+    /// Where this registry stores the blob `digest` (`sha256:…`) on disk.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
