@@ -45,6 +45,7 @@ bench:
     CORAL_CONTROL_PLANE_BIN="$(bash scripts/control-plane.sh || true)" cargo bench --bench webhook_load
     cargo bench --bench pull
     cargo bench --bench aggregate
+    cargo bench --bench mirror
 
 # The demo: the webhook over HTTPS with the embedded policies, sent the example workloads.
 demo:
