@@ -181,13 +181,7 @@ fn coral_control_plane(extra: &[&str]) -> ControlPlane {
         args.extend(["-f", manifest]);
     }
     plane.kubectl_ok(&args);
-    plane.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/imagesets.coral.dev",
-        "crd/nodeimages.coral.dev",
-        "--timeout=30s",
-    ]);
+    wait_for_crds(&plane);
     plane.kubectl_ok(&["create", "namespace", "shop"]);
     plane
 }
@@ -761,13 +755,7 @@ fn deploy_and_its_overlays_apply_to_a_real_api_server() {
             );
         }
         if dir == "deploy" {
-            plane.kubectl_ok(&[
-                "wait",
-                "--for=condition=Established",
-                "crd/imagesets.coral.dev",
-                "crd/nodeimages.coral.dev",
-                "--timeout=30s",
-            ]);
+            wait_for_crds(&plane);
         }
     }
     // The API server type-checked the agent's ValidatingAdmissionPolicy: no warnings.
@@ -825,13 +813,7 @@ fn the_helm_chart_with_every_value_changed_applies_to_a_real_api_server() {
         );
     };
     apply(first, false);
-    plane.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/imagesets.coral.dev",
-        "crd/nodeimages.coral.dev",
-        "--timeout=30s",
-    ]);
+    wait_for_crds(&plane);
     apply(rest.clone(), true);
     apply(rest, false);
     let namespace: Value =
@@ -852,6 +834,17 @@ fn the_helm_chart_with_every_value_changed_applies_to_a_real_api_server() {
     ]))
     .unwrap();
     assert_eq!(stored["spec"]["replicas"], 1);
+}
+
+/// Waits until Coral's CRDs are Established.
+fn wait_for_crds(plane: &ControlPlane) {
+    plane.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/imagesets.coral.dev",
+        "crd/nodeimages.coral.dev",
+        "--timeout=30s",
+    ]);
 }
 
 fn image_set_status(plane: &ControlPlane) -> Value {

@@ -31,13 +31,17 @@ fn root() -> &'static str {
     env!("CARGO_MANIFEST_DIR")
 }
 
-/// Runs helm in the repository's root; its stdout, or a panic with its stderr.
-pub fn helm(args: &[&str]) -> String {
-    let output = Command::new(bin())
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(bin())
         .args(args)
         .current_dir(root())
         .output()
-        .expect("helm runs");
+        .expect("helm runs")
+}
+
+/// Runs helm in the repository's root; its stdout, or a panic with its stderr.
+pub fn helm(args: &[&str]) -> String {
+    let output = run(args);
     assert!(
         output.status.success(),
         "helm {}: {}",
@@ -49,11 +53,7 @@ pub fn helm(args: &[&str]) -> String {
 
 /// Runs helm expecting it to fail; its stderr.
 pub fn helm_fails(args: &[&str]) -> String {
-    let output = Command::new(bin())
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("helm runs");
+    let output = run(args);
     assert!(
         !output.status.success(),
         "helm {} succeeded: {}",

@@ -384,8 +384,8 @@ impl Registry {
         reference
     }
 
-    /// The digest of the manifest `reference` names here, as the registry serves it.
-    pub fn manifest_digest(&self, reference: &str) -> String {
+    /// The manifest `reference` names here, as the registry serves it.
+    pub fn manifest(&self, reference: &str) -> Vec<u8> {
         let mut args = vec![
             "inspect".to_string(),
             "--raw".to_string(),
@@ -401,8 +401,13 @@ impl Registry {
             "skopeo inspect {reference}: {}",
             String::from_utf8_lossy(&output.stderr)
         );
+        output.stdout
+    }
+
+    /// The digest of the manifest `reference` names here.
+    pub fn manifest_digest(&self, reference: &str) -> String {
         use sha2::Digest as _;
-        let hash = sha2::Sha256::digest(&output.stdout);
+        let hash = sha2::Sha256::digest(self.manifest(reference));
         format!(
             "sha256:{}",
             hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
