@@ -571,7 +571,7 @@ impl<S: futures::Stream + Unpin> futures::Stream for Exclusive<S> {
 /// blob's size is withheld and replaced by an error when the bytes do not match, so that the
 /// upload ends before the mirror holds all of them (it would reject them too, but then the
 /// mirror would seem to blame).
-fn verified<S>(
+pub(super) fn verified<S>(
     stream: S,
     blob: &Descriptor,
 ) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Unpin + 'static
@@ -614,7 +614,7 @@ struct Route<'a> {
 
 /// The header for `auth`: the registry's token when it gave one (token auth), else the
 /// credential itself.
-fn authorization(auth: &RegistryAuth, token: Option<String>) -> Option<String> {
+pub(super) fn authorization(auth: &RegistryAuth, token: Option<String>) -> Option<String> {
     use base64::Engine as _;
     match (token, auth) {
         (Some(token), _) => Some(format!("Bearer {token}")),

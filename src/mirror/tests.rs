@@ -181,3 +181,67 @@ fn manifests_coral_cannot_copy_say_why() {
     let manifest = Manifest::parse("app:1", None, image).expect("image");
     assert_eq!(manifest.blobs().len(), 2, "its config and its layer");
 }
+
+fn blob(content: &[u8]) -> Descriptor {
+    Descriptor {
+        media_type: "application/octet-stream".to_string(),
+        digest: sha256_digest(content),
+        size: content.len() as u64,
+        platform: None,
+    }
+}
+
+fn through_verification(descriptor: &Descriptor, pieces: &[&[u8]]) -> Vec<Result<Vec<u8>, String>> {
+    use futures::StreamExt;
+    let pieces: Vec<Result<bytes::Bytes, std::io::Error>> = pieces
+        .iter()
+        .map(|p| Ok(bytes::Bytes::copy_from_slice(p)))
+        .collect();
+    let stream = super::copy::verified(futures::stream::iter(pieces), descriptor);
+    futures::executor::block_on(stream.collect::<Vec<_>>())
+        .into_iter()
+        .map(|r| r.map(|b| b.to_vec()).map_err(|e| e.to_string()))
+        .collect()
+}
+
+#[test]
+fn a_blob_is_checked_as_it_streams_and_a_bad_one_never_completes() {
+    let good = blob(b"hello world");
+    let passed = through_verification(&good, &[b"hello ", b"world"]);
+    assert_eq!(passed, vec![Ok(b"hello ".to_vec()), Ok(b"world".to_vec())]);
+
+    // The same size, other bytes: the last piece is replaced by the error.
+    let passed = through_verification(&good, &[b"hello ", b"w0rld"]);
+    assert_eq!(passed[0], Ok(b"hello ".to_vec()));
+    let error = passed[1].clone().expect_err("withheld");
+    assert!(
+        error.starts_with("the source served 11 bytes with digest sha256:")
+            && error.ends_with(&format!(
+                "for a blob of 11 bytes with digest {}",
+                good.digest
+            )),
+        "{error}"
+    );
+    // More bytes than the blob has.
+    let passed = through_verification(&good, &[b"hello world!"]);
+    assert!(passed[0].is_err(), "{passed:?}");
+}
+
+#[test]
+fn uploads_authenticate_with_the_registry_token_or_the_credential() {
+    use oci_client::secrets::RegistryAuth;
+    let basic = RegistryAuth::Basic("coral".to_string(), "s3cret".to_string());
+    assert_eq!(
+        super::copy::authorization(&basic, None).as_deref(),
+        Some("Basic Y29yYWw6czNjcmV0")
+    );
+    assert_eq!(
+        super::copy::authorization(&basic, Some("t0ken".to_string())).as_deref(),
+        Some("Bearer t0ken"),
+        "a token the registry issued wins"
+    );
+    assert_eq!(
+        super::copy::authorization(&RegistryAuth::Anonymous, None),
+        None
+    );
+}
