@@ -82,7 +82,7 @@ pub fn run(args: MirrorArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let copier = Copier::for_target(keyring, &args.to, &images, args.concurrency);
+    let copier = Copier::for_target(keyring, &args.to, &images, args.concurrency)?;
     let mut out = std::io::stdout();
     let mut rows = vec![vec![
         "IMAGE".to_string(),

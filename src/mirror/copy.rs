@@ -155,7 +155,11 @@ fn is_transient(error: &OciDistributionError) -> bool {
 impl Copier {
     /// A copier that speaks plain HTTP to `plain_http` registries (loopback ones, as
     /// containerd does) and HTTPS with the system's roots to the others.
-    pub fn new(keyring: Keyring, plain_http: Vec<String>, blob_concurrency: usize) -> Self {
+    pub fn new(
+        keyring: Keyring,
+        plain_http: Vec<String>,
+        blob_concurrency: usize,
+    ) -> anyhow::Result<Self> {
         // reqwest runs on rustls without a provider of its own: the ring one Coral uses (an
         // error only says one is installed already).
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -169,14 +173,14 @@ impl Copier {
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(READ_TIMEOUT)
             .build()
-            .unwrap_or_default();
-        Self {
+            .map_err(|e| anyhow::anyhow!("cannot set up the HTTP client for registries: {e}"))?;
+        Ok(Self {
             client: Client::new(config),
             http,
             plain_http,
             keyring,
             blob_concurrency: blob_concurrency.max(1),
-        }
+        })
     }
 
     /// A copier for images of `sources` into `target`: plain HTTP to the loopback ones.
@@ -185,7 +189,7 @@ impl Copier {
         target: &MirrorTarget,
         sources: impl IntoIterator<Item = &'a ImageReference>,
         blob_concurrency: usize,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
         let mut plain: Vec<String> = sources
             .into_iter()
             .map(|s| s.registry().to_string())
