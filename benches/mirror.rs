@@ -17,10 +17,6 @@ use std::time::{Duration, Instant};
 
 use runtime::Registry;
 
-const SMALL: usize = 20;
-const LARGE_LAYER: usize = 256 << 20;
-const ROUNDS: usize = 2;
-
 /// The mirror reference of a loopback source reference, by the mapping rule.
 fn mirrored(to: &Registry, source: &str) -> String {
     let (host, rest) = source.split_once('/').unwrap();
@@ -92,24 +88,38 @@ fn coral(images: &[String], to: &Registry) -> (Duration, f64) {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs this file too, without `--bench`: then a short round of
+    // smaller images only checks that it works.
+    let benchmarking = std::env::args().any(|arg| arg == "--bench");
+    let (small_images, large_layer, rounds) = if benchmarking {
+        (20, 256 << 20, 2)
+    } else {
+        println!(
+            "check run (no --bench): 3 small images, a 4 MiB layer, one round; not benchmark figures"
+        );
+        (3, 4 << 20, 1)
+    };
     let source = Registry::start(None);
-    let small: Vec<String> = (0..SMALL)
+    let small: Vec<String> = (0..small_images)
         .map(|i| source.push(&format!("small/app{i}"), "1.0", &format!("content {i}")))
         .collect();
-    let mut layer = vec![0u8; LARGE_LAYER];
+    let mut layer = vec![0u8; large_layer];
     let mut rng = fastrand::Rng::with_seed(7);
     rng.fill(&mut layer);
     let large = vec![source.push_bytes("large/app", "1.0", &layer)];
     drop(layer);
 
     for (what, images) in [
-        (format!("{SMALL} small images"), &small),
-        ("one image with a 256 MiB layer".to_string(), &large),
+        (format!("{small_images} small images"), &small),
+        (
+            format!("one image with a {} MiB layer", large_layer >> 20),
+            &large,
+        ),
     ] {
         let mut best_skopeo = Duration::MAX;
         let mut best_coral = Duration::MAX;
         let mut peak: f64 = 0.0;
-        for round in 0..ROUNDS {
+        for round in 0..rounds {
             let for_skopeo = Registry::start(None);
             let for_coral = Registry::start(None);
             let mut run_coral = || {
