@@ -26,8 +26,9 @@ const TICK: Duration = Duration::from_millis(2);
 const PATIENCE: Duration = Duration::from_secs(10);
 
 thread_local! {
-    /// How many of this thread's evaluations the watchdog marked: an operation whose own
-    /// evaluation lowered the ceiling was not caught in passing.
+    /// How many of this thread's evaluations ended stopped for a bound (marked by the
+    /// watchdog, or out of time being run again): an operation whose own evaluation was
+    /// stopped has the answer it deserves.
     static MARKED_HERE: Cell<u64> = const { Cell::new(0) };
 }
 
@@ -197,6 +198,7 @@ impl Guard {
                 _ => None,
             };
             if let Some(breach) = stopped {
+                // An operation running this evaluation has its answer (see `unaffected`).
                 MARKED_HERE.set(MARKED_HERE.get() + 1);
                 return Err(breach);
             }
@@ -205,12 +207,18 @@ impl Guard {
     }
 
     /// Runs `operation` (a compile, an evaluator's preparation), again when the ceiling was
-    /// lowered for another evaluation while it ran: whatever it answered. regorus fails on
-    /// the ceiling in some places and quietly gives up in others (a value that does not
-    /// convert becomes undefined, a policy that does not compile for the virtual machine
-    /// falls back to the interpreter). The ceiling is lifted once that evaluation ends, so
-    /// the next run is clean. No run begins after [`PATIENCE`].
-    pub fn unaffected<T>(&self, mut operation: impl FnMut() -> T) -> T {
+    /// lowered for another evaluation while it ran. regorus fails on the ceiling in some
+    /// places and quietly gives up in others (a value that does not convert becomes undefined,
+    /// a policy that does not compile for the virtual machine falls back to the interpreter),
+    /// so it runs again whatever it answered, unless one of its own evaluations was stopped
+    /// (its answer says so: a policy set over its bounds is judged by that) and it did not
+    /// itself fail on the ceiling. The ceiling is
+    /// lifted once the evaluation it was lowered for ends, so the next run is clean. No run
+    /// begins after [`PATIENCE`].
+    pub fn unaffected<T, E: std::fmt::Display>(
+        &self,
+        mut operation: impl FnMut() -> Result<T, E>,
+    ) -> Result<T, E> {
         let started = Instant::now();
         loop {
             let before = self.lock().engagements;
@@ -220,10 +228,12 @@ impl Guard {
                 let state = self.lock();
                 state.engaged || state.engagements != before
             };
-            // One of its own evaluations stopped for its bounds: its result says so.
+            let on_the_ceiling = result
+                .as_ref()
+                .is_err_and(|error| error.to_string().contains(CEILING_MESSAGE));
             let own = MARKED_HERE.get() != marked_before;
             let left = PATIENCE.saturating_sub(started.elapsed());
-            if !lowered || own || left.is_zero() {
+            if left.is_zero() || !lowered || (own && !on_the_ceiling) {
                 return result;
             }
             self.wait_lifted(left);
@@ -297,8 +307,11 @@ impl Drop for Ticket<'_> {
 /// regorus reports "execution exceeded memory limit (usage=…, limit=…)" when it meets the
 /// allocator ceiling.
 pub fn on_ceiling(error: &anyhow::Error) -> bool {
-    error.to_string().contains("exceeded memory limit")
+    error.to_string().contains(CEILING_MESSAGE)
 }
+
+/// What regorus' errors on the allocator ceiling say.
+const CEILING_MESSAGE: &str = "exceeded memory limit";
 
 /// Live bytes of the whole process, as the allocator counts them.
 fn allocated() -> u64 {
