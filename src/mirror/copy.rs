@@ -54,8 +54,7 @@ pub enum MirrorError {
 }
 
 impl MirrorError {
-    /// Whether trying again may help: not for what the plan refuses (the same input gives
-    /// the same answer).
+    /// Whether trying again may help: only a registry failure marked transient.
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
@@ -64,18 +63,6 @@ impl MirrorError {
                 ..
             }
         )
-    }
-
-    /// A bounded label for metrics and summaries.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Plan(_) => "plan",
-            Self::Registry { what, .. } => match *what {
-                "reading the manifest of" | "reading a blob of" => "source",
-                _ => "mirror",
-            },
-            Self::Digest { .. } => "digest",
-        }
     }
 }
 
@@ -94,7 +81,6 @@ pub struct Copied {
     pub blobs_copied: usize,
     pub blobs_skipped: usize,
     pub bytes_copied: u64,
-    pub manifests_pushed: usize,
     pub took: Duration,
 }
 
@@ -138,8 +124,18 @@ fn with_digest(reference: &Reference, digest: &str) -> Reference {
     )
 }
 
-fn message(error: OciDistributionError) -> String {
-    error.to_string()
+/// The error of a failed registry request: while doing `what` to `reference`.
+fn registry_error(
+    what: &'static str,
+    reference: impl ToString,
+) -> impl FnOnce(OciDistributionError) -> MirrorError {
+    let reference = reference.to_string();
+    move |error| MirrorError::Registry {
+        what,
+        reference,
+        transient: is_transient(&error),
+        message: error.to_string(),
+    }
 }
 
 /// Whether a failed request may succeed when tried again: the network failed, or the registry
@@ -228,24 +224,15 @@ impl Copier {
         let to = oci_reference(&mirror);
         let source_auth = self.auth(source);
         let mirror_auth = self.auth(&mirror);
-        let registry = |what: &'static str, reference: &ImageReference| {
-            let reference = reference.to_string();
-            move |error: OciDistributionError| MirrorError::Registry {
-                what,
-                reference,
-                transient: is_transient(&error),
-                message: message(error),
-            }
-        };
         self.client
             .auth(&from, &source_auth, RegistryOperation::Pull)
             .await
-            .map_err(registry("reading the manifest of", source))?;
+            .map_err(registry_error("reading the manifest of", source))?;
         let token = self
             .client
             .auth(&to, &mirror_auth, RegistryOperation::Push)
             .await
-            .map_err(registry("writing to the mirror", &mirror))?;
+            .map_err(registry_error("writing to the mirror", &mirror))?;
         let route = Route {
             from: &from,
             to: &to,
@@ -280,7 +267,6 @@ impl Copier {
             blobs_copied: 0,
             blobs_skipped: 0,
             bytes_copied: 0,
-            manifests_pushed: 0,
             took: Duration::ZERO,
         };
         // The mirror serves this very manifest under the reference already: nothing to do.
@@ -327,11 +313,9 @@ impl Copier {
                 &mirror,
             )
             .await?;
-            copied.manifests_pushed += 1;
         }
         self.push_manifest(&to, &top_bytes, &top.media_type, &mirror)
             .await?;
-        copied.manifests_pushed += 1;
         copied.took = started.elapsed();
         Ok(copied)
     }
@@ -346,12 +330,7 @@ impl Copier {
             .client
             .pull_manifest_raw(reference, auth, &MANIFEST_TYPES)
             .await
-            .map_err(|error| MirrorError::Registry {
-                what: "reading the manifest of",
-                reference: source.to_string(),
-                transient: is_transient(&error),
-                message: message(error),
-            })?;
+            .map_err(registry_error("reading the manifest of", source))?;
         Ok(Manifest::parse(&source.to_string(), None, bytes.to_vec())?)
     }
 
@@ -371,12 +350,7 @@ impl Copier {
         self.client
             .push_manifest_raw(reference, bytes.to_vec(), content_type)
             .await
-            .map_err(|error| MirrorError::Registry {
-                what: "writing a manifest of",
-                reference: mirror.to_string(),
-                transient: is_transient(&error),
-                message: message(error),
-            })?;
+            .map_err(registry_error("writing a manifest of", mirror))?;
         Ok(())
     }
 
@@ -421,17 +395,14 @@ impl Copier {
             mirror,
             ..
         } = *route;
-        let mirror_error = |error: OciDistributionError| MirrorError::Registry {
-            what: "writing a blob of",
-            reference: format!("{mirror} ({})", blob.digest),
-            transient: is_transient(&error),
-            message: message(error),
-        };
         if self
             .client
             .blob_exists(to, &blob.digest)
             .await
-            .map_err(mirror_error)?
+            .map_err(registry_error(
+                "writing a blob of",
+                format!("{mirror} ({})", blob.digest),
+            ))?
         {
             return Ok(false);
         }
@@ -439,12 +410,10 @@ impl Copier {
             .client
             .pull_blob_stream(from, blob.digest.as_str())
             .await
-            .map_err(|error| MirrorError::Registry {
-                what: "reading a blob of",
-                reference: format!("{source} ({})", blob.digest),
-                transient: is_transient(&error),
-                message: message(error),
-            })?;
+            .map_err(registry_error(
+                "reading a blob of",
+                format!("{source} ({})", blob.digest),
+            ))?;
         // A failure while reading the source (its bytes do not match the digest, the
         // connection dropped) ends the upload too; it is the one to report.
         let read_failure = Arc::new(std::sync::Mutex::new(None::<String>));

@@ -351,18 +351,15 @@ impl Registry {
             "manifests": manifests,
         }))
         .unwrap();
-        let digest = {
-            use sha2::Digest as _;
-            let hash = sha2::Sha256::digest(&index);
-            hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        };
-        std::fs::write(layout.join("blobs/sha256").join(&digest), &index).unwrap();
+        let digest = coral::mirror::plan::sha256_digest(&index);
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        std::fs::write(layout.join("blobs/sha256").join(hex), &index).unwrap();
         layout_index["manifests"]
             .as_array_mut()
             .unwrap()
             .push(serde_json::json!({
                 "mediaType": "application/vnd.oci.image.index.v1+json",
-                "digest": format!("sha256:{digest}"),
+                "digest": digest,
                 "size": index.len(),
                 "annotations": {"org.opencontainers.image.ref.name": tag},
             }));
@@ -406,12 +403,7 @@ impl Registry {
 
     /// The digest of the manifest `reference` names here.
     pub fn manifest_digest(&self, reference: &str) -> String {
-        use sha2::Digest as _;
-        let hash = sha2::Sha256::digest(self.manifest(reference));
-        format!(
-            "sha256:{}",
-            hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        )
+        coral::mirror::plan::sha256_digest(&self.manifest(reference))
     }
 }
 
