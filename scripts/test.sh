@@ -4,6 +4,8 @@
 # coverage. Installs the packages the tests need when run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A one-off build: incremental compilation would only add gigabytes to target/.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 . scripts/need-rust.sh
 . scripts/need-packages.sh
 # protoc builds the CRI types; the rest run for real in the tests: containerd with its CRI
@@ -64,4 +66,5 @@ echo "== coral crd matches crds/"
 diff <(cargo run --quiet --locked -- crd) <(cat crds/*.yaml)
 echo "== deploy/: render with kubectl kustomize, validate offline"
 bash scripts/check-deploy.sh
+echo "disk used: target/ $(du -sh target | cut -f1), fuzz/target/ $(du -sh fuzz/target 2>/dev/null | cut -f1 || echo none)"
 echo "all tests passed"
