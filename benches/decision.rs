@@ -52,7 +52,7 @@ fn state() -> ClusterIndex {
                     match_labels: Some([("pool".to_string(), pool)].into()),
                     match_expressions: None,
                 }),
-                image_pull_secrets: Vec::new(),
+                ..ImageSetSpec::default()
             },
         );
         image_set.metadata.namespace = Some(format!("ns-{}", set % 20));

@@ -338,6 +338,19 @@ pub struct ControllerMetrics {
     /// Workloads whose pod template requires image labels too few schedulable nodes satisfy,
     /// by kind.
     pub stranded_workloads: IntGaugeVec,
+    /// Bytes of blobs copied into each Registry.
+    pub mirror_bytes: IntCounterVec,
+    /// Blobs of mirrored images by registry and result (`copied`, `skipped`: already there).
+    pub mirror_blobs: IntCounterVec,
+    /// Seconds one image's copy (or check) took, by registry.
+    pub mirror_seconds: HistogramVec,
+    /// Failed copies by registry and reason (`source`, `mirror`, `digest`, `invalid`,
+    /// `registry`: the Registry missing or unusable).
+    pub mirror_failures: IntCounterVec,
+    /// Images of mirroring ImageSets by state (`copying`, `mirrored`, `failed`).
+    pub mirror_images: IntGaugeVec,
+    /// 1 while a Registry's last probe answered, by registry.
+    pub registry_reachable: IntGaugeVec,
 }
 
 impl ControllerMetrics {
@@ -381,6 +394,43 @@ impl ControllerMetrics {
                 &["kind"],
             )
             .expect("valid metric definition"),
+            mirror_bytes: counter(
+                "coral_mirror_bytes_copied_total",
+                "Bytes of blobs copied into each Registry.",
+                &["registry"],
+            ),
+            mirror_blobs: counter(
+                "coral_mirror_blobs_total",
+                "Blobs of mirrored images by registry and result (copied, skipped: already there).",
+                &["registry", "result"],
+            ),
+            mirror_seconds: histogram(
+                "coral_mirror_copy_duration_seconds",
+                "Time one image's copy or check took, by registry.",
+                &["registry"],
+                vec![0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1200.0],
+            ),
+            mirror_failures: counter(
+                "coral_mirror_failures_total",
+                "Failed copies by registry and reason (source, mirror, digest, invalid, registry).",
+                &["registry", "reason"],
+            ),
+            mirror_images: IntGaugeVec::new(
+                Opts::new(
+                    "coral_mirror_images",
+                    "Images of mirroring ImageSets by state (copying, mirrored, failed).",
+                ),
+                &["state"],
+            )
+            .expect("valid metric definition"),
+            registry_reachable: IntGaugeVec::new(
+                Opts::new(
+                    "coral_registry_reachable",
+                    "1 while a Registry's last probe answered, by registry.",
+                ),
+                &["registry"],
+            )
+            .expect("valid metric definition"),
         };
         register(&metrics.registry, metrics.collectors());
         metrics
@@ -389,6 +439,12 @@ impl ControllerMetrics {
     fn collectors(&self) -> Vec<Box<dyn Collector>> {
         let metrics = self;
         vec![
+            Box::new(metrics.mirror_bytes.clone()),
+            Box::new(metrics.mirror_blobs.clone()),
+            Box::new(metrics.mirror_seconds.clone()),
+            Box::new(metrics.mirror_failures.clone()),
+            Box::new(metrics.mirror_images.clone()),
+            Box::new(metrics.registry_reachable.clone()),
             Box::new(metrics.reconciles.clone()),
             Box::new(metrics.reconcile_seconds.clone()),
             Box::new(metrics.image_sets.clone()),

@@ -856,6 +856,7 @@ fn wait_for_crds(plane: &ControlPlane) {
         "--for=condition=Established",
         "crd/imagesets.coral.dev",
         "crd/nodeimages.coral.dev",
+        "crd/registries.coral.dev",
         "--timeout=30s",
     ]);
 }
@@ -1080,17 +1081,20 @@ fn lease_holder(plane: &ControlPlane) -> String {
 
 /// A `coral controller` under the coral-controller ServiceAccount, killed when dropped.
 fn start_controller(plane: &ControlPlane, name: &str) -> support::process::Kill {
+    start_controller_with(plane, name, &["--probe-listen", "127.0.0.1:0"])
+}
+
+/// The same, with more flags.
+fn start_controller_with(
+    plane: &ControlPlane,
+    name: &str,
+    extra: &[&str],
+) -> support::process::Kill {
     support::process::Kill(
         std::process::Command::new(env!("CARGO_BIN_EXE_coral"))
             .args(["controller", "--pod-name", name, "--lease-duration", "3s"])
-            .args([
-                "--debounce",
-                "100ms",
-                "--resync",
-                "2s",
-                "--probe-listen",
-                "127.0.0.1:0",
-            ])
+            .args(["--debounce", "100ms", "--resync", "2s"])
+            .args(extra)
             .env(
                 "KUBECONFIG",
                 plane.service_account_kubeconfig("coral-system", "coral-controller"),
@@ -1930,4 +1934,227 @@ fn image_set_status_of(plane: &ControlPlane, name: &str) -> Value {
     serde_json::from_slice::<Value>(&output.stdout)
         .map(|set| set["status"].clone())
         .unwrap_or(Value::Null)
+}
+
+/// The mirror status of the one image of ImageSet `shop/mirrored`, and its `Mirrored`
+/// condition's status.
+fn mirror_status(plane: &ControlPlane) -> (Value, String) {
+    let status = image_set_status_of(plane, "mirrored");
+    let condition = status["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Mirrored")
+        .map(|c| c["status"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    (status["images"][0]["mirror"].clone(), condition)
+}
+
+/// `kubectl apply` of one object, which must succeed.
+fn apply(plane: &ControlPlane, object: &Value) {
+    let output = plane.kubectl_stdin(&["apply"], object);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A metric's value in a Prometheus exposition (the first series whose line starts so).
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+#[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
+fn the_controller_mirrors_into_a_registry_follows_a_moved_tag_and_resumes_after_a_restart() {
+    const USER: &str = "coral";
+    const PASSWORD: &str = "s3cret";
+    let plane = coral_control_plane(&[]);
+    // The source and the mirror both want credentials: the source's come from the ImageSet's
+    // pull secret (the controller's copy), the mirror's from the Registry's secret.
+    let mut source = runtime::Registry::start(Some((USER, PASSWORD)));
+    let mut mirror = runtime::Registry::start(Some((USER, PASSWORD)));
+    let reference = source.push("shop/app", "1.0", "app one");
+    assert_eq!(reference, format!("{}/shop/app:1.0", source.host()));
+    let mirror_reference = format!(
+        "{}/{}/shop/app:1.0",
+        mirror.host(),
+        source.host().replace(':', "_")
+    );
+    for (namespace, name, host) in [
+        ("shop", "source-pull", source.host()),
+        ("coral-system", "mirror-push", mirror.host()),
+    ] {
+        plane.kubectl_ok(&[
+            "create",
+            "secret",
+            "docker-registry",
+            name,
+            "-n",
+            namespace,
+            &format!("--docker-server={host}"),
+            &format!("--docker-username={USER}"),
+            &format!("--docker-password={PASSWORD}"),
+        ]);
+    }
+    apply(
+        &plane,
+        &json!({
+            "apiVersion": "coral.dev/v1alpha1",
+            "kind": "Registry",
+            "metadata": {"name": "local"},
+            "spec": {"endpoint": mirror.host(), "credentialsSecret": "mirror-push"},
+        }),
+    );
+    apply(
+        &plane,
+        &json!({
+            "apiVersion": "coral.dev/v1alpha1",
+            "kind": "ImageSet",
+            "metadata": {"name": "mirrored", "namespace": "shop"},
+            "spec": {
+                "images": [reference],
+                "imagePullSecrets": [{"name": "source-pull"}],
+                "mirror": {"registry": "local"},
+                // Mirror only: no node is selected.
+                "nodeSelector": {"matchLabels": {"coral.dev/mirror-only": "true"}},
+            },
+        }),
+    );
+    let probe = free_address();
+    let flags = [
+        "--mirror-recheck",
+        "2s",
+        "--registry-probe-interval",
+        "1s",
+        "--probe-listen",
+        &probe.to_string(),
+    ];
+    let controller = start_controller_with(&plane, "controller-0", &flags);
+    let started = Instant::now();
+    wait_until("the image mirrored", Duration::from_secs(60), || {
+        let (status, condition) = mirror_status(&plane);
+        status["state"] == "mirrored" && condition == "True"
+    });
+    println!(
+        "mirrored {:.1} s after the controller started",
+        started.elapsed().as_secs_f64()
+    );
+    let (status, _) = mirror_status(&plane);
+    assert_eq!(status["reference"], mirror_reference.as_str());
+    let source_digest = source.manifest_digest(&reference);
+    assert_eq!(status["sourceDigest"], source_digest.as_str());
+    assert_eq!(status["digest"], source_digest.as_str());
+    assert_eq!(
+        mirror.manifest_digest(&mirror_reference),
+        source_digest,
+        "the mirror serves the source's manifest, digest kept"
+    );
+    wait_until(
+        "the Registry reachable with one image",
+        Duration::from_secs(30),
+        || {
+            let registry: Value = serde_json::from_str(
+                &plane.kubectl_ok(&["get", "registry", "local", "-o", "json"]),
+            )
+            .unwrap();
+            registry["status"]["mirroredImages"] == 1
+                && registry["status"]["conditions"][0]["status"] == "True"
+        },
+    );
+    let metrics = http_get(probe, "/metrics");
+    assert!(
+        metric(
+            &metrics,
+            "coral_mirror_bytes_copied_total{registry=\"local\"}"
+        )
+        .is_some_and(|b| b > 0.0),
+        "{metrics}"
+    );
+
+    // The tag moves at the source: the next check copies the new image.
+    source.push("shop/app", "1.0", "app two");
+    let moved = source.manifest_digest(&reference);
+    assert_ne!(moved, source_digest);
+    wait_until("the moved tag copied", Duration::from_secs(30), || {
+        mirror_status(&plane).0["digest"] == moved.as_str()
+    });
+
+    // A restart: the new leader takes up the status and copies nothing (the mirror holds
+    // everything), and the image never goes back to copying.
+    drop(controller);
+    let probe = free_address();
+    let flags = [
+        "--mirror-recheck",
+        "2s",
+        "--registry-probe-interval",
+        "1s",
+        "--probe-listen",
+        &probe.to_string(),
+    ];
+    let _controller = start_controller_with(&plane, "controller-1", &flags);
+    wait_until(
+        "the new leader checked the image",
+        Duration::from_secs(30),
+        || {
+            let metrics = http_get(probe, "/metrics");
+            assert_eq!(mirror_status(&plane).0["state"], "mirrored");
+            metric(
+                &metrics,
+                "coral_mirror_copy_duration_seconds_count{registry=\"local\"}",
+            )
+            .is_some_and(|n| n >= 2.0)
+        },
+    );
+    let metrics = http_get(probe, "/metrics");
+    assert_eq!(
+        metric(
+            &metrics,
+            "coral_mirror_bytes_copied_total{registry=\"local\"}"
+        ),
+        Some(0.0),
+        "{metrics}"
+    );
+
+    // The source down: the mirrored copy stays usable, the error is shown.
+    source.stop();
+    wait_until(
+        "the source's failure recorded",
+        Duration::from_secs(30),
+        || {
+            let (status, condition) = mirror_status(&plane);
+            status["state"] == "mirrored"
+                && condition == "True"
+                && status["lastError"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("reading the manifest of"))
+        },
+    );
+    // The mirror down: the Registry is unreachable, then reachable again.
+    mirror.stop();
+    wait_until("the Registry unreachable", Duration::from_secs(30), || {
+        let registry: Value =
+            serde_json::from_str(&plane.kubectl_ok(&["get", "registry", "local", "-o", "json"]))
+                .unwrap();
+        registry["status"]["conditions"][0]["status"] == "False"
+            && registry["status"]["lastError"].as_str().is_some()
+    });
+    mirror.resume();
+    source.resume();
+    wait_until(
+        "the Registry reachable again and the error gone",
+        Duration::from_secs(30),
+        || {
+            let registry: Value = serde_json::from_str(
+                &plane.kubectl_ok(&["get", "registry", "local", "-o", "json"]),
+            )
+            .unwrap();
+            registry["status"]["conditions"][0]["status"] == "True"
+                && mirror_status(&plane).0["lastError"].is_null()
+        },
+    );
 }

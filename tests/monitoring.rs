@@ -184,6 +184,8 @@ fn every_alert_uses_only_what_coral_exports() {
         "CoralStrandedWorkloads",
         "CoralCertificateExpiresSoon",
         "CoralControllerWithoutLeader",
+        "CoralMirrorFailing",
+        "CoralRegistryUnreachable",
     ] {
         assert!(alerts.contains(wanted), "no alert {wanted}");
     }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use kube::CustomResourceExt;
 use thiserror::Error;
 
-use super::{ImageSet, NodeImage};
+use super::{ImageSet, NodeImage, Registry};
 
 /// Failure to render or write the CRD manifests.
 #[derive(Debug, Error)]
@@ -24,7 +24,7 @@ pub enum CrdError {
 
 /// Every CRD as `(file name, YAML document)`, sorted by file name as `crds/*.yaml` globs.
 pub fn crd_files() -> Result<Vec<(String, String)>, CrdError> {
-    let mut files = [ImageSet::crd(), NodeImage::crd()]
+    let mut files = [ImageSet::crd(), NodeImage::crd(), Registry::crd()]
         .into_iter()
         .map(|crd| {
             let name = crd.metadata.name.clone().unwrap_or_default();

@@ -51,6 +51,13 @@ pub const FORCE_REMOVE_ANNOTATION: &str = "coral.dev/force-remove";
         description = "Every image is present on every targeted node"
     ),
     printcolumn(
+        name = "Mirrored",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Mirrored\")].status",
+        description = "Every image is in the mirror registry",
+        priority = 1
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -74,6 +81,33 @@ pub struct ImageSetSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub image_pull_secrets: Vec<LocalObjectReference>,
+
+    /// Copy the images into an internal registry (a cluster-scoped `Registry`). The node
+    /// selector stays optional: without one an ImageSet that mirrors prefetches onto every
+    /// node too; with `nodeSelector: {matchLabels: {coral.dev/none: ""}}`-style selectors
+    /// that match nothing it mirrors only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<ImageSetMirror>,
+}
+
+/// Where and what an ImageSet mirrors.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSetMirror {
+    /// Name of the `Registry` to copy the images into.
+    #[schemars(length(min = 1, max = 253))]
+    pub registry: String,
+
+    /// Platforms of multi-platform images to copy, `OS/ARCH[/VARIANT]` (for example
+    /// `linux/amd64`, `linux/arm64/v8`). The mirror then serves an index of only these, under
+    /// a digest of its own. Empty: every platform, and the index as the source serves it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 16),
+        inner(regex(pattern = r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$"))
+    )]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub platforms: Vec<String>,
 }
 
 /// Observed state of an ImageSet, aggregated over the targeted nodes.
@@ -84,8 +118,9 @@ pub struct ImageSetStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// `Ready` (every image on every targeted node), `Progressing` (pulls under way) and
-    /// `Degraded` (pulls failing, or a referenced secret missing).
+    /// `Ready` (every image on every targeted node), `Progressing` (pulls under way),
+    /// `Degraded` (pulls failing, or a referenced secret missing) and, for an ImageSet that
+    /// mirrors, `Mirrored` (every image held by the mirror registry).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -155,4 +190,51 @@ pub struct ImageSetImageStatus {
     /// Targeted nodes where pulling the image failed.
     #[serde(default)]
     pub nodes_failed: i32,
+    /// The image's copy in the ImageSet's mirror registry, when it mirrors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<ImageMirrorStatus>,
+}
+
+/// The state of one image's copy in the mirror.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageMirrorStatus {
+    /// The reference pods pull the copy by.
+    pub reference: String,
+    /// `copying`, `mirrored` (the mirror holds the image) or `failed` (it does not; see
+    /// `lastError`).
+    pub state: MirrorState,
+    /// The digest the source reference resolved to when last checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_digest: Option<String>,
+    /// The digest the mirror serves under `reference`: the source's, unless only some
+    /// platforms of an index were copied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// When the source was last compared with the mirror.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checked: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// The last failure, kept while a mirrored copy stays usable (a source that is down).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Where one image's copy in the mirror stands.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum MirrorState {
+    #[default]
+    Copying,
+    Mirrored,
+    Failed,
+}
+
+impl MirrorState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Copying => "copying",
+            Self::Mirrored => "mirrored",
+            Self::Failed => "failed",
+        }
+    }
 }

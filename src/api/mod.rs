@@ -3,13 +3,15 @@
 mod crd;
 mod imageset;
 mod nodeimage;
+mod registry;
 
 pub use crd::{CrdError, crd_files, crd_stream, write_crds};
 pub use imageset::{
-    FORCE_REMOVE_ANNOTATION, ImageSet, ImageSetImageStatus, ImageSetSpec, ImageSetStatus,
-    RetiringImage,
+    FORCE_REMOVE_ANNOTATION, ImageMirrorStatus, ImageSet, ImageSetImageStatus, ImageSetMirror,
+    ImageSetSpec, ImageSetStatus, MirrorState, RetiringImage,
 };
 pub use nodeimage::{ImageState, NodeImage, NodeImageEntry, NodeImageSpec, NodeImageStatus};
+pub use registry::{Registry, RegistrySpec, RegistryStatus, RegistryTls, SecretKey};
 
 /// API group of Coral's resources.
 pub const GROUP: &str = "coral.dev";

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use coral::agent::parse_duration;
+use coral::controller::mirroring::MirrorOptions;
 use coral::controller::{CertTargets, ControllerOptions};
 
 #[derive(Debug, Args)]
@@ -66,6 +67,17 @@ pub struct ControllerArgs {
         env = "CORAL_POLICIES_CONFIGMAP"
     )]
     policies_configmap: coral::webhook::ObjectName,
+    /// Images of mirroring ImageSets copied into their Registry at once.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64), env = "CORAL_MIRROR_CONCURRENCY")]
+    mirror_concurrency: u16,
+    /// How often a mirrored image's source tag is compared with the mirror; a tag that moved
+    /// is copied again (a check transfers nothing when nothing moved).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration, env = "CORAL_MIRROR_RECHECK")]
+    mirror_recheck: Duration,
+    /// How often every Registry is probed (`GET /v2/` with its credentials) for its
+    /// `Reachable` condition.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, env = "CORAL_REGISTRY_PROBE_INTERVAL")]
+    registry_probe_interval: Duration,
 }
 
 pub fn run_controller(args: ControllerArgs) -> Result<ExitCode> {
@@ -85,6 +97,11 @@ pub fn run_controller(args: ControllerArgs) -> Result<ExitCode> {
         }),
         probe_listen: args.probe_listen,
         policies_configmap: Some(args.policies_configmap),
+        mirror: MirrorOptions {
+            concurrency: usize::from(args.mirror_concurrency),
+            recheck: args.mirror_recheck.max(Duration::from_secs(1)),
+            probe_every: args.registry_probe_interval.max(Duration::from_secs(1)),
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

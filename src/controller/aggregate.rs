@@ -300,6 +300,8 @@ pub fn image_set_status(
             nodes_available: clamp(counts.available),
             nodes_pulling: clamp(counts.pulling),
             nodes_failed: clamp(counts.failed),
+            // The mirror worker's part; see `mirroring::with_mirror`.
+            mirror: None,
         })
         .collect();
     let complete = summary
@@ -381,7 +383,15 @@ pub fn image_set_status(
     ]
     .into_iter()
     .map(|(kind, (status, reason, message))| {
-        condition(kind, status, reason, message, generation, previous, now)
+        condition(
+            kind,
+            status,
+            reason,
+            message,
+            generation,
+            previous_conditions(previous),
+            now,
+        )
     })
     .collect();
     ImageSetStatus {
@@ -396,18 +406,25 @@ pub fn image_set_status(
     }
 }
 
+/// The conditions of a previous status, if there is one.
+pub(crate) fn previous_conditions(previous: Option<&ImageSetStatus>) -> &[Condition] {
+    previous.map_or(&[], |p| p.conditions.as_slice())
+}
+
+/// A condition that keeps its `lastTransitionTime` from `previous` while its status stays.
 pub(crate) fn condition(
     kind: &str,
     status: &str,
     reason: &str,
     message: String,
     generation: Option<i64>,
-    previous: Option<&ImageSetStatus>,
+    previous: &[Condition],
     now: &Time,
 ) -> Condition {
     let message: String = message.chars().take(32_000).collect();
     let transition = previous
-        .and_then(|p| p.conditions.iter().find(|c| c.type_ == kind))
+        .iter()
+        .find(|c| c.type_ == kind)
         .filter(|c| c.status == status)
         .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
     Condition {

@@ -1,10 +1,12 @@
 //! The controller: aggregates NodeImages and Node labels into ImageSet status, records Events,
 //! owns the ImageSet finalizer, copies pull secrets into Coral's namespace and, optionally,
-//! manages the webhook's certificate. One replica leads (a Lease); only the leader writes.
+//! manages the webhook's certificate, and mirrors the images of ImageSets with `spec.mirror`
+//! into their Registry. One replica leads (a Lease); only the leader writes and copies.
 
 pub mod aggregate;
 pub mod certs;
 pub mod leader;
+pub mod mirroring;
 mod patches;
 pub mod retiring;
 mod run;
@@ -61,6 +63,8 @@ pub struct ControllerOptions {
     /// The policy ConfigMap whose `settings.json` gives `minAvailableNodes` for judging
     /// stranded workloads; the default settings when `None` or absent.
     pub policies_configmap: Option<ObjectName>,
+    /// The mirror worker's settings.
+    pub mirror: mirroring::MirrorOptions,
 }
 
 #[cfg(test)]

@@ -176,7 +176,7 @@ fn retiring_condition(
         "StillRequired",
         message,
         generation,
-        previous,
+        super::aggregate::previous_conditions(previous),
         now,
     )
 }

@@ -20,12 +20,13 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use super::aggregate::{Aggregator, Problems};
+use super::mirroring::Mirroring;
 use super::retiring::LabelUsers;
 use super::secrets::referenced_secrets;
 use super::workloads::Workloads;
 use super::writer::{Writer, find_stranded};
 use super::{ControllerOptions, REPORTER, leader, secrets};
-use crate::api::{ImageSet, NodeImage};
+use crate::api::{ImageSet, NodeImage, Registry};
 use crate::index::{ClusterIndex, ClusterObjects};
 use crate::metrics::ControllerMetrics;
 use crate::policy::{SETTINGS_FILE, Settings};
@@ -41,7 +42,7 @@ impl crate::probe::Probes for ControllerProbes {
         if self.synced.load(Ordering::SeqCst) {
             Ok(())
         } else {
-            Err("ImageSets, Nodes and NodeImages not listed yet".to_string())
+            Err("ImageSets, Nodes, NodeImages and Registries not listed yet".to_string())
         }
     }
 
@@ -214,6 +215,20 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
         aggregator.clone(),
         changed.clone(),
     );
+    // Registries wake the mirror worker; the ImageSets' watch does too (below).
+    let mirror_wake = Arc::new(Notify::new());
+    let (registries, writer) = reflector::store::<Registry>();
+    {
+        let wake = mirror_wake.clone();
+        crate::cluster::spawn_watch(
+            "registries",
+            watcher(Api::<Registry>::all(client.clone()), config())
+                .default_backoff()
+                .reflect(writer),
+            move || wake.notify_one(),
+            || {},
+        );
+    }
     let workloads = Workloads::watch(&client, &changed);
     let policies = options.policies_configmap.as_ref().map(|name| {
         let (store, writer) = reflector::store::<ConfigMap>();
@@ -227,13 +242,29 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
         store
     });
     wait_ready(&image_sets, &nodes, &node_images).await?;
+    registries.wait_until_ready().await?;
     workloads.wait_until_ready().await?;
     if let Some(policies) = &policies {
         policies.wait_until_ready().await?;
     }
     probes.synced.store(true, Ordering::SeqCst);
-    info!("ImageSets, Nodes, NodeImages and workloads listed");
+    info!("ImageSets, Nodes, NodeImages, Registries and workloads listed");
+    let mirroring = Mirroring::new(
+        client.clone(),
+        options.namespace.clone(),
+        metrics.clone(),
+        options.mirror.clone(),
+    );
+    tokio::spawn(mirroring.clone().run(
+        image_sets.clone(),
+        registries.clone(),
+        leading.clone(),
+        mirror_wake.clone(),
+        changed.clone(),
+    ));
     let watched = Watched {
+        mirroring,
+        mirror_wake,
         image_sets,
         nodes,
         workloads,
@@ -271,6 +302,9 @@ pub async fn run(options: ControllerOptions) -> anyhow::Result<()> {
 
 /// What the controller watches besides the aggregation's inputs.
 struct Watched {
+    mirroring: Arc<Mirroring>,
+    /// Wakes the mirror worker: on every pass, since ImageSets changed or a resync is due.
+    mirror_wake: Arc<Notify>,
     image_sets: Store<ImageSet>,
     nodes: Store<Node>,
     workloads: Workloads,
@@ -348,6 +382,7 @@ async fn reconcile_all(
             BTreeSet::new()
         }
     };
+    watched.mirror_wake.notify_one();
     let now = Timestamp::now();
     for set in &sets {
         if !leading.load(Ordering::SeqCst) {
@@ -365,8 +400,11 @@ async fn reconcile_all(
                 .collect(),
         };
         let started = Instant::now();
+        let copies = watched.mirroring.copies(&namespace, &set.name_any());
         let result = writer
-            .reconcile(set, &sets, aggregator, &problems, &users, options, now)
+            .reconcile(
+                set, &sets, aggregator, &problems, &users, &copies, options, now,
+            )
             .await;
         writer
             .metrics

@@ -39,6 +39,11 @@ fn options() -> ControllerOptions {
         certs: None,
         probe_listen: "127.0.0.1:0".parse().expect("address"),
         policies_configmap: None,
+        mirror: crate::controller::mirroring::MirrorOptions {
+            concurrency: 2,
+            recheck: Duration::from_secs(600),
+            probe_every: Duration::from_secs(30),
+        },
     }
 }
 
@@ -131,7 +136,17 @@ async fn reconcile_with_users(
     let (writer, handle) = writer();
     let options = options();
     let problems = Problems::default();
-    let work = writer.reconcile(set, all, aggregator, &problems, users, &options, now());
+    let copies = std::collections::BTreeMap::new();
+    let work = writer.reconcile(
+        set,
+        all,
+        aggregator,
+        &problems,
+        users,
+        &copies,
+        &options,
+        now(),
+    );
     serve(handle, work, answer).await
 }
 

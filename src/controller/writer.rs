@@ -1,7 +1,7 @@
 //! The API calls of a reconcile: finalizer, status, Events, label cleanup, stranded
 //! workloads.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, PoisonError};
 
 use anyhow::Context;
@@ -18,12 +18,13 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use super::aggregate::{Aggregator, Problems, image_set_status, transitions};
+use super::mirroring::with_mirror;
 use super::patches::{
     add_finalizer_patch, has_finalizer, orphan_labels, remove_finalizer_patch, status_patch,
 };
 use super::retiring::{LabelUsers, with_retiring};
 use super::{CertTargets, ControllerOptions, certs, retiring};
-use crate::api::ImageSet;
+use crate::api::{ImageMirrorStatus, ImageSet};
 use crate::index::{ClusterIndex, Stranded, stranded_workload};
 use crate::metrics::ControllerMetrics;
 use crate::policy::WorkloadKind;
@@ -64,6 +65,7 @@ impl Writer {
         aggregator: &Mutex<Aggregator>,
         problems: &Problems,
         users: &LabelUsers,
+        copies: &BTreeMap<String, ImageMirrorStatus>,
         options: &ControllerOptions,
         now: Timestamp,
     ) -> Result<Outcome, kube::Error> {
@@ -129,6 +131,7 @@ impl Writer {
                 set.status.as_ref(),
                 &Time(now),
             );
+            let status = with_mirror(status, set, copies, set.status.as_ref(), &Time(now));
             let notices = transitions(set.status.as_ref(), &status, &summary);
             (status, notices)
         };

@@ -378,8 +378,7 @@ mod tests {
             name,
             ImageSetSpec {
                 images: images.iter().map(|i| i.to_string()).collect(),
-                node_selector: None,
-                image_pull_secrets: Vec::new(),
+                ..ImageSetSpec::default()
             },
         );
         set.metadata.namespace = Some("shop".into());

@@ -31,7 +31,7 @@ fn image_set(
         ImageSetSpec {
             images: images.iter().map(|i| i.to_string()).collect(),
             node_selector: selector,
-            image_pull_secrets: Vec::new(),
+            ..ImageSetSpec::default()
         },
     );
     set.metadata.namespace = Some(namespace.to_string());

@@ -54,6 +54,15 @@ pub enum MirrorError {
 }
 
 impl MirrorError {
+    /// Whether the failure was on the source's side (reading from it, or what it served).
+    pub fn on_source(&self) -> bool {
+        match self {
+            Self::Registry { what, .. } => what.starts_with("reading"),
+            Self::Digest { .. } => true,
+            Self::Plan(_) => false,
+        }
+    }
+
     /// Whether trying again may help: only a registry failure marked transient.
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -156,18 +165,46 @@ impl Copier {
         plain_http: Vec<String>,
         blob_concurrency: usize,
     ) -> anyhow::Result<Self> {
+        Self::with_roots(keyring, plain_http, &[], blob_concurrency)
+    }
+
+    /// As [`Copier::new`], trusting the certificates of the PEM bundle `roots` beside the
+    /// system's roots (a Registry's CA).
+    pub fn with_roots(
+        keyring: Keyring,
+        plain_http: Vec<String>,
+        roots: &[u8],
+        blob_concurrency: usize,
+    ) -> anyhow::Result<Self> {
         // reqwest runs on rustls without a provider of its own: the ring one Coral uses (an
         // error only says one is installed already).
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let certificates = pem_certificates(roots)?;
         let config = ClientConfig {
             protocol: ClientProtocol::HttpsExcept(plain_http.clone()),
             read_timeout: Some(READ_TIMEOUT),
             connect_timeout: Some(CONNECT_TIMEOUT),
+            extra_root_certificates: certificates
+                .iter()
+                .map(|pem| oci_client::client::Certificate {
+                    encoding: oci_client::client::CertificateEncoding::Pem,
+                    data: pem.clone(),
+                })
+                .collect(),
             ..ClientConfig::default()
         };
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT)
+            .read_timeout(READ_TIMEOUT);
+        for pem in &certificates {
+            let certificate = reqwest::Certificate::from_pem(pem).map_err(|e| {
+                anyhow::anyhow!(
+                    "the registry CA bundle holds a certificate that cannot be read: {e}"
+                )
+            })?;
+            http = http.add_root_certificate(certificate);
+        }
+        let http = http
             .build()
             .map_err(|e| anyhow::anyhow!("cannot set up the HTTP client for registries: {e}"))?;
         Ok(Self {
@@ -197,6 +234,55 @@ impl Copier {
         plain.sort();
         plain.dedup();
         Self::new(keyring, plain, blob_concurrency)
+    }
+
+    /// Whether `target` answers the registry API with the keyring's credentials for it:
+    /// `GET /v2/`, and for a registry that hands out tokens, a pull token for a repository
+    /// under the target. The error says what failed.
+    pub async fn probe(&self, target: &MirrorTarget) -> Result<(), String> {
+        let endpoint = target.endpoint();
+        let scheme = if self.plain_http.iter().any(|r| r == endpoint) {
+            "http"
+        } else {
+            "https"
+        };
+        let probe = ImageReference::parse(&format!("{target}/coral-probe"))
+            .map_err(|e| format!("the endpoint {target} does not make a reference: {e}"))?;
+        let auth = self.auth(&probe);
+        let mut request = self.http.get(format!("{scheme}://{endpoint}/v2/"));
+        if let Some(header) = authorization(&auth, None) {
+            request = request.header(reqwest::header::AUTHORIZATION, header);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("GET {scheme}://{endpoint}/v2/: {}", error_chain(&e)))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let bearer = response
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().starts_with("bearer"));
+        if status == reqwest::StatusCode::UNAUTHORIZED && bearer {
+            return self
+                .client
+                .auth(&oci_reference(&probe), &auth, RegistryOperation::Pull)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("the registry's token service refused: {e}"));
+        }
+        let (message, _) = refusal(&format!("GET {scheme}://{endpoint}/v2/"), response).await;
+        Err(if status == reqwest::StatusCode::UNAUTHORIZED {
+            match auth {
+                RegistryAuth::Anonymous => format!("{message} (no credentials for {endpoint})"),
+                _ => format!("{message} (the credentials were refused)"),
+            }
+        } else {
+            message
+        })
     }
 
     fn auth(&self, image: &ImageReference) -> RegistryAuth {
@@ -362,10 +448,13 @@ impl Copier {
         copied: &mut Copied,
     ) -> Result<(), MirrorError> {
         let bytes = Arc::new(AtomicU64::new(0));
-        let results: Vec<Result<bool, MirrorError>> = futures::stream::iter(image.blobs())
-            .map(|blob| {
+        // Owned descriptors: a closure over borrowed ones makes the future not Send (the
+        // controller runs copies on a multi-threaded runtime).
+        let blobs: Vec<Descriptor> = image.blobs().into_iter().cloned().collect();
+        let results: Vec<Result<bool, MirrorError>> = futures::stream::iter(blobs)
+            .map(|blob: Descriptor| {
                 let bytes = bytes.clone();
-                async move { self.copy_blob(blob, route, bytes).await }
+                async move { self.copy_blob(&blob, route, bytes).await }
             })
             .buffer_unordered(self.blob_concurrency)
             .collect()
@@ -614,4 +703,41 @@ async fn refusal(doing: &str, response: reqwest::Response) -> (String, bool) {
         format!("{doing}: {status} {detail}").trim_end().to_string(),
         transient,
     )
+}
+
+/// The certificates of a PEM bundle, each as its own PEM block. An empty bundle is no
+/// certificate; a bundle with text but no certificate is an error.
+fn pem_certificates(bundle: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let text = std::str::from_utf8(bundle)
+        .map_err(|_| anyhow::anyhow!("the registry CA bundle is not PEM text"))?;
+    let mut certificates = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
+        let Some(end) = rest[start..].find(END) else {
+            anyhow::bail!("the registry CA bundle has a certificate without its END line");
+        };
+        let end = start + end + END.len();
+        certificates.push(format!("{}\n", &rest[start..end]).into_bytes());
+        rest = &rest[end..];
+    }
+    if certificates.is_empty() && !text.trim().is_empty() {
+        anyhow::bail!("the registry CA bundle holds no PEM certificate");
+    }
+    Ok(certificates)
+}
+
+/// An error with its sources, as one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
 }

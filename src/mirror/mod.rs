@@ -1,7 +1,8 @@
 //! Mirroring images into a registry: a pure plan (the mapping rule from a source reference to
 //! its mirror reference, the platforms kept, what a copy moves) in [`plan`], apart from the
-//! registry I/O in [`copy`].
+//! registry I/O in [`copy`]; the mirror worker's state and decisions in [`book`].
 
+pub mod book;
 pub mod copy;
 pub mod plan;
 

@@ -245,3 +245,351 @@ fn uploads_authenticate_with_the_registry_token_or_the_credential() {
         None
     );
 }
+
+mod book {
+    use std::collections::BTreeMap;
+    use std::time::{Duration, Instant};
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    use crate::api::{
+        ImageSet, ImageSetImageStatus, ImageSetMirror, ImageSetSpec, ImageSetStatus, MirrorState,
+        Registry, RegistrySpec, RegistryTls,
+    };
+    use crate::mirror::book::*;
+    use crate::mirror::{Copied, MirrorError, MirrorTarget};
+
+    const RECHECK: Duration = Duration::from_secs(600);
+
+    fn set(images: &[&str], registry: &str, platforms: &[&str]) -> ImageSet {
+        let mut set = ImageSet::new(
+            "cache",
+            ImageSetSpec {
+                images: images.iter().map(|s| s.to_string()).collect(),
+                mirror: Some(ImageSetMirror {
+                    registry: registry.to_string(),
+                    platforms: platforms.iter().map(|s| s.to_string()).collect(),
+                }),
+                ..ImageSetSpec::default()
+            },
+        );
+        set.metadata.namespace = Some("team-a".into());
+        set
+    }
+
+    fn targets(endpoint: &str) -> BTreeMap<String, Option<MirrorTarget>> {
+        BTreeMap::from([("local".to_string(), Some(endpoint.parse().expect("target")))])
+    }
+
+    fn copied(want: &Wanted, digest: &str) -> Attempt {
+        let target: MirrorTarget = "localhost:5000".parse().expect("target");
+        Attempt::Copied(Box::new(Copied {
+            source: want.source.clone(),
+            mirror: crate::mirror::mirror_reference(&want.source, &target).expect("mapped"),
+            source_digest: digest.to_string(),
+            mirror_digest: digest.to_string(),
+            already: false,
+            blobs_copied: 2,
+            blobs_skipped: 0,
+            bytes_copied: 10,
+            took: Duration::from_millis(5),
+        }))
+    }
+
+    fn source_down() -> Attempt {
+        Attempt::Failed(MirrorError::Registry {
+            what: "reading the manifest of",
+            reference: "docker.io/library/nginx:1.27".into(),
+            message: "connection refused".into(),
+            transient: true,
+        })
+    }
+
+    fn wall() -> Time {
+        Time(Timestamp::from_second(1_800_000_000).expect("time"))
+    }
+
+    #[test]
+    fn only_sets_that_mirror_want_copies_once_per_image() {
+        let wanted = wanted(&set(
+            &["nginx:1.27", "docker.io/library/nginx:1.27", "bad ref"],
+            "local",
+            &[],
+        ))
+        .expect("wanted");
+        assert_eq!(
+            wanted.len(),
+            1,
+            "one copy per normalized image, none for a bad reference"
+        );
+        assert_eq!(wanted[0].key.image, "docker.io/library/nginx:1.27");
+        let mut plain = set(&["nginx:1.27"], "local", &[]);
+        plain.spec.mirror = None;
+        assert!(
+            super::super::book::wanted(&plain)
+                .expect("wanted")
+                .is_empty()
+        );
+        let error = super::super::book::wanted(&set(&["nginx"], "local", &["linux"]))
+            .expect_err("bad platform");
+        assert!(error.starts_with("spec.mirror.platforms: "), "{error}");
+    }
+
+    #[test]
+    fn a_copy_is_due_once_then_after_its_recheck_or_backoff() {
+        let want = wanted(&set(&["nginx:1.27"], "local", &[])).expect("wanted");
+        let mut book = Book::new(RECHECK);
+        let start = Instant::now();
+        let due = book.due(&want, &targets("localhost:5000"), start);
+        assert_eq!(due.len(), 1);
+        assert!(
+            book.due(&want, &targets("localhost:5000"), start)
+                .is_empty(),
+            "a running copy is not started twice"
+        );
+        let status = book.status(&want[0].key).expect("status");
+        assert_eq!(status.state, MirrorState::Copying);
+        assert_eq!(
+            status.reference,
+            "localhost:5000/docker.io/library/nginx:1.27"
+        );
+
+        book.finish(
+            &want[0].key,
+            &copied(&want[0], "sha256:1"),
+            start,
+            &wall(),
+            0.5,
+        );
+        let status = book.status(&want[0].key).expect("status");
+        assert_eq!(status.state, MirrorState::Mirrored);
+        assert_eq!(status.digest.as_deref(), Some("sha256:1"));
+        assert_eq!(book.mirrored_in("local"), 1);
+        assert!(
+            book.due(&want, &targets("localhost:5000"), start + RECHECK / 2)
+                .is_empty()
+        );
+        assert_eq!(
+            book.due(&want, &targets("localhost:5000"), start + RECHECK)
+                .len(),
+            1,
+            "the source tag is checked again"
+        );
+
+        // The source is down: the mirror still holds the image, so it stays mirrored.
+        let later = start + RECHECK;
+        book.finish(&want[0].key, &source_down(), later, &wall(), 0.5);
+        let status = book.status(&want[0].key).expect("status");
+        assert_eq!(status.state, MirrorState::Mirrored);
+        assert!(
+            status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("connection refused"))
+        );
+        assert!(
+            book.due(
+                &want,
+                &targets("localhost:5000"),
+                later + Duration::from_millis(900)
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            book.due(
+                &want,
+                &targets("localhost:5000"),
+                later + Duration::from_secs(1)
+            )
+            .len(),
+            1,
+            "retried after the backoff"
+        );
+    }
+
+    #[test]
+    fn a_copy_that_never_landed_fails_and_backs_off_with_jitter() {
+        let want = wanted(&set(&["nginx:1.27"], "missing", &[])).expect("wanted");
+        let mut book = Book::new(RECHECK);
+        let start = Instant::now();
+        let due = book.due(&want, &BTreeMap::new(), start);
+        assert_eq!(
+            due.len(),
+            1,
+            "a copy into a missing Registry is tried, and fails with the reason"
+        );
+        book.finish(
+            &want[0].key,
+            &Attempt::Unusable("Registry missing not found".into()),
+            start,
+            &wall(),
+            0.0,
+        );
+        let status = book.status(&want[0].key).expect("status");
+        assert_eq!(status.state, MirrorState::Failed);
+        assert_eq!(
+            status.last_error.as_deref(),
+            Some("Registry missing not found")
+        );
+        assert_eq!(backoff(1, 0.0), Duration::from_millis(750));
+        assert_eq!(backoff(1, 1.0), Duration::from_millis(1250));
+        assert_eq!(backoff(3, 0.5), Duration::from_secs(4));
+        assert_eq!(backoff(30, 0.5), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn a_set_that_moves_to_another_registry_or_platforms_copies_again() {
+        let mut book = Book::new(RECHECK);
+        let start = Instant::now();
+        let want = wanted(&set(&["nginx:1.27"], "local", &[])).expect("wanted");
+        book.due(&want, &targets("localhost:5000"), start);
+        book.finish(
+            &want[0].key,
+            &copied(&want[0], "sha256:1"),
+            start,
+            &wall(),
+            0.5,
+        );
+        let moved = book.due(&want, &targets("localhost:5001"), start);
+        assert_eq!(moved.len(), 1, "a new endpoint is a new copy");
+        let status = book.status(&want[0].key).expect("status");
+        assert_eq!(
+            (status.state, status.reference.as_str()),
+            (
+                MirrorState::Copying,
+                "localhost:5001/docker.io/library/nginx:1.27"
+            )
+        );
+        let narrowed = wanted(&set(&["nginx:1.27"], "local", &["linux/amd64"])).expect("wanted");
+        assert_eq!(
+            book.due(&narrowed, &targets("localhost:5001"), start).len(),
+            1,
+            "other platforms are a new copy"
+        );
+        assert!(book.due(&[], &targets("localhost:5001"), start).is_empty());
+        assert!(
+            book.status(&want[0].key).is_none(),
+            "an image no longer wanted is forgotten"
+        );
+    }
+
+    #[test]
+    fn a_restart_takes_up_the_status_and_checks_at_once() {
+        let mut written = set(&["nginx:1.27"], "local", &[]);
+        written.status = Some(ImageSetStatus {
+            images: vec![ImageSetImageStatus {
+                image: "nginx:1.27".into(),
+                normalized: "docker.io/library/nginx:1.27".into(),
+                mirror: Some(crate::api::ImageMirrorStatus {
+                    reference: "localhost:5000/docker.io/library/nginx:1.27".into(),
+                    state: MirrorState::Mirrored,
+                    digest: Some("sha256:1".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let mut book = Book::new(RECHECK);
+        let start = Instant::now();
+        book.seed(&written, start);
+        let want = wanted(&written).expect("wanted");
+        assert_eq!(
+            book.due(&want, &targets("localhost:5000"), start).len(),
+            1,
+            "checked at once"
+        );
+        let status = book.status(&want[0].key).expect("status");
+        assert_eq!(
+            status.state,
+            MirrorState::Mirrored,
+            "a restart does not make a mirrored image copying again"
+        );
+        assert_eq!(status.digest.as_deref(), Some("sha256:1"));
+    }
+
+    #[test]
+    fn plain_http_is_for_loopback_cluster_local_and_private_addresses_only() {
+        for endpoint in [
+            "localhost:5000",
+            "127.0.0.1:30500",
+            "[::1]:5000",
+            "registry.coral-system.svc:5000",
+            "registry.coral-system.svc.cluster.local",
+            "10.0.0.5:30500",
+            "192.168.1.2",
+            "[fd00::1]:5000",
+        ] {
+            assert!(
+                may_use_plain_http(&endpoint.parse().expect("target")),
+                "{endpoint}"
+            );
+        }
+        for endpoint in [
+            "registry.example.com",
+            "8.8.8.8:5000",
+            "svc.example.com:5000",
+        ] {
+            assert!(
+                !may_use_plain_http(&endpoint.parse().expect("target")),
+                "{endpoint}"
+            );
+        }
+        let registry = |endpoint: &str, plain_http: bool| {
+            Registry::new(
+                "r",
+                RegistrySpec {
+                    endpoint: endpoint.into(),
+                    tls: RegistryTls {
+                        plain_http,
+                        ca_secret: None,
+                    },
+                    credentials_secret: None,
+                },
+            )
+        };
+        assert!(
+            destination(&registry("localhost:5000", false))
+                .expect("ok")
+                .plain_http,
+            "loopback is plain HTTP, as containerd treats it"
+        );
+        assert!(
+            !destination(&registry("registry.example.com", false))
+                .expect("ok")
+                .plain_http
+        );
+        let error = destination(&registry("registry.example.com", true)).expect_err("refused");
+        assert!(
+            error.contains("spec.tls.plainHTTP is allowed only for"),
+            "{error}"
+        );
+        let error = destination(&registry("Bad Endpoint", false)).expect_err("refused");
+        assert!(error.starts_with("spec.endpoint: "), "{error}");
+    }
+
+    #[test]
+    fn failures_are_counted_by_the_side_that_failed() {
+        let source = MirrorError::Registry {
+            what: "reading a blob of",
+            reference: "r".into(),
+            message: "m".into(),
+            transient: true,
+        };
+        let mirror = MirrorError::Registry {
+            what: "writing a blob of",
+            reference: "r".into(),
+            message: "m".into(),
+            transient: true,
+        };
+        assert_eq!(failure_reason(&source), "source");
+        assert_eq!(failure_reason(&mirror), "mirror");
+        let digest = MirrorError::Digest {
+            reference: "r".into(),
+            expected: "a".into(),
+            got: "b".into(),
+        };
+        assert_eq!(failure_reason(&digest), "digest");
+    }
+}
