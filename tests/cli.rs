@@ -122,7 +122,7 @@ fn crd_output_equals_the_committed_crds() {
     );
     assert_eq!(
         committed.matches("kind: CustomResourceDefinition").count(),
-        2
+        3
     );
 }
 

@@ -721,6 +721,10 @@ async fn cluster_mode_decides_from_the_listed_state_and_the_policy_configmap() {
             list("coral.dev/v1alpha1", "NodeImageList", vec![]),
         ),
         (
+            "/apis/coral.dev/v1alpha1/registries".to_string(),
+            list("coral.dev/v1alpha1", "RegistryList", vec![]),
+        ),
+        (
             "/api/v1/namespaces/coral-system/configmaps".to_string(),
             list(
                 "v1",

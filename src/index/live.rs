@@ -1,5 +1,5 @@
 //! An index kept up to date by watch events, without a store of the watched objects beside it:
-//! each Node, NodeImage, ImageSet and Namespace is read into the index as it arrives and
+//! each Node, NodeImage, ImageSet, Registry and Namespace is read into the index as it arrives and
 //! dropped. A Node's status (the images the kubelet reports, conditions, addresses) is never
 //! kept, and neither is a NodeImage beyond its failed pulls.
 //!
@@ -16,7 +16,7 @@ use kube::runtime::watcher::Event;
 use serde::{Deserialize, Deserializer};
 
 use super::ClusterIndex;
-use crate::api::{ImageSet, ImageState};
+use crate::api::{ImageSet, ImageState, Registry};
 use crate::image::ImageReference;
 
 /// Of an object's metadata, what a watch needs (name, namespace, uid, resourceVersion) and
@@ -151,14 +151,16 @@ enum Resource {
     Nodes,
     Namespaces,
     NodeImages,
+    Registries,
 }
 
 impl Resource {
-    const ALL: [Resource; 4] = [
+    const ALL: [Resource; 5] = [
         Self::ImageSets,
         Self::Nodes,
         Self::Namespaces,
         Self::NodeImages,
+        Self::Registries,
     ];
 
     fn slot(self) -> usize {
@@ -171,9 +173,9 @@ impl Resource {
 pub struct LiveIndex {
     index: ClusterIndex,
     /// Keys applied since the current (re)list began, per resource.
-    relisting: [Option<BTreeSet<String>>; 4],
+    relisting: [Option<BTreeSet<String>>; 5],
     /// Resources whose first list is complete.
-    listed: [bool; 4],
+    listed: [bool; 5],
 }
 
 /// How one resource's objects go in and out of the index.
@@ -216,6 +218,10 @@ impl LiveIndex {
     }
 
     pub fn node_image(&mut self, event: Event<WatchedNodeImage>) -> bool {
+        self.feed(event)
+    }
+
+    pub fn registry(&mut self, event: Event<Registry>) -> bool {
         self.feed(event)
     }
 
@@ -304,6 +310,26 @@ impl Feed for WatchedNode {
 
     fn keys(index: &ClusterIndex) -> Vec<String> {
         index.nodes.keys().cloned().collect()
+    }
+}
+
+impl Feed for Registry {
+    const RESOURCE: Resource = Resource::Registries;
+
+    fn key(&self) -> Option<String> {
+        self.metadata.name.clone()
+    }
+
+    fn apply(&self, index: &mut ClusterIndex) -> bool {
+        index.apply_registry(self)
+    }
+
+    fn remove(key: &str, index: &mut ClusterIndex) -> bool {
+        index.delete_registry(key)
+    }
+
+    fn keys(index: &ClusterIndex) -> Vec<String> {
+        index.registries.keys().cloned().collect()
     }
 }
 
@@ -457,6 +483,8 @@ mod tests {
             LiveIndex::node_image,
             vec![node_image("b", "docker.io/library/nginx:1.27")],
         );
+        assert!(!live.listed(), "Registries are not listed yet");
+        list(&mut live, LiveIndex::registry, Vec::new());
         assert!(live.listed());
         let index = live.index();
         assert_eq!(index.label_counts().get(image), Some(&2));

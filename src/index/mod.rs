@@ -96,6 +96,37 @@ struct IndexedImageSet {
     selector: Option<Selector>,
     /// It pulls with `imagePullSecrets`: its images are private to its namespace.
     credentials: bool,
+    /// The copies its status records in its mirror Registry, by normalized source reference.
+    copies: BTreeMap<String, IndexedCopy>,
+}
+
+/// One image's copy in a mirror, as an ImageSet's status records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct IndexedCopy {
+    registry: String,
+    reference: String,
+    digest: Option<String>,
+    /// The mirror holds it (state `mirrored`).
+    mirrored: bool,
+}
+
+/// What the index holds of one Registry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RegistryHealth {
+    pub endpoint: String,
+    /// Its `Reachable` condition is True: the controller's last probe answered.
+    pub reachable: bool,
+}
+
+/// An image's copy in a mirror, for the policies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MirrorAvailability {
+    /// The mirror reference pods would pull.
+    pub reference: String,
+    pub digest: Option<String>,
+    pub registry: String,
+    /// The mirror holds it and its Registry answered the last probe.
+    pub ready: bool,
 }
 
 /// What the index holds of one node. Shared between an index and its clones until one of
@@ -125,6 +156,9 @@ pub struct ImageAvailability {
     /// The namespaces of the ImageSets that pull it with credentials, sorted: a private image
     /// is for their pods. Empty: no ImageSet gives credentials for it.
     pub private_to: Vec<String>,
+    /// Its copy in a mirror, when an ImageSet managing it mirrors it: a ready copy first, of
+    /// the first such ImageSet (by namespace and name).
+    pub mirror: Option<MirrorAvailability>,
 }
 
 /// The cluster state, keyed for cheap updates. Node labels are interned: a clone shares them,
@@ -137,6 +171,7 @@ pub struct ClusterIndex {
     /// nodes the index knows only: a NodeImage may outlive its node for a while.
     failed: BTreeMap<String, BTreeSet<String>>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    registries: BTreeMap<String, RegistryHealth>,
     symbols: Symbols,
 }
 
@@ -165,10 +200,31 @@ impl ClusterIndex {
             .filter_map(|raw| ImageReference::parse(raw).ok())
             .collect();
         let selector = Selector::new(set.spec.node_selector.as_ref()).ok();
+        let copies = match &set.spec.mirror {
+            Some(mirror) => set
+                .status
+                .iter()
+                .flat_map(|status| &status.images)
+                .filter_map(|image| {
+                    let copy = image.mirror.as_ref().filter(|c| !c.reference.is_empty())?;
+                    Some((
+                        image.normalized.clone(),
+                        IndexedCopy {
+                            registry: mirror.registry.clone(),
+                            reference: copy.reference.clone(),
+                            digest: copy.digest.clone(),
+                            mirrored: copy.state == crate::api::MirrorState::Mirrored,
+                        },
+                    ))
+                })
+                .collect(),
+            None => BTreeMap::new(),
+        };
         let indexed = IndexedImageSet {
             images,
             selector,
             credentials: !set.spec.image_pull_secrets.is_empty(),
+            copies,
         };
         let key = (namespace, name);
         if self.image_sets.get(&key) == Some(&indexed) {
@@ -182,6 +238,48 @@ impl ClusterIndex {
         self.image_sets
             .remove(&(namespace.to_string(), name.to_string()))
             .is_some()
+    }
+
+    /// Adds or replaces a Registry: its endpoint and whether its last probe answered.
+    pub fn apply_registry(&mut self, registry: &crate::api::Registry) -> bool {
+        let Some(name) = registry.metadata.name.clone() else {
+            return false;
+        };
+        let health = RegistryHealth {
+            endpoint: registry.spec.endpoint.clone(),
+            reachable: registry
+                .status
+                .iter()
+                .flat_map(|s| &s.conditions)
+                .any(|c| c.type_ == "Reachable" && c.status == "True"),
+        };
+        if self.registries.get(&name) == Some(&health) {
+            return false;
+        }
+        self.registries.insert(name, health);
+        true
+    }
+
+    pub fn delete_registry(&mut self, name: &str) -> bool {
+        self.registries.remove(name).is_some()
+    }
+
+    /// Every Registry, by name.
+    pub fn registries(&self) -> &BTreeMap<String, RegistryHealth> {
+        &self.registries
+    }
+
+    /// The source image of every mirror reference the ImageSets record, both normalized: a
+    /// pod that runs a mirror reference runs its source image.
+    pub fn mirror_sources(&self) -> BTreeMap<String, String> {
+        self.image_sets
+            .values()
+            .flat_map(|set| &set.copies)
+            .filter_map(|(source, copy)| {
+                let mirror = ImageReference::parse(&copy.reference).ok()?;
+                Some((mirror.to_string(), source.clone()))
+            })
+            .collect()
     }
 
     /// Adds or replaces a node's labels, keeping its taints.
@@ -285,12 +383,22 @@ impl ClusterIndex {
 
     /// The nodes indexed for placement questions.
     pub fn placement(&self) -> Placement {
+        let aliases = self
+            .mirror_sources()
+            .into_iter()
+            .filter_map(|(mirror, source)| {
+                let mirror = ImageReference::parse(&mirror).ok()?;
+                let source = ImageReference::parse(&source).ok()?;
+                Some((label_key(&mirror), label_key(&source)))
+            })
+            .collect();
         Placement::new(self.nodes.iter().map(|(name, node)| PlacementNode {
             name,
             labels: &node.labels,
             taints: &node.taints,
             unschedulable: node.unschedulable,
         }))
+        .with_aliases(aliases)
     }
 
     /// For each Coral image label key, the number of nodes labelled as holding the image.
@@ -354,6 +462,21 @@ impl ClusterIndex {
                 entry.image_sets.push(format!("{namespace}/{name}"));
                 if set.credentials && !entry.private_to.contains(namespace) {
                     entry.private_to.push(namespace.clone());
+                }
+                if let Some(copy) = set.copies.get(&image.to_string()) {
+                    let ready = copy.mirrored
+                        && self
+                            .registries
+                            .get(&copy.registry)
+                            .is_some_and(|r| r.reachable);
+                    if entry.mirror.as_ref().is_none_or(|m| ready && !m.ready) {
+                        entry.mirror = Some(MirrorAvailability {
+                            reference: copy.reference.clone(),
+                            digest: copy.digest.clone(),
+                            registry: copy.registry.clone(),
+                            ready,
+                        });
+                    }
                 }
                 sets.push(set_index);
             }

@@ -162,6 +162,9 @@ pub struct Placement {
     labels: HashMap<Sym, HashMap<Sym, NodeSet>>,
     /// Every distinct `NoSchedule` or `NoExecute` taint, and the nodes that carry it.
     taints: Vec<(NodeTaint, NodeSet)>,
+    /// The image label of a mirror reference → that of its source: a container that runs a
+    /// mirror's copy needs the nodes holding the source image.
+    aliases: HashMap<String, String>,
 }
 
 /// The image labels a pod spec requires, and where it can run with them.
@@ -196,6 +199,13 @@ struct Judgement {
 }
 
 impl Placement {
+    /// The same placement, where the image label of each mirror reference stands for that
+    /// of its source (`aliases`: mirror label → source label).
+    pub fn with_aliases(mut self, aliases: HashMap<String, String>) -> Self {
+        self.aliases = aliases;
+        self
+    }
+
     /// Indexes nodes; their order fixes nothing the answers depend on.
     pub fn new<'a>(nodes: impl IntoIterator<Item = PlacementNode<'a>>) -> Self {
         let mut names = HashMap::new();
@@ -234,6 +244,7 @@ impl Placement {
         }
         let nodes = count as usize;
         Self {
+            aliases: HashMap::new(),
             nodes,
             names,
             labels: labels
@@ -498,7 +509,10 @@ impl Placement {
     ///   which of them they hold (`labels`, sorted) with their number (`nodes`).
     pub fn for_pod(&self, pod_spec: &Value, labels: &[&str]) -> Value {
         let judgement = self.judge(pod_spec);
-        let mut distinct: Vec<&str> = labels.to_vec();
+        let mut distinct: Vec<&str> = labels
+            .iter()
+            .map(|label| self.aliases.get(*label).map_or(*label, String::as_str))
+            .collect();
         distinct.sort_unstable();
         distinct.dedup();
         let sets: Vec<Bits> = distinct

@@ -1,5 +1,6 @@
-//! The cluster-state file of `coral policy eval` and the standalone webhook: ImageSets, nodes
-//! with the images they hold, namespaces and settings, in one YAML or JSON document.
+//! The cluster-state file of `coral policy eval` and the standalone webhook: ImageSets (with
+//! the status the controller writes: their mirror copies), nodes with the images they hold,
+//! namespaces, mirror Registries and settings, in one YAML or JSON document.
 //!
 //! A JSON document (one that starts with `{`) is read with a JSON parser, which needs no more
 //! memory than what it builds; the YAML parser holds the whole document's events first, so a
@@ -79,6 +80,9 @@ pub struct StateFile {
     pub nodes: Vec<StateNode>,
     #[serde(default)]
     pub namespaces: Vec<StateNamespace>,
+    /// Mirror Registries, with the status the controller writes (`Reachable`).
+    #[serde(default)]
+    pub registries: Vec<crate::api::Registry>,
     /// Replaces the settings of the policy set when present.
     #[serde(default)]
     pub settings: Option<Settings>,
@@ -287,6 +291,9 @@ impl StateFile {
         }
         for namespace in &self.namespaces {
             index.apply_namespace(&namespace.name, namespace.labels.clone());
+        }
+        for registry in &self.registries {
+            index.apply_registry(registry);
         }
         index
     }

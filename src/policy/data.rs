@@ -3,13 +3,20 @@
 //!
 //! An image is `private` when an ImageSet pulls it with `imagePullSecrets`; `namespaces` are
 //! then the namespaces of those ImageSets, whose pods may use it.
+//!
+//! An image an ImageSet mirrors has `mirror: {reference, digest, registry, ready}` (`ready`:
+//! the mirror holds it and its Registry answered the controller's last probe);
+//! `registries` has each Registry's endpoint and reachability, and `mirrors` the source image
+//! of every mirror reference, so that a pod already rewritten to its mirror runs the same
+//! image.
 
 use serde_json::{Map, Value, json};
 
 use super::Settings;
 use crate::index::ClusterIndex;
 
-/// `{"coral": {"images": …, "nodes": …, "settings": …}}` for the given state.
+/// `{"coral": {"images": …, "nodes": …, "registries": …, "mirrors": …, "settings": …}}` for
+/// the given state.
 pub fn coral_data(index: &ClusterIndex, settings: &Settings) -> Value {
     let images: Map<String, Value> = index
         .image_availability()
@@ -26,6 +33,19 @@ pub fn coral_data(index: &ClusterIndex, settings: &Settings) -> Value {
                     "failed": image.nodes_failed,
                 },
             });
+            let value = match image.mirror {
+                Some(mirror) => {
+                    let mut value = value;
+                    value["mirror"] = json!({
+                        "reference": mirror.reference,
+                        "digest": mirror.digest,
+                        "registry": mirror.registry,
+                        "ready": mirror.ready,
+                    });
+                    value
+                }
+                None => value,
+            };
             (normalized, value)
         })
         .collect();
@@ -36,6 +56,8 @@ pub fn coral_data(index: &ClusterIndex, settings: &Settings) -> Value {
                 "total": index.node_count(),
                 "labels": index.label_counts(),
             },
+            "registries": index.registries(),
+            "mirrors": index.mirror_sources(),
             "settings": settings,
         }
     })

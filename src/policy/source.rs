@@ -12,12 +12,13 @@ use super::{PolicyError, Settings};
 pub const SETTINGS_FILE: &str = "settings.json";
 
 /// The default policies, compiled into the binary from `policies/`.
-const EMBEDDED: [(&str, &str); 4] = [
+const EMBEDDED: [(&str, &str); 5] = [
     ("common.rego", include_str!("../../policies/common.rego")),
     (
         "feasibility.rego",
         include_str!("../../policies/feasibility.rego"),
     ),
+    ("mirror.rego", include_str!("../../policies/mirror.rego")),
     (
         "node_selector.rego",
         include_str!("../../policies/node_selector.rego"),

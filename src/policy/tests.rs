@@ -715,3 +715,117 @@ fn the_placement_key_ignores_corals_own_entries_and_pull_policies_only() {
     image["spec"]["template"]["spec"]["containers"][0]["image"] = json!("nginx:1.28");
     assert_ne!(key(&image), base, "another image");
 }
+
+/// [`STATE`] with nginx mirrored into Registry `local` (`reachable` as given).
+fn mirrored_state(reachable: bool) -> String {
+    let status = if reachable { "True" } else { "False" };
+    format!(
+        r#"
+imageSets:
+  - metadata: {{name: web, namespace: shop}}
+    spec:
+      images: ["nginx:1.27", "ghcr.io/example/api:1.4", "ghcr.io/example/migrate:1.0"]
+      nodeSelector: {{matchLabels: {{pool: web}}}}
+      mirror: {{registry: local}}
+    status:
+      images:
+        - {{image: "nginx:1.27", normalized: "docker.io/library/nginx:1.27", label: "{NGINX_LABEL}",
+           mirror: {{reference: "localhost:30500/docker.io/library/nginx:1.27", state: mirrored, digest: "sha256:{digest}"}}}}
+registries:
+  - metadata: {{name: local}}
+    spec: {{endpoint: "localhost:30500"}}
+    status:
+      conditions: [{{type: Reachable, status: "{status}", reason: Probe, message: probe, lastTransitionTime: "2026-01-01T00:00:00Z"}}]
+nodes:
+  - {{name: a, labels: {{pool: web, kubernetes.io/os: linux}}, images: ["nginx:1.27"]}}
+  - {{name: b, labels: {{pool: web, kubernetes.io/os: linux}}, images: ["nginx:1.27"]}}
+namespaces:
+  - {{name: shop, labels: {{coral.dev/inject: enabled}}}}
+"#,
+        digest = "a".repeat(64)
+    )
+}
+
+fn mirrored_decision(reachable: bool, object: Value) -> Decision {
+    let state = StateFile::parse(&mirrored_state(reachable), "test").expect("state");
+    let index = state.to_index();
+    let policies = CompiledPolicies::compile(&PolicySet::embedded()).expect("compile");
+    let data = coral_data(&index, &Settings::default());
+    let evaluator =
+        Evaluator::new(&policies, data, EvaluatorOptions::default()).expect("evaluator");
+    assert!(evaluator.uses_vm());
+    let request = PolicyRequest::create(object, "shop").expect("request");
+    evaluator
+        .decide(&request, &BTreeMap::new(), &index.placement())
+        .expect("decision")
+}
+
+#[test]
+fn the_mirror_injection_runs_a_ready_copy_and_converges_on_the_compiled_policies() {
+    const MIRROR: &str = "localhost:30500/docker.io/library/nginx:1.27";
+    let object = annotate(fixture("deployment-web.json"), "selectors,mirror");
+    let decision = mirrored_decision(true, object);
+    let spec = &decision.object["spec"]["template"]["spec"];
+    assert_eq!(spec["containers"][0]["image"], MIRROR);
+    assert_eq!(spec["nodeSelector"], json!({NGINX_LABEL: "available"}));
+
+    // The rewritten object is the same image to the policies: nothing more changes.
+    let again = mirrored_decision(true, decision.object.clone());
+    assert!(again.patch.0.is_empty(), "{:?}", again.patch);
+    assert!(
+        again.warnings.iter().all(|w| !w.contains("not managed")),
+        "{:?}",
+        again.warnings
+    );
+
+    // The Registry stops answering: new objects keep their source, rewritten ones get it back.
+    let object = annotate(fixture("deployment-web.json"), "selectors,mirror");
+    let down = mirrored_decision(false, object);
+    assert_eq!(
+        down.object["spec"]["template"]["spec"]["containers"][0]["image"],
+        "nginx:1.27"
+    );
+    let back = mirrored_decision(false, decision.object);
+    assert_eq!(
+        back.object["spec"]["template"]["spec"]["containers"][0]["image"],
+        "docker.io/library/nginx:1.27"
+    );
+    assert!(
+        back.warnings
+            .iter()
+            .any(|w| w.contains("is not ready; it pulls from the source")),
+        "{:?}",
+        back.warnings
+    );
+}
+
+#[test]
+fn the_data_says_where_each_image_is_mirrored_and_whether_its_copy_is_ready() {
+    for reachable in [true, false] {
+        let state = StateFile::parse(&mirrored_state(reachable), "test").expect("state");
+        let data = coral_data(&state.to_index(), &Settings::default());
+        let coral = &data["coral"];
+        assert_eq!(
+            coral["images"]["docker.io/library/nginx:1.27"]["mirror"],
+            json!({
+                "reference": "localhost:30500/docker.io/library/nginx:1.27",
+                "digest": format!("sha256:{}", "a".repeat(64)),
+                "registry": "local",
+                "ready": reachable,
+            })
+        );
+        assert!(
+            coral["images"]["ghcr.io/example/api:1.4"]
+                .get("mirror")
+                .is_none()
+        );
+        assert_eq!(
+            coral["registries"],
+            json!({"local": {"endpoint": "localhost:30500", "reachable": reachable}})
+        );
+        assert_eq!(
+            coral["mirrors"],
+            json!({"localhost:30500/docker.io/library/nginx:1.27": "docker.io/library/nginx:1.27"})
+        );
+    }
+}

@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use super::Shared;
-use crate::api::ImageSet;
+use crate::api::{ImageSet, Registry};
 use crate::index::{ClusterIndex, LiveIndex, WatchedNode, WatchedNodeImage};
 use crate::policy::{CompiledPolicies, EvaluatorOptions, PolicyError, PolicySet, Snapshot};
 
@@ -265,6 +265,13 @@ impl Feeds {
             "nodeimages",
             watcher(Api::<WatchedNodeImage>::all(client.clone()), paged()).default_backoff(),
             LiveIndex::node_image,
+            changed,
+            shared,
+        );
+        feeds.spawn(
+            "registries",
+            watcher(Api::<Registry>::all(client.clone()), config()).default_backoff(),
+            LiveIndex::registry,
             changed,
             shared,
         );

@@ -21,7 +21,7 @@ requested_injections := annotation_list("coral.dev/inject") if {
 	is_string(annotations["coral.dev/inject"])
 } else := {name | some name in settings.defaultInject}
 
-known_injections := {"selectors", "pull-policy"}
+known_injections := {"selectors", "pull-policy", "mirror"}
 
 # "none" opts an object out of a cluster-wide defaultInject.
 opt_out := "none"
@@ -29,6 +29,10 @@ opt_out := "none"
 inject_selectors if "selectors" in requested_injections
 
 inject_pull_policy if "pull-policy" in requested_injections
+
+inject_mirror if "mirror" in requested_injections
+
+opted_out if opt_out in requested_injections
 
 injecting if count(requested_injections & known_injections) > 0
 
@@ -56,6 +60,13 @@ include_containers := annotation_list("coral.dev/include-containers")
 
 exclude_containers := annotation_list("coral.dev/exclude-containers")
 
+# The managed image a container runs, by normalized reference: its own, or for a mirror
+# reference (one Coral wrote, data.coral.mirrors) the source image it is a copy of. Mirrored
+# or not, it is one image: the same label, the same decisions.
+image_key(c) := data.coral.mirrors[c.normalized]
+
+image_key(c) := c.normalized if not data.coral.mirrors[c.normalized]
+
 # Private images: an image an ImageSet pulls with imagePullSecrets is for the pods of that
 # ImageSet's namespace (info.namespaces) and of the namespaces settings.sharePrivateImagesWith
 # names ("*": every namespace). A pod elsewhere is neither steered to it nor told not to pull
@@ -78,13 +89,13 @@ shares_private_images if "*" in object.get(settings, "sharePrivateImagesWith", [
 usable contains i if {
 	injecting
 	some i in selected
-	may_use(data.coral.images[input.containers[i].normalized])
+	may_use(data.coral.images[image_key(input.containers[i])])
 }
 
 # Of those, the containers whose image is held by at least settings.minAvailableNodes nodes.
 available contains i if {
 	some i in usable
-	data.coral.images[input.containers[i].normalized].nodes.available >= settings.minAvailableNodes
+	data.coral.images[image_key(input.containers[i])].nodes.available >= settings.minAvailableNodes
 }
 
 # The pod spec of the object, wherever its kind keeps it.
@@ -97,7 +108,7 @@ warn contains msg if {
 	some name in requested_injections
 	not name in known_injections
 	name != opt_out
-	msg := sprintf("coral.dev/inject: unknown injection %q ignored (known: none, pull-policy, selectors)", [name])
+	msg := sprintf("coral.dev/inject: unknown injection %q ignored (known: none, mirror, pull-policy, selectors)", [name])
 }
 
 warn contains msg if {
@@ -106,7 +117,7 @@ warn contains msg if {
 	some i in selected
 	c := input.containers[i]
 	is_string(c.normalized)
-	not data.coral.images[c.normalized]
+	not data.coral.images[image_key(c)]
 	msg := sprintf("container %q: image %q is not managed by any ImageSet; left unchanged", [c.name, c.image])
 }
 
@@ -115,7 +126,7 @@ warn contains msg if {
 	some i in selected
 	not i in usable
 	c := input.containers[i]
-	info := data.coral.images[c.normalized]
+	info := data.coral.images[image_key(c)]
 	msg := sprintf(
 		"container %q: image %q is private to namespace(s) %s (pulled with their pull secrets), not to %q; left unchanged",
 		[c.name, c.image, concat(", ", info.namespaces), input.namespace],
@@ -129,7 +140,7 @@ warn contains msg if {
 	some i in selected
 	c := input.containers[i]
 	i in usable
-	info := data.coral.images[c.normalized]
+	info := data.coral.images[image_key(c)]
 	info.nodes.available < settings.minAvailableNodes
 	msg := sprintf(
 		"container %q: image %q is on %d node(s), fewer than the %d required (minAvailableNodes); left unchanged",

@@ -118,6 +118,18 @@ impl FakeApi {
                     ]},
                 }],
             }),
+            "/apis/coral.dev/v1alpha1/registries" => json!({
+                "apiVersion": "coral.dev/v1alpha1", "kind": "RegistryList", "metadata": metadata,
+                "items": [{
+                    "apiVersion": "coral.dev/v1alpha1", "kind": "Registry",
+                    "metadata": {"name": "local"},
+                    "spec": {"endpoint": "localhost:30500"},
+                    "status": {"mirroredImages": 0, "conditions": [{
+                        "type": "Reachable", "status": "True", "reason": "Answered", "message": "GET /v2/ answered",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z",
+                    }]},
+                }],
+            }),
             "/api/v1/namespaces/coral-system/configmaps" => json!({
                 "apiVersion": "v1", "kind": "ConfigMapList", "metadata": metadata,
                 "items": [self.configmap.clone()],
@@ -224,8 +236,8 @@ async fn cluster_sync_lists_and_watches_each_resource_then_follows_changes() {
         "mutate.rego": GOOD_POLICY,
         "settings.json": "{\"skipControlledPods\": false}",
     })));
-    // Five lists, five watches, and the Event recording that the ConfigMap's policies serve.
-    api.serve_until(|api| api.watches.len() == 5 && !api.events.is_empty())
+    // Six lists, six watches, and the Event recording that the ConfigMap's policies serve.
+    api.serve_until(|api| api.watches.len() == 6 && !api.events.is_empty())
         .await;
     eventually("the first snapshot", || {
         shared.synced.load(std::sync::atomic::Ordering::SeqCst)
@@ -247,6 +259,14 @@ async fn cluster_sync_lists_and_watches_each_resource_then_follows_changes() {
         "settings.json of the ConfigMap applies"
     );
     assert_eq!(snapshot.index.node_count(), 3);
+    assert_eq!(
+        snapshot.index.registries().get("local"),
+        Some(&crate::index::RegistryHealth {
+            endpoint: "localhost:30500".into(),
+            reachable: true,
+        }),
+        "Registries are watched for the mirror injection"
+    );
     assert_eq!(
         snapshot
             .namespace_labels("shop")
@@ -326,7 +346,7 @@ async fn cluster_rejects_a_policy_configmap_that_does_not_compile_and_keeps_the_
         "mutate.rego": GOOD_POLICY,
         "settings.json": "{\"skipControlledPods\": false}",
     })));
-    api.serve_until(|api| api.watches.len() == 5 && !api.events.is_empty())
+    api.serve_until(|api| api.watches.len() == 6 && !api.events.is_empty())
         .await;
     eventually("the first snapshot", || shared.snapshot().is_some()).await;
 

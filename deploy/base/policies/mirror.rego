@@ -1,0 +1,81 @@
+# Mirror injection: a container whose image is mirrored into an in-cluster Registry runs the
+# mirror's copy. Its image becomes the mirror reference (data.coral.images[...].mirror), which
+# keeps the tag and the digest of the original, only while the copy is ready: the mirror holds
+# it and the Registry answered the controller's last probe. A container that already runs a
+# mirror reference whose copy is no longer ready gets its source reference back, so a pod
+# created while the mirror is down pulls from where it would without Coral.
+#
+# Private images (pulled with an ImageSet's pull secrets) are never rewritten: the pod keeps
+# pulling from the source with its own pull secrets, which the source checks.
+package coral.mutate
+
+mirror_of(c) := data.coral.images[image_key(c)].mirror
+
+# Containers to run from the mirror.
+from_mirror contains i if {
+	inject_mirror
+	some i in usable
+	not data.coral.images[image_key(input.containers[i])].private
+	mirror_of(input.containers[i]).ready
+}
+
+patch contains {
+	"op": "replace",
+	"path": concat("", [c.path, "/image"]),
+	"value": mirror_of(c).reference,
+} if {
+	some i in from_mirror
+	c := input.containers[i]
+	c.normalized != mirror_of(c).reference
+}
+
+# A mirror reference whose copy is not ready: back to the source, whatever the injections
+# (a pod made from a template rewritten earlier), unless the object opts out.
+patch contains {
+	"op": "replace",
+	"path": concat("", [c.path, "/image"]),
+	"value": source,
+} if {
+	not opted_out
+	some i in selected
+	c := input.containers[i]
+	source := data.coral.mirrors[c.normalized]
+	not data.coral.images[source].mirror.ready
+}
+
+warn contains msg if {
+	not opted_out
+	some i in selected
+	c := input.containers[i]
+	source := data.coral.mirrors[c.normalized]
+	not data.coral.images[source].mirror.ready
+	msg := sprintf("container %q: the mirror's copy of %q is not ready; it pulls from the source", [c.name, source])
+}
+
+warn contains msg if {
+	inject_mirror
+	some i in usable
+	c := input.containers[i]
+	info := data.coral.images[image_key(c)]
+	not info.private
+	is_object(info.mirror)
+	not info.mirror.ready
+	not data.coral.mirrors[c.normalized]
+	msg := sprintf(
+		"container %q: image %q is not ready in mirror Registry %s; left unchanged",
+		[c.name, c.image, info.mirror.registry],
+	)
+}
+
+warn contains msg if {
+	inject_mirror
+	some i in usable
+	c := input.containers[i]
+	info := data.coral.images[image_key(c)]
+	info.private
+	is_object(info.mirror)
+	msg := sprintf(
+		"container %q: image %q is private; it pulls from its source with the pod's pull secrets, not from the mirror",
+		[c.name, c.image],
+	)
+}

@@ -1,0 +1,95 @@
+# The mirror injection: a ready copy is pulled from the mirror, anything else from the source.
+package coral.mutate_test
+
+import data.coral.mutate
+
+mirror_ref := "localhost:30500/docker.io/library/nginx:1.27"
+
+# nginx is mirrored into Registry local; ready: the copy is there and the Registry answers.
+mirrored_images(ready) := object.union(images, {"docker.io/library/nginx:1.27": object.union(
+	images["docker.io/library/nginx:1.27"],
+	{"mirror": {"reference": mirror_ref, "digest": "sha256:aaaa", "registry": "local", "ready": ready}},
+)})
+
+mirrors := {mirror_ref: "docker.io/library/nginx:1.27"}
+
+# A container already rewritten to the mirror.
+from_the_mirror := container("containers", 0, "web", mirror_ref, mirror_ref)
+
+web_image_ops(patches) := {op | some op in patches; op.path == "/spec/template/spec/containers/0/image"}
+
+test_a_ready_copy_is_pulled_from_the_mirror if {
+	patches := mutate.patch with input as request(inject("mirror"), {}, [web, cache])
+		with data.coral.images as mirrored_images(true)
+		with data.coral.mirrors as mirrors
+	patches == {{"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": mirror_ref}}
+}
+
+test_a_copy_that_is_not_ready_leaves_the_image_alone_and_says_why if {
+	patches := mutate.patch with input as request(inject("mirror"), {}, [web])
+		with data.coral.images as mirrored_images(false)
+		with data.coral.mirrors as mirrors
+	count(patches) == 0
+	warnings := mutate.warn with input as request(inject("mirror"), {}, [web])
+		with data.coral.images as mirrored_images(false)
+		with data.coral.mirrors as mirrors
+	`container "web": image "nginx:1.27" is not ready in mirror Registry local; left unchanged` in warnings
+}
+
+test_a_mirror_reference_whose_copy_is_not_ready_goes_back_to_its_source if {
+	# Whatever the injections: a pod made from a template rewritten earlier.
+	patches := mutate.patch with input as request(inject("selectors"), {}, [from_the_mirror])
+		with data.coral.images as mirrored_images(false)
+		with data.coral.mirrors as mirrors
+	web_image_ops(patches) == {{"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": "docker.io/library/nginx:1.27"}}
+	warnings := mutate.warn with input as request(inject("selectors"), {}, [from_the_mirror])
+		with data.coral.images as mirrored_images(false)
+		with data.coral.mirrors as mirrors
+	`container "web": the mirror's copy of "docker.io/library/nginx:1.27" is not ready; it pulls from the source` in warnings
+
+	# An object that opts out is left as written.
+	none := mutate.patch with input as request(inject("none"), {}, [from_the_mirror])
+		with data.coral.images as mirrored_images(false)
+		with data.coral.mirrors as mirrors
+	count(none) == 0
+}
+
+test_a_pod_running_the_mirror_runs_the_same_image if {
+	# Steered to the nodes holding nginx, and left on the mirror: nothing more to change.
+	patches := mutate.patch with input as request(inject("selectors,mirror"), {}, [from_the_mirror])
+		with data.coral.images as mirrored_images(true)
+		with data.coral.mirrors as mirrors
+	count(web_image_ops(patches)) == 0
+	{"op": "add", "path": "/spec/template/spec/nodeSelector", "value": {nginx_label: "available"}} in patches
+	warnings := mutate.warn with input as request(inject("selectors,mirror"), {}, [from_the_mirror])
+		with data.coral.images as mirrored_images(true)
+		with data.coral.mirrors as mirrors
+		with data.coral.settings as settings({"warnUnmanaged": true})
+	every msg in warnings {
+		not contains(msg, "not managed")
+	}
+}
+
+test_selectors_pull_policy_and_mirror_together if {
+	patches := mutate.patch with input as request(inject("selectors,pull-policy,mirror"), {}, [web])
+		with data.coral.images as mirrored_images(true)
+		with data.coral.mirrors as mirrors
+	{"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": mirror_ref} in patches
+	{"op": "add", "path": "/spec/template/spec/nodeSelector", "value": {nginx_label: "available"}} in patches
+	{"op": "add", "path": "/spec/template/spec/containers/0/imagePullPolicy", "value": "IfNotPresent"} in patches
+}
+
+test_a_private_image_is_never_pulled_from_the_mirror if {
+	private := object.union(mirrored_images(true), {"docker.io/library/nginx:1.27": object.union(
+		mirrored_images(true)["docker.io/library/nginx:1.27"],
+		{"private": true, "namespaces": ["shop"]},
+	)})
+	patches := mutate.patch with input as request(inject("mirror"), {}, [web])
+		with data.coral.images as private
+		with data.coral.mirrors as mirrors
+	count(patches) == 0
+	warnings := mutate.warn with input as request(inject("mirror"), {}, [web])
+		with data.coral.images as private
+		with data.coral.mirrors as mirrors
+	`container "web": image "nginx:1.27" is private; it pulls from its source with the pod's pull secrets, not from the mirror` in warnings
+}
