@@ -2158,3 +2158,193 @@ fn the_controller_mirrors_into_a_registry_follows_a_moved_tag_and_resumes_after_
         },
     );
 }
+
+/// What the webhook answers for a Pod in `shop` of one container running `image`, with the
+/// `coral.dev/inject` annotation `inject`: its patch operations and warnings.
+fn review_pod(
+    webhook: &Webhook,
+    runtime: &tokio::runtime::Runtime,
+    image: &str,
+    inject: &str,
+) -> (Vec<Value>, Vec<String>) {
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "mirror", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop", "name": "app", "operation": "CREATE",
+            "userInfo": {"username": "admin"}, "dryRun": false,
+            "object": {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "app", "namespace": "shop", "annotations": {"coral.dev/inject": inject}},
+                "spec": {"containers": [{"name": "app", "image": image}]}},
+        }
+    });
+    let body = serde_json::to_vec(&review).unwrap();
+    let (status, text) = runtime.block_on(support::post(webhook, "/mutate", &body));
+    assert_eq!(status, 200, "{text}");
+    let review: Value = serde_json::from_str(&text).unwrap();
+    let response = &review["response"];
+    assert_eq!(response["allowed"], true, "{response}");
+    let patch = response["patch"]
+        .as_str()
+        .map(|p| {
+            serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(p).unwrap())
+                .unwrap()
+        })
+        .unwrap_or_default();
+    let warnings = response["warnings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w.as_str().map(str::to_string))
+        .collect();
+    (patch, warnings)
+}
+
+#[test]
+#[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
+fn a_pod_runs_the_mirrors_copy_which_containerd_pulls_with_the_source_stopped() {
+    let plane = coral_control_plane(&[]);
+    let mut source = runtime::Registry::start(None);
+    let mut mirror = runtime::Registry::start(None);
+    let app = source.push("shop/app", "1.0", "served from the mirror");
+    let secret = source.push("shop/secret", "1.0", "private");
+    let mirror_ref = format!(
+        "{}/{}/shop/app:1.0",
+        mirror.host(),
+        source.host().replace(':', "_")
+    );
+    apply(
+        &plane,
+        &json!({
+            "apiVersion": "coral.dev/v1alpha1", "kind": "Registry",
+            "metadata": {"name": "local"},
+            "spec": {"endpoint": mirror.host()},
+        }),
+    );
+    let nowhere = json!({"matchLabels": {"coral.dev/mirror-only": "true"}});
+    apply(
+        &plane,
+        &json!({
+            "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+            "metadata": {"name": "cache", "namespace": "shop"},
+            "spec": {"images": [app], "mirror": {"registry": "local"}, "nodeSelector": nowhere},
+        }),
+    );
+    // A private image (pulled with a pull secret) is not copied into a registry anyone reads.
+    plane.kubectl_ok(&[
+        "create",
+        "secret",
+        "docker-registry",
+        "source-pull",
+        "-n",
+        "shop",
+        &format!("--docker-server={}", source.host()),
+        "--docker-username=coral",
+        "--docker-password=s3cret",
+    ]);
+    apply(
+        &plane,
+        &json!({
+            "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+            "metadata": {"name": "private", "namespace": "shop"},
+            "spec": {
+                "images": [secret], "imagePullSecrets": [{"name": "source-pull"}],
+                "mirror": {"registry": "local"}, "nodeSelector": nowhere,
+            },
+        }),
+    );
+    let _controller = start_controller_with(
+        &plane,
+        "controller-0",
+        &[
+            "--registry-probe-interval",
+            "1s",
+            "--probe-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    wait_until("the public image mirrored", Duration::from_secs(60), || {
+        image_set_status_of(&plane, "cache")["images"][0]["mirror"]["state"] == "mirrored"
+    });
+    wait_until("the private image refused", Duration::from_secs(30), || {
+        let status = image_set_status_of(&plane, "private")["images"][0]["mirror"].clone();
+        status["state"] == "failed"
+            && status["lastError"]
+                .as_str()
+                .is_some_and(|e| e.contains("serves pulls without credentials"))
+    });
+    assert!(
+        !mirror.manifest_exists(&format!(
+            "{}/{}/shop/secret:1.0",
+            mirror.host(),
+            source.host().replace(':', "_")
+        )),
+        "the private image never reached the open mirror"
+    );
+
+    let kubeconfig = plane.service_account_kubeconfig("coral-system", "coral-webhook");
+    let webhook = Webhook::start_with_kubeconfig(&kubeconfig, &["--debounce-ms", "50"]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let to_mirror =
+        json!({"op": "replace", "path": "/spec/containers/0/image", "value": mirror_ref});
+    wait_until(
+        "the webhook runs the mirror's copy",
+        Duration::from_secs(30),
+        || {
+            runtime.block_on(get_probe(&webhook, "/readyz")).0 == 200
+                && review_pod(&webhook, &runtime, &app, "mirror").0 == vec![to_mirror.clone()]
+        },
+    );
+    let (patch, _) = review_pod(&webhook, &runtime, &secret, "mirror");
+    assert!(
+        patch.is_empty(),
+        "a private image stays on its source: {patch:?}"
+    );
+
+    // The source stopped, a real containerd pulls what the pod now runs.
+    source.stop();
+    let containerd = runtime::Containerd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let sets = dir.path().join("pod-images.yaml");
+    std::fs::write(
+        &sets,
+        format!("apiVersion: coral.dev/v1alpha1\nkind: ImageSet\nmetadata: {{name: pod, namespace: shop}}\nspec:\n  images: [\"{mirror_ref}\"]\n"),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_coral"))
+        .args(["prefetch", "-f"])
+        .arg(&sets)
+        .args(["--cri-socket", &containerd.address()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(text.contains(&format!("pulled     {mirror_ref}")), "{text}");
+
+    // The mirror down: once the Registry is seen unreachable, a new pod keeps its source and
+    // a pod already rewritten gets its source back.
+    source.resume();
+    mirror.stop();
+    let back = json!({"op": "replace", "path": "/spec/containers/0/image", "value": app});
+    wait_until(
+        "the webhook falls back to the source",
+        Duration::from_secs(30),
+        || review_pod(&webhook, &runtime, &mirror_ref, "mirror").0 == vec![back.clone()],
+    );
+    let (patch, warnings) = review_pod(&webhook, &runtime, &app, "mirror");
+    assert!(patch.is_empty(), "{patch:?}");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("is not ready in mirror Registry local")),
+        "{warnings:?}"
+    );
+}

@@ -360,6 +360,20 @@ impl Mirroring {
             Ok(copier) => copier,
             Err(error) => return Attempt::Unusable(error),
         };
+        if !want.pull_secrets.is_empty() {
+            // A private image (pulled with pull secrets) must not become readable by every
+            // pod that can reach the mirror.
+            match copier.0.serves_anonymously(&copier.1).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    return Attempt::Unusable(format!(
+                        "Registry {} serves pulls without credentials, and {} is private (pulled with the ImageSet's pull secrets): give the registry authentication (the Registry's credentialsSecret) to mirror it",
+                        want.registry, want.source
+                    ));
+                }
+                Err(error) => return Attempt::Unusable(error),
+            }
+        }
         match copier
             .0
             .copy(&want.source, &copier.1, &want.platforms)

@@ -285,6 +285,26 @@ impl Copier {
         })
     }
 
+    /// Whether `target` serves the registry API to anyone, without credentials: `GET /v2/`
+    /// answers 200. A registry that asks for credentials (401) does not; one that hands out
+    /// tokens is trusted to check them for each repository.
+    pub async fn serves_anonymously(&self, target: &MirrorTarget) -> Result<bool, String> {
+        let endpoint = target.endpoint();
+        let scheme = if self.plain_http.iter().any(|r| r == endpoint) {
+            "http"
+        } else {
+            "https"
+        };
+        let url = format!("{scheme}://{endpoint}/v2/");
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
+        Ok(response.status().is_success())
+    }
+
     fn auth(&self, image: &ImageReference) -> RegistryAuth {
         match self.keyring.lookup(image).first() {
             Some(credential) if !credential.registry_token.is_empty() => {

@@ -401,6 +401,22 @@ impl Registry {
         output.stdout
     }
 
+    /// Whether the registry serves a manifest under `reference`.
+    pub fn manifest_exists(&self, reference: &str) -> bool {
+        let mut command = Command::new("skopeo");
+        command.args(["inspect", "--raw", "--tls-verify=false"]);
+        if let Some((user, password)) = &self.credentials {
+            command.arg(format!("--creds={user}:{password}"));
+        }
+        command
+            .arg(format!("docker://{reference}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    }
+
     /// The digest of the manifest `reference` names here.
     pub fn manifest_digest(&self, reference: &str) -> String {
         coral::mirror::plan::sha256_digest(&self.manifest(reference))
