@@ -1980,11 +1980,10 @@ fn the_controller_mirrors_into_a_registry_follows_a_moved_tag_and_resumes_after_
     let mut mirror = runtime::Registry::start(Some((USER, PASSWORD)));
     let reference = source.push("shop/app", "1.0", "app one");
     assert_eq!(reference, format!("{}/shop/app:1.0", source.host()));
-    let mirror_reference = format!(
-        "{}/{}/shop/app:1.0",
-        mirror.host(),
-        source.host().replace(':', "_")
-    );
+    // Pods pull by the endpoint (as nodes reach it); Coral copies through the push endpoint.
+    let endpoint = format!("localhost:{}", mirror.port);
+    let path = format!("{}/shop/app:1.0", source.host().replace(':', "_"));
+    let mirror_reference = format!("{endpoint}/{path}");
     for (namespace, name, host) in [
         ("shop", "source-pull", source.host()),
         ("coral-system", "mirror-push", mirror.host()),
@@ -2007,7 +2006,12 @@ fn the_controller_mirrors_into_a_registry_follows_a_moved_tag_and_resumes_after_
             "apiVersion": "coral.dev/v1alpha1",
             "kind": "Registry",
             "metadata": {"name": "local"},
-            "spec": {"endpoint": mirror.host(), "credentialsSecret": "mirror-push"},
+            "spec": {
+                "endpoint": endpoint, "pushEndpoint": mirror.host(),
+                "credentialsSecret": "mirror-push",
+                // Pods cannot read it without credentials: it may hold the private image.
+                "privateImages": true,
+            },
         }),
     );
     apply(
@@ -2050,7 +2054,7 @@ fn the_controller_mirrors_into_a_registry_follows_a_moved_tag_and_resumes_after_
     assert_eq!(status["sourceDigest"], source_digest.as_str());
     assert_eq!(status["digest"], source_digest.as_str());
     assert_eq!(
-        mirror.manifest_digest(&mirror_reference),
+        mirror.manifest_digest(&format!("{}/{path}", mirror.host())),
         source_digest,
         "the mirror serves the source's manifest, digest kept"
     );
@@ -2231,7 +2235,16 @@ fn a_pod_runs_the_mirrors_copy_which_containerd_pulls_with_the_source_stopped() 
             "spec": {"images": [app], "mirror": {"registry": "local"}, "nodeSelector": nowhere},
         }),
     );
-    // A private image (pulled with a pull secret) is not copied into a registry anyone reads.
+    // A private image (pulled with a pull secret) is not copied into a Registry that does not
+    // take private images, nor into one anyone reads.
+    apply(
+        &plane,
+        &json!({
+            "apiVersion": "coral.dev/v1alpha1", "kind": "Registry",
+            "metadata": {"name": "open"},
+            "spec": {"endpoint": mirror.host(), "privateImages": true},
+        }),
+    );
     plane.kubectl_ok(&[
         "create",
         "secret",
@@ -2243,17 +2256,19 @@ fn a_pod_runs_the_mirrors_copy_which_containerd_pulls_with_the_source_stopped() 
         "--docker-username=coral",
         "--docker-password=s3cret",
     ]);
-    apply(
-        &plane,
-        &json!({
-            "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
-            "metadata": {"name": "private", "namespace": "shop"},
-            "spec": {
-                "images": [secret], "imagePullSecrets": [{"name": "source-pull"}],
-                "mirror": {"registry": "local"}, "nodeSelector": nowhere,
-            },
-        }),
-    );
+    for (name, registry) in [("private", "local"), ("private-open", "open")] {
+        apply(
+            &plane,
+            &json!({
+                "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {
+                    "images": [secret], "imagePullSecrets": [{"name": "source-pull"}],
+                    "mirror": {"registry": registry}, "nodeSelector": nowhere,
+                },
+            }),
+        );
+    }
     let _controller = start_controller_with(
         &plane,
         "controller-0",
@@ -2267,13 +2282,21 @@ fn a_pod_runs_the_mirrors_copy_which_containerd_pulls_with_the_source_stopped() 
     wait_until("the public image mirrored", Duration::from_secs(60), || {
         image_set_status_of(&plane, "cache")["images"][0]["mirror"]["state"] == "mirrored"
     });
-    wait_until("the private image refused", Duration::from_secs(30), || {
-        let status = image_set_status_of(&plane, "private")["images"][0]["mirror"].clone();
-        status["state"] == "failed"
-            && status["lastError"]
-                .as_str()
-                .is_some_and(|e| e.contains("serves pulls without credentials"))
-    });
+    for (name, why) in [
+        (
+            "private",
+            "does not take private images (spec.privateImages)",
+        ),
+        ("private-open", "serves pulls without credentials"),
+    ] {
+        wait_until("the private image refused", Duration::from_secs(30), || {
+            let status = image_set_status_of(&plane, name)["images"][0]["mirror"].clone();
+            status["state"] == "failed"
+                && status["lastError"]
+                    .as_str()
+                    .is_some_and(|e| e.contains(why))
+        });
+    }
     assert!(
         !mirror.manifest_exists(&format!(
             "{}/{}/shop/secret:1.0",

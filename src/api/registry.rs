@@ -58,6 +58,21 @@ pub struct RegistrySpec {
     )]
     pub endpoint: String,
 
+    /// Where Coral's controller reaches the registry to copy images into it, `HOST[:PORT]`,
+    /// when that differs from the endpoint (a pod does not reach a node's `localhost`: the
+    /// registry's Service, say `coral-registry.coral-system.svc:5000`). The endpoint's prefix
+    /// applies. Default: the endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[A-Za-z0-9.\-\[\]:]+$"))]
+    pub push_endpoint: Option<String>,
+
+    /// Also mirror private images (those of ImageSets with `imagePullSecrets`). Only for a
+    /// registry that pods cannot read without credentials of their own: no anonymous reads
+    /// (Coral checks) and no node-level credentials for it (Coral cannot check), or every pod
+    /// could pull a private image by its mirror reference. Default: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub private_images: bool,
+
     /// How Coral speaks to the registry. HTTPS with the system's roots by default.
     #[serde(default, skip_serializing_if = "RegistryTls::is_default")]
     pub tls: RegistryTls,

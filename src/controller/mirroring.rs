@@ -356,10 +356,17 @@ impl Mirroring {
                 }
             }
         }
+        let named = access.destination.target.clone();
         let copier = match self.copier(access, Some(&want.source)) {
             Ok(copier) => copier,
             Err(error) => return Attempt::Unusable(error),
         };
+        if !want.pull_secrets.is_empty() && !registry.spec.private_images {
+            return Attempt::Unusable(format!(
+                "{} is private (pulled with the ImageSet's pull secrets) and Registry {} does not take private images (spec.privateImages)",
+                want.source, want.registry
+            ));
+        }
         if !want.pull_secrets.is_empty() {
             // A private image (pulled with pull secrets) must not become readable by every
             // pod that can reach the mirror.
@@ -379,18 +386,28 @@ impl Mirroring {
             .copy(&want.source, &copier.1, &want.platforms)
             .await
         {
-            Ok(copied) => Attempt::Copied(Box::new(copied)),
+            Ok(mut copied) => {
+                // Copied through the push endpoint; pods pull by the endpoint.
+                match crate::mirror::mirror_reference(&want.source, &named) {
+                    Ok(reference) => {
+                        copied.mirror = reference;
+                        Attempt::Copied(Box::new(copied))
+                    }
+                    Err(error) => Attempt::Failed(error.into()),
+                }
+            }
             Err(error) => Attempt::Failed(error),
         }
     }
 
-    /// A copier for `access`, and from `source` (a loopback source is plain HTTP).
+    /// A copier for `access`, and from `source` (a loopback source is plain HTTP), and the
+    /// target it copies to (the push endpoint).
     fn copier(
         &self,
         access: Access,
         source: Option<&crate::image::ImageReference>,
     ) -> Result<(Copier, MirrorTarget), String> {
-        let target = access.destination.target.clone();
+        let target = access.destination.push.clone();
         let mut plain: Vec<String> = source
             .map(|s| s.registry().to_string())
             .filter(|r| crate::mirror::is_loopback(r))

@@ -110,8 +110,11 @@ pub fn may_use_plain_http(target: &MirrorTarget) -> bool {
 /// How Coral reaches a Registry, read from its spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Destination {
+    /// The endpoint as nodes reach it: mirror references name it.
     pub target: MirrorTarget,
-    /// Spoken to over plain HTTP.
+    /// Where Coral copies to: the push endpoint with the endpoint's prefix, or the endpoint.
+    pub push: MirrorTarget,
+    /// `push` is spoken to over plain HTTP.
     pub plain_http: bool,
 }
 
@@ -122,14 +125,24 @@ pub fn destination(registry: &Registry) -> Result<Destination, String> {
         .endpoint
         .parse()
         .map_err(|e| format!("spec.endpoint: {e}"))?;
-    let plain_http = registry.spec.tls.plain_http || target.is_loopback();
-    if registry.spec.tls.plain_http && !may_use_plain_http(&target) {
+    let push = match &registry.spec.push_endpoint {
+        Some(host) => target
+            .at(host)
+            .map_err(|e| format!("spec.pushEndpoint: {e}"))?,
+        None => target.clone(),
+    };
+    let plain_http = registry.spec.tls.plain_http || push.is_loopback();
+    if registry.spec.tls.plain_http && !may_use_plain_http(&push) {
         return Err(format!(
             "spec.tls.plainHTTP is allowed only for a loopback, cluster-local (*.svc, *.cluster.local) or private address, not {}",
-            target.endpoint()
+            push.endpoint()
         ));
     }
-    Ok(Destination { target, plain_http })
+    Ok(Destination {
+        target,
+        push,
+        plain_http,
+    })
 }
 
 /// The failure reasons counted in metrics.

@@ -58,6 +58,19 @@ impl MirrorTarget {
     pub fn is_loopback(&self) -> bool {
         is_loopback(&self.endpoint)
     }
+
+    /// The same registry reached at another host (with its port), the prefix kept.
+    pub fn at(&self, host: &str) -> Result<Self, PlanError> {
+        if host.contains('/') {
+            return Err(PlanError::InvalidTarget {
+                target: host.to_string(),
+                reason: "a host with its port, without a path, is expected".to_string(),
+            });
+        }
+        let mut target: Self = host.parse()?;
+        target.prefix = self.prefix.clone();
+        Ok(target)
+    }
 }
 
 impl FromStr for MirrorTarget {

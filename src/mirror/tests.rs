@@ -546,6 +546,7 @@ mod book {
                         ca_secret: None,
                     },
                     credentials_secret: None,
+                    ..RegistrySpec::default()
                 },
             )
         };
