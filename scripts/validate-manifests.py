@@ -1,6 +1,7 @@
 """Validates Kubernetes manifests offline: built-in objects against the Kubernetes schemas of
 the oldest supported version (kubernetes-validate, strict: unknown fields are errors), Coral's
-custom resources against the CRD schemas in crds/. Usage: validate-manifests.py FILE..."""
+custom resources against the CRD schemas in crds/, strict too (the API server would prune an
+unknown field without a word). Usage: validate-manifests.py FILE..."""
 
 import glob
 import sys
@@ -15,6 +16,24 @@ KUBERNETES_VERSION = "1.33.0"
 FOREIGN_GROUPS = {"cert-manager.io", "monitoring.coreos.com"}
 
 
+def strict(schema):
+    """The schema with unknown fields refused wherever it lists the fields an object has."""
+    if isinstance(schema, dict):
+        schema = {key: strict(value) for key, value in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+            # apiVersion, kind and metadata are every object's, whatever its schema lists.
+            for field in ("apiVersion", "kind", "metadata"):
+                schema["properties"].setdefault(field, {})
+    elif isinstance(schema, list):
+        schema = [strict(item) for item in schema]
+    return schema
+
+
 def crd_schemas():
     schemas = {}
     for path in sorted(glob.glob("crds/*.yaml")):
@@ -23,7 +42,7 @@ def crd_schemas():
         spec = crd["spec"]
         for version in spec["versions"]:
             key = (f"{spec['group']}/{version['name']}", spec["names"]["kind"])
-            schemas[key] = version["schema"]["openAPIV3Schema"]
+            schemas[key] = strict(version["schema"]["openAPIV3Schema"])
     return schemas
 
 

@@ -718,13 +718,20 @@ fn deploy_and_its_overlays_apply_to_a_real_api_server() {
         "-f",
         "deploy/base/namespace.yaml",
     ]);
-    for dir in [
-        "deploy",
-        "deploy/overlays/containerd",
-        "deploy/overlays/crio",
-        "deploy/overlays/cert-manager",
-        "deploy/overlays/monitoring",
-    ] {
+    // deploy/ first (its CRDs), then every overlay there is.
+    let mut overlays: Vec<String> = std::fs::read_dir("deploy/overlays")
+        .unwrap()
+        .map(|entry| {
+            format!(
+                "deploy/overlays/{}",
+                entry.unwrap().file_name().to_string_lossy()
+            )
+        })
+        .collect();
+    overlays.sort();
+    assert!(overlays.len() >= 5, "{overlays:?}");
+    for dir in std::iter::once("deploy".to_string()).chain(overlays) {
+        let dir = dir.as_str();
         let rendered = std::process::Command::new("kubectl")
             .args(["kustomize", dir])
             .output()

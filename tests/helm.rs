@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use support::helm::{CHART, helm, helm_fails, key, kustomize, render, without_helm_labels};
 
 /// Each kustomization of deploy/ and the chart values that stand for it.
-const EQUIVALENTS: [(&str, &[&str]); 5] = [
+const EQUIVALENTS: [(&str, &[&str]); 6] = [
     ("deploy", &[]),
     (
         "deploy/overlays/containerd",
@@ -28,6 +28,10 @@ const EQUIVALENTS: [(&str, &[&str]); 5] = [
     (
         "deploy/overlays/monitoring",
         &["--set", "monitoring.enabled=true"],
+    ),
+    (
+        "deploy/overlays/registry",
+        &["--set", "registry.enabled=true"],
     ),
 ];
 

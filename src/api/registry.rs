@@ -60,7 +60,7 @@ pub struct RegistrySpec {
 
     /// Where Coral's controller reaches the registry to copy images into it, `HOST[:PORT]`,
     /// when that differs from the endpoint (a pod does not reach a node's `localhost`: the
-    /// registry's Service, say `coral-registry.coral-system.svc:5000`). The endpoint's prefix
+    /// registry's Service, `SERVICE.NAMESPACE.svc:PORT`). The endpoint's prefix
     /// applies. Default: the endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 255), regex(pattern = r"^[A-Za-z0-9.\-\[\]:]+$"))]
@@ -91,7 +91,11 @@ pub struct RegistryTls {
     /// Plain HTTP, allowed only for a loopback endpoint (`localhost`, `127.0.0.0/8`, `::1`),
     /// a cluster-local name (`*.svc`, `*.cluster.local`) or a private address (RFC 1918,
     /// `fc00::/7`). Loopback endpoints are always plain HTTP, as containerd treats them.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        default,
+        rename = "plainHTTP",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
     pub plain_http: bool,
 
     /// A Secret in Coral's namespace holding the PEM CA bundle that signed the registry's
