@@ -387,3 +387,63 @@ fn a_mirror_that_comes_back_is_retried_with_backoff() {
         "{text}"
     );
 }
+
+#[test]
+fn a_runtime_given_credentials_for_the_mirror_pulls_from_it_without_the_pods_help() {
+    // The managed registry wants credentials for every read: a node's containerd holds them
+    // (an Authorization header in its hosts.toml), as the README tells, and the kubelet passes
+    // none.
+    let mut source = Registry::start(None);
+    let target = Registry::start(Some((USER, PASSWORD)));
+    let dir = tempfile::tempdir().unwrap();
+    let app = source.push("team/app", "1.0", "read with the node's credentials");
+    let config = credentials(dir.path(), &[(&target.host(), USER, PASSWORD)]);
+    let (ok, text) = mirror(
+        dir.path(),
+        std::slice::from_ref(&app),
+        &target.host(),
+        &["--docker-config", &config],
+    );
+    assert!(ok, "{text}");
+    source.stop();
+
+    let containerd = Containerd::start();
+    let sets = dir.path().join("from-mirror.yaml");
+    std::fs::write(&sets, image_set(&[mirrored(&target, &app)])).unwrap();
+    let prefetch = || {
+        let output = Command::new(env!("CARGO_BIN_EXE_coral"))
+            .args(["prefetch", "-f"])
+            .arg(&sets)
+            .args(["--cri-socket", &containerd.address(), "--max-attempts", "1"])
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    };
+    let (ok, text) = prefetch();
+    assert!(
+        !ok,
+        "the mirror refuses a runtime without credentials: {text}"
+    );
+
+    use base64::Engine as _;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    let host = target.host();
+    let hosts = containerd.dir.path().join("certs.d").join(&host);
+    std::fs::create_dir_all(&hosts).unwrap();
+    std::fs::write(
+        hosts.join("hosts.toml"),
+        format!(
+            "server = \"http://{host}\"\n\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  [host.\"http://{host}\".header]\n    authorization = \"Basic {token}\"\n"
+        ),
+    )
+    .unwrap();
+    let (ok, text) = prefetch();
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("pulled     {}", mirrored(&target, &app))),
+        "{text}"
+    );
+}
