@@ -1,9 +1,12 @@
-# Mirror injection: a container whose image is mirrored into an in-cluster Registry runs the
-# mirror's copy. Its image becomes the mirror reference (data.coral.images[...].mirror), which
-# keeps the tag and the digest of the original, only while the copy is ready: the mirror holds
-# it and the Registry answered the controller's last probe. A container that already runs a
-# mirror reference whose copy is no longer ready gets its source reference back, so a pod
-# created while the mirror is down pulls from where it would without Coral.
+# Mirror injection: a container of a Pod whose image is mirrored into an in-cluster Registry
+# runs the mirror's copy. Its image becomes the mirror reference (data.coral.images[...].mirror),
+# which keeps the tag and the digest of the original, only while the copy is ready: the mirror
+# holds it and the Registry answered the controller's last probe. Pods only: each Pod is
+# decided when it is created, against the mirror as it is then, and workload templates keep
+# their source (a template rewritten to the mirror would keep making pods that pull from it
+# after it fails). A container that runs a mirror reference whose copy is not ready gets its
+# source reference back, so a pod created while the mirror is down pulls from where it would
+# without Coral.
 #
 # Private images (pulled with an ImageSet's pull secrets) are never rewritten: the pod keeps
 # pulling from the source with its own pull secrets, which the source checks.
@@ -14,6 +17,7 @@ mirror_of(c) := data.coral.images[image_key(c)].mirror
 # Containers to run from the mirror.
 from_mirror contains i if {
 	inject_mirror
+	input.kind.kind == "Pod"
 	some i in usable
 	not data.coral.images[image_key(input.containers[i])].private
 	mirror_of(input.containers[i]).ready
@@ -54,6 +58,7 @@ warn contains msg if {
 
 warn contains msg if {
 	inject_mirror
+	input.kind.kind == "Pod"
 	some i in usable
 	c := input.containers[i]
 	info := data.coral.images[image_key(c)]
@@ -69,6 +74,7 @@ warn contains msg if {
 
 warn contains msg if {
 	inject_mirror
+	input.kind.kind == "Pod"
 	some i in usable
 	c := input.containers[i]
 	info := data.coral.images[image_key(c)]
@@ -78,4 +84,12 @@ warn contains msg if {
 		"container %q: image %q is private; it pulls from its source with the pod's pull secrets, not from the mirror",
 		[c.name, c.image],
 	)
+}
+
+warn contains msg if {
+	inject_mirror
+	input.kind.kind != "Pod"
+	some i in usable
+	is_object(data.coral.images[image_key(input.containers[i])].mirror)
+	msg := "mirror: the injection rewrites Pods, each when it is created, and leaves this template's images alone; put coral.dev/inject on the pod template, or list mirror in defaultInject"
 }

@@ -1051,3 +1051,49 @@ async fn a_runaway_policy_is_stopped_within_its_bounds_and_the_webhook_keeps_ser
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn a_controlled_pod_asking_for_the_mirror_runs_its_copy() {
+    // The standalone webhook's state file carries the mirror as the controller records it:
+    // the ImageSet's status and the Registry's Reachable condition.
+    let state = r#"
+imageSets:
+  - metadata: {name: web, namespace: shop}
+    spec:
+      images: ["nginx:1.27"]
+      mirror: {registry: local}
+    status:
+      images:
+        - {image: "nginx:1.27", normalized: "docker.io/library/nginx:1.27", label: x,
+           mirror: {reference: "localhost:30500/docker.io/library/nginx:1.27", state: mirrored}}
+registries:
+  - metadata: {name: local}
+    spec: {endpoint: "localhost:30500"}
+    status:
+      conditions: [{type: Reachable, status: "True", reason: Answered, message: ok, lastTransitionTime: "2026-01-01T00:00:00Z"}]
+nodes:
+  - {name: a, images: ["nginx:1.27"]}
+namespaces:
+  - {name: shop, labels: {coral.dev/inject: enabled}}
+"#;
+    let webhook = Webhook::start(state, &[]);
+    let owner = json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-1", "uid": "1", "controller": true}]);
+    let pod = |inject: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-1-x", "namespace": "shop", "ownerReferences": owner,
+                         "annotations": {"coral.dev/inject": inject}},
+            "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]},
+        })
+    };
+    // Made from a template: decided all the same, since it asks for the mirror.
+    let (response, patched) = mutate(&webhook, &pod("mirror"), "CREATE").await;
+    assert_eq!(response["allowed"], true, "{response}");
+    assert_eq!(
+        patched["spec"]["containers"][0]["image"],
+        "localhost:30500/docker.io/library/nginx:1.27"
+    );
+    // A controlled Pod asking for anything else is still skipped.
+    let (response, _) = mutate(&webhook, &pod("selectors"), "CREATE").await;
+    assert!(response.get("patch").is_none(), "{response}");
+}

@@ -82,7 +82,7 @@ pub fn admission_review(data: &[u8]) {
     let uid = review.uid.clone();
     let (value, _) = validate_image_set_review(review.clone());
     check_answer(&value, &uid, None);
-    match mutate_step(review, FailureMode::Allow, true) {
+    match mutate_step(review, FailureMode::Allow, true, true) {
         MutateStep::Answer(value, _) => check_answer(&value, &uid, None),
         MutateStep::Decide(request) => {
             let decided = snapshot().decide(&request);

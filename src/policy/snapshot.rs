@@ -16,6 +16,9 @@ pub struct Snapshot {
     pub placement: Placement,
     /// `settings.skipControlledPods`, which the webhook applies before any policy runs.
     pub skip_controlled_pods: bool,
+    /// `settings.defaultInject` has `mirror`: controlled Pods are decided all the same (the
+    /// mirror injection rewrites Pods only).
+    pub mirror_by_default: bool,
     /// Where the policies came from (`embedded`, a directory, a ConfigMap).
     pub policy_origin: String,
     /// Decisions made with this snapshot; dropped with it on every change of state or policies.
@@ -51,6 +54,7 @@ impl Snapshot {
             placement: index.placement(),
             index,
             skip_controlled_pods: settings.skip_controlled_pods,
+            mirror_by_default: settings.default_inject.iter().any(|i| i == "mirror"),
             policy_origin: compiled.origin().to_string(),
         })
     }

@@ -760,16 +760,24 @@ fn mirrored_decision(reachable: bool, object: Value) -> Decision {
         .expect("decision")
 }
 
+/// A Pod of nginx:1.27 asking for `inject`.
+fn nginx_pod(inject: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "shop", "annotations": {"coral.dev/inject": inject}},
+        "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]},
+    })
+}
+
 #[test]
 fn the_mirror_injection_runs_a_ready_copy_and_converges_on_the_compiled_policies() {
     const MIRROR: &str = "localhost:30500/docker.io/library/nginx:1.27";
-    let object = annotate(fixture("deployment-web.json"), "selectors,mirror");
-    let decision = mirrored_decision(true, object);
-    let spec = &decision.object["spec"]["template"]["spec"];
+    let decision = mirrored_decision(true, nginx_pod("selectors,mirror"));
+    let spec = &decision.object["spec"];
     assert_eq!(spec["containers"][0]["image"], MIRROR);
     assert_eq!(spec["nodeSelector"], json!({NGINX_LABEL: "available"}));
 
-    // The rewritten object is the same image to the policies: nothing more changes.
+    // The rewritten Pod is the same image to the policies: nothing more changes.
     let again = mirrored_decision(true, decision.object.clone());
     assert!(again.patch.0.is_empty(), "{:?}", again.patch);
     assert!(
@@ -778,16 +786,20 @@ fn the_mirror_injection_runs_a_ready_copy_and_converges_on_the_compiled_policies
         again.warnings
     );
 
-    // The Registry stops answering: new objects keep their source, rewritten ones get it back.
-    let object = annotate(fixture("deployment-web.json"), "selectors,mirror");
-    let down = mirrored_decision(false, object);
+    // A workload's template keeps its images.
+    let deployment = annotate(fixture("deployment-web.json"), "selectors,mirror");
+    let workload = mirrored_decision(true, deployment);
     assert_eq!(
-        down.object["spec"]["template"]["spec"]["containers"][0]["image"],
+        workload.object["spec"]["template"]["spec"]["containers"][0]["image"],
         "nginx:1.27"
     );
+
+    // The Registry stops answering: new Pods keep their source, rewritten ones get it back.
+    let down = mirrored_decision(false, nginx_pod("selectors,mirror"));
+    assert_eq!(down.object["spec"]["containers"][0]["image"], "nginx:1.27");
     let back = mirrored_decision(false, decision.object);
     assert_eq!(
-        back.object["spec"]["template"]["spec"]["containers"][0]["image"],
+        back.object["spec"]["containers"][0]["image"],
         "docker.io/library/nginx:1.27"
     );
     assert!(

@@ -202,14 +202,26 @@ pub enum MutateStep {
 }
 
 /// Routes a review on `/mutate`: only CREATE and UPDATE of the workload kinds are decided;
-/// Pods owned by a controller are skipped when `skip_controlled_pods`.
-pub fn mutate_step(review: Review, mode: FailureMode, skip_controlled_pods: bool) -> MutateStep {
+/// Pods owned by a controller are skipped when `skip_controlled_pods`, unless they ask for the
+/// mirror injection (their own `coral.dev/inject`, or `mirror_by_default` without one), which
+/// is decided per Pod.
+pub fn mutate_step(
+    review: Review,
+    mode: FailureMode,
+    skip_controlled_pods: bool,
+    mirror_by_default: bool,
+) -> MutateStep {
     let uid = &review.uid;
     let (kind, operation) = review.kind_and_operation();
     if !matches!(operation, "CREATE" | "UPDATE") || kind == "other" || kind == "ImageSet" {
         return MutateStep::Answer(allow(uid, &[]), Answer::Skipped);
     }
-    if skip_controlled_pods && kind == "Pod" && is_controlled(&review.request["object"]) {
+    let object = &review.request["object"];
+    if skip_controlled_pods
+        && kind == "Pod"
+        && is_controlled(object)
+        && !asks_for_mirror(object, mirror_by_default)
+    {
         return MutateStep::Answer(allow(uid, &[]), Answer::Skipped);
     }
     match serde_json::from_value::<PolicyRequest>(review.request) {
@@ -223,6 +235,15 @@ pub fn mutate_step(review: Review, mode: FailureMode, skip_controlled_pods: bool
                 failure_response(uid, mode, &format!("the review cannot be read: {error}"));
             MutateStep::Answer(value, answer)
         }
+    }
+}
+
+/// Whether an object asks for the mirror injection: its `coral.dev/inject` names it, or it
+/// has no such annotation and `by_default`.
+fn asks_for_mirror(object: &Value, by_default: bool) -> bool {
+    match object["metadata"]["annotations"]["coral.dev/inject"].as_str() {
+        Some(value) => value.split(',').any(|item| item.trim() == "mirror"),
+        None => by_default,
     }
 }
 

@@ -346,11 +346,15 @@ async fn mutate(State(shared): State<Arc<Shared>>, request: Request) -> Response
         return finish(&shared, "mutate", started, kind, operation, answer, &value);
     };
     let uid = review.uid.clone();
-    let (value, answer) =
-        match mutate_step(review, shared.failure_mode, snapshot.skip_controlled_pods) {
-            MutateStep::Answer(value, answer) => (value, answer),
-            MutateStep::Decide(request) => decide(&shared, snapshot, *request, &uid, kind).await,
-        };
+    let (value, answer) = match mutate_step(
+        review,
+        shared.failure_mode,
+        snapshot.skip_controlled_pods,
+        snapshot.mirror_by_default,
+    ) {
+        MutateStep::Answer(value, answer) => (value, answer),
+        MutateStep::Decide(request) => decide(&shared, snapshot, *request, &uid, kind).await,
+    };
     finish(&shared, "mutate", started, kind, operation, answer, &value)
 }
 
