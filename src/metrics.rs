@@ -196,6 +196,9 @@ pub struct AgentMetrics {
     pub removed: IntCounter,
     /// Writes to the API server by what (`node_labels`, `nodeimage`) and result.
     pub writes: IntCounterVec,
+    /// Pulls of a mirror's copy before the source (`success`, `failure`: the source is
+    /// pulled all the same).
+    pub mirror_pulls: IntCounterVec,
 }
 
 impl AgentMetrics {
@@ -253,6 +256,11 @@ impl AgentMetrics {
                 "Writes to the API server by what and result.",
                 &["what", "result"],
             ),
+            mirror_pulls: counter(
+                "coral_agent_mirror_pulls_total",
+                "Pulls of a mirror's copy before the source, by result.",
+                &["result"],
+            ),
         };
         register(&metrics.registry, metrics.collectors());
         metrics
@@ -270,6 +278,7 @@ impl AgentMetrics {
             Box::new(metrics.vanished.clone()),
             Box::new(metrics.removed.clone()),
             Box::new(metrics.writes.clone()),
+            Box::new(metrics.mirror_pulls.clone()),
         ]
     }
 

@@ -15,6 +15,7 @@ mod api_server;
 #[allow(dead_code)]
 mod process;
 
+use std::collections::HashMap;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -766,4 +767,37 @@ async fn agent_binary_pulls_what_image_sets_want_and_labels_its_node() {
     assert!(runtime_has(&containerd, &app).await);
     assert!(runtime_has(&containerd, &worker).await);
     assert!(!runtime_has(&containerd, &batch).await, "not selected");
+}
+
+#[tokio::test]
+async fn engine_pulls_a_mirrored_image_through_the_mirror_first() {
+    let containerd = Containerd::start();
+    let source = Registry::start(None);
+    let mirror = Registry::start(None);
+    let app = source.push("shop/app", "1.0", "through the mirror");
+    let copy = mirror.copy(&app, "copies/shop/app", "1.0");
+    let engine = engine(&containerd, fast_retry(3));
+    engine.set_mirrors(HashMap::from([(reference(&app), reference(&copy))]));
+    engine.set_wanted([(reference(&app), Arc::new(Keyring::new()))]);
+    let runner = tokio::spawn(engine.clone().run());
+    wait_for(&engine, &app, "available", |r| {
+        r.state == ImageState::Available
+    })
+    .await;
+    assert!(
+        runtime_has(&containerd, &copy).await,
+        "the mirror's copy is on the node"
+    );
+    assert!(
+        runtime_has(&containerd, &app).await,
+        "and the source reference too"
+    );
+    assert_eq!(
+        metric(
+            &engine,
+            "coral_agent_mirror_pulls_total{result=\"success\"}"
+        ),
+        1.0
+    );
+    runner.abort();
 }

@@ -2,7 +2,7 @@
 //! per image at a time, backoff per image, and pauses under pressure. Shared by `coral agent`
 //! and `coral prefetch`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -57,6 +57,8 @@ pub struct Engine {
     changes: watch::Sender<u64>,
     pulls: Semaphore,
     metrics: AgentMetrics,
+    /// Wanted images with a ready copy in a mirror: pulled from there first.
+    mirrors: Mutex<HashMap<ImageReference, ImageReference>>,
 }
 
 /// A removal of an unwanted image that did not happen.
@@ -82,7 +84,16 @@ impl Engine {
             wake: Notify::new(),
             changes,
             metrics,
+            mirrors: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Replaces the mirror copies to pull before their source: the mirror reference of each
+    /// source image. The copy comes from inside the cluster and lands under the name pods
+    /// rewritten to the mirror run; the source pull that follows then finds every blob there
+    /// and fetches its manifest only.
+    pub fn set_mirrors(&self, mirrors: HashMap<ImageReference, ImageReference>) {
+        *self.mirrors.lock().unwrap_or_else(PoisonError::into_inner) = mirrors;
     }
 
     pub fn metrics(&self) -> &AgentMetrics {
@@ -299,6 +310,31 @@ impl Engine {
             .map(|record| record.keyring.clone())
             .unwrap_or_default();
         let started = Instant::now();
+        let via = self
+            .mirrors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&image)
+            .cloned();
+        if let Some(via) = via {
+            // The node's runtime holds whatever credentials the mirror wants, as for pods.
+            match self.cri.pull(&via.to_string(), None).await {
+                Ok(_) => {
+                    self.metrics
+                        .mirror_pulls
+                        .with_label_values(&["success"])
+                        .inc();
+                    info!(%image, mirror = %via, "pulled the mirror's copy");
+                }
+                Err(error) => {
+                    self.metrics
+                        .mirror_pulls
+                        .with_label_values(&["failure"])
+                        .inc();
+                    warn!(%image, mirror = %via, %error, "cannot pull the mirror's copy; pulling from the source");
+                }
+            }
+        }
         let result = pull_with(&self.cri, &image, &keyring.lookup(&image)).await;
         match result {
             Ok(()) => {

@@ -20,6 +20,40 @@ use crate::index::validate_image_set;
 /// wants the image.
 pub type SecretRefs = Vec<(String, String)>;
 
+/// The mirror copies of public wanted images, ready to pull: for each source image an ImageSet
+/// mirrors without pull secrets and whose status records it `mirrored`, its mirror reference.
+/// Private images are never pulled through a mirror (the source checks their credentials).
+pub fn mirror_copies(
+    sets: &[&ImageSet],
+    wanted: &BTreeMap<ImageReference, SecretRefs>,
+) -> std::collections::HashMap<ImageReference, ImageReference> {
+    let mut copies = std::collections::HashMap::new();
+    for set in sets {
+        if set.spec.mirror.is_none() || !set.spec.image_pull_secrets.is_empty() {
+            continue;
+        }
+        for image in set.status.iter().flat_map(|status| &status.images) {
+            let Some(copy) = image
+                .mirror
+                .as_ref()
+                .filter(|c| c.state == crate::api::MirrorState::Mirrored)
+            else {
+                continue;
+            };
+            let (Ok(source), Ok(mirror)) = (
+                ImageReference::parse(&image.normalized),
+                ImageReference::parse(&copy.reference),
+            ) else {
+                continue;
+            };
+            if wanted.get(&source).is_some_and(Vec::is_empty) {
+                copies.entry(source).or_insert(mirror);
+            }
+        }
+    }
+    copies
+}
+
 /// The images wanted on a node with `labels`: the union of the ImageSets whose selector
 /// matches, each with the pull secrets of those ImageSets. An ImageSet's retiring images (in
 /// its status: gone from it while workloads still require their labels) stay wanted, and are
@@ -213,6 +247,38 @@ mod tests {
         assert!(
             none.is_empty(),
             "no labels: only sets with an empty selector"
+        );
+    }
+
+    #[test]
+    fn only_public_images_with_a_mirrored_copy_are_pulled_through_the_mirror() {
+        let set = |name: &str, secrets: bool, state: &str| -> ImageSet {
+            let secrets: Vec<serde_json::Value> = if secrets {
+                vec![serde_json::json!({"name": "creds"})]
+            } else {
+                Vec::new()
+            };
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"images": [format!("{name}:1")], "imagePullSecrets": secrets, "mirror": {"registry": "local"}},
+                "status": {"images": [{
+                    "image": format!("{name}:1"), "normalized": format!("docker.io/library/{name}:1"), "label": "x",
+                    "mirror": {"reference": format!("localhost:30500/docker.io/library/{name}:1"), "state": state},
+                }]},
+            }))
+            .expect("ImageSet")
+        };
+        let public = set("web", false, "mirrored");
+        let private = set("secret", true, "mirrored");
+        let copying = set("cache", false, "copying");
+        let sets = [&public, &private, &copying];
+        let wanted = wanted_images(&sets, &BTreeMap::new());
+        let copies = mirror_copies(&sets, &wanted);
+        assert_eq!(copies.len(), 1, "{copies:?}");
+        assert_eq!(
+            copies[&ImageReference::parse("web:1").expect("reference")].to_string(),
+            "localhost:30500/docker.io/library/web:1"
         );
     }
 }

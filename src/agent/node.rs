@@ -39,6 +39,8 @@ pub struct AgentOptions {
     pub engine: EngineOptions,
     /// Remove images no ImageSet wants any more (when no container uses them).
     pub remove_unwanted: bool,
+    /// Pull a public image's ready mirror copy before its source.
+    pub pull_through_mirror: bool,
     pub probe_listen: SocketAddr,
     /// Quiet period that coalesces changes before the wanted set or the records are rewritten.
     pub debounce: Duration,
@@ -185,6 +187,12 @@ impl NodeAgent {
         let sets = image_sets.state();
         let sets: Vec<&ImageSet> = sets.iter().map(AsRef::as_ref).collect();
         let wanted = wanted_images(&sets, &labels);
+        self.engine
+            .set_mirrors(if self.options.pull_through_mirror {
+                super::mirror_copies(&sets, &wanted)
+            } else {
+                Default::default()
+            });
         let secret_refs: BTreeSet<(String, String)> = wanted.values().flatten().cloned().collect();
         let keyrings =
             read_pull_secrets(&self.client, &self.options.coral_namespace, &secret_refs).await;

@@ -169,6 +169,11 @@ pub struct AgentArgs {
     /// uses them). Without it their labels go and the images stay.
     #[arg(long, env = "CORAL_REMOVE_UNWANTED")]
     remove_unwanted: bool,
+    /// Pull from the source only. By default a public image that an ImageSet mirrors, once its
+    /// copy is `mirrored`, is pulled from the mirror first (with the runtime's own credentials
+    /// for it, as pods pull), then from the source, which then only sends its manifest.
+    #[arg(long, env = "CORAL_SKIP_MIRROR")]
+    skip_mirror: bool,
     /// Plain-HTTP address of /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:8080", env = "CORAL_PROBE_LISTEN")]
     probe_listen: std::net::SocketAddr,
@@ -189,6 +194,7 @@ pub fn run_agent(args: AgentArgs) -> Result<ExitCode> {
         cri_socket: args.pull.cri_socket.clone(),
         engine: args.pull.engine_options(args.resync),
         remove_unwanted: args.remove_unwanted,
+        pull_through_mirror: !args.skip_mirror,
         probe_listen: args.probe_listen,
         debounce: args.debounce,
     };

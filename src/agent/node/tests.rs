@@ -160,6 +160,7 @@ fn start_agent() -> (Api, Arc<Engine>) {
             ..EngineOptions::default()
         },
         remove_unwanted: false,
+        pull_through_mirror: true,
         probe_listen: "127.0.0.1:0".parse().expect("address"),
         debounce: Duration::from_millis(10),
     };
