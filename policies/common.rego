@@ -1,7 +1,10 @@
 # Helpers shared by the default policies: which injections an object asks for, which of its
 # containers they apply to, and whether a container's image is managed and available.
 #
-# input:       one admission request (see the README, "Policy input").
+# input:       one admission request (see the README, "Policy input"). Images are looked up
+#              by each container's `key`: its normalized reference, or for a mirror reference
+#              the source image it is a copy of (data.coral.mirrors), so that mirrored or not
+#              it is one image: the same label, the same decisions.
 # data.coral:  images, nodes and settings (see the README, "Policy data").
 package coral.mutate
 
@@ -60,13 +63,6 @@ include_containers := annotation_list("coral.dev/include-containers")
 
 exclude_containers := annotation_list("coral.dev/exclude-containers")
 
-# The managed image a container runs, by normalized reference: its own, or for a mirror
-# reference (one Coral wrote, data.coral.mirrors) the source image it is a copy of. Mirrored
-# or not, it is one image: the same label, the same decisions.
-image_key(c) := data.coral.mirrors[c.normalized]
-
-image_key(c) := c.normalized if not data.coral.mirrors[c.normalized]
-
 # Private images: an image an ImageSet pulls with imagePullSecrets is for the pods of that
 # ImageSet's namespace (info.namespaces) and of the namespaces settings.sharePrivateImagesWith
 # names ("*": every namespace). A pod elsewhere is neither steered to it nor told not to pull
@@ -89,13 +85,13 @@ shares_private_images if "*" in object.get(settings, "sharePrivateImagesWith", [
 usable contains i if {
 	injecting
 	some i in selected
-	may_use(data.coral.images[image_key(input.containers[i])])
+	may_use(data.coral.images[input.containers[i].key])
 }
 
 # Of those, the containers whose image is held by at least settings.minAvailableNodes nodes.
 available contains i if {
 	some i in usable
-	data.coral.images[image_key(input.containers[i])].nodes.available >= settings.minAvailableNodes
+	data.coral.images[input.containers[i].key].nodes.available >= settings.minAvailableNodes
 }
 
 # The pod spec of the object, wherever its kind keeps it.
@@ -117,7 +113,7 @@ warn contains msg if {
 	some i in selected
 	c := input.containers[i]
 	is_string(c.normalized)
-	not data.coral.images[image_key(c)]
+	not data.coral.images[c.key]
 	msg := sprintf("container %q: image %q is not managed by any ImageSet; left unchanged", [c.name, c.image])
 }
 
@@ -126,7 +122,7 @@ warn contains msg if {
 	some i in selected
 	not i in usable
 	c := input.containers[i]
-	info := data.coral.images[image_key(c)]
+	info := data.coral.images[c.key]
 	msg := sprintf(
 		"container %q: image %q is private to namespace(s) %s (pulled with their pull secrets), not to %q; left unchanged",
 		[c.name, c.image, concat(", ", info.namespaces), input.namespace],
@@ -140,7 +136,7 @@ warn contains msg if {
 	some i in selected
 	c := input.containers[i]
 	i in usable
-	info := data.coral.images[image_key(c)]
+	info := data.coral.images[c.key]
 	info.nodes.available < settings.minAvailableNodes
 	msg := sprintf(
 		"container %q: image %q is on %d node(s), fewer than the %d required (minAvailableNodes); left unchanged",

@@ -22,7 +22,7 @@ min_nodes := max([1, settings.minAvailableNodes])
 wanted_labels contains label if {
 	inject_selectors
 	some i in usable
-	label := data.coral.images[image_key(input.containers[i])].label
+	label := data.coral.images[input.containers[i].key].label
 }
 
 # How many nodes the pod may use that hold every image of `labels` (a non-empty set).
@@ -86,13 +86,13 @@ left_out_reason(label) := "no node holds it yet" if {
 # The image of a label, as the pod's first container with it names it.
 image_name(label) := sprintf("%q", [[c.image |
 	some c in input.containers
-	data.coral.images[image_key(c)].label == label
+	data.coral.images[c.key].label == label
 ][0]])
 
 warn contains msg if {
 	some i in selected
 	c := input.containers[i]
-	label := data.coral.images[image_key(c)].label
+	label := data.coral.images[c.key].label
 	label in wanted_labels
 	not label in steered
 	msg := sprintf("container %q: image %q not steered to: %s; left unchanged", [c.name, c.image, left_out_reason(label)])
@@ -102,7 +102,7 @@ warn contains msg if {
 still_managed(label) if {
 	some c in input.containers
 	c.list != "ephemeralContainers"
-	data.coral.images[image_key(c)].label == label
+	data.coral.images[c.key].label == label
 }
 
 # Whether a nodeSelector key is Coral's: every image.coral.dev/ key is.

@@ -12,7 +12,7 @@ held_where_it_runs contains label if some label in required_by_pod
 
 pull_policy_for(c) := "Never" if {
 	settings.pullPolicy == "Never"
-	data.coral.images[image_key(c)].label in held_where_it_runs
+	data.coral.images[c.key].label in held_where_it_runs
 } else := "IfNotPresent"
 
 patch contains {

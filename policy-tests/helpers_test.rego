@@ -28,6 +28,7 @@ container(list, index, name, image, normalized) := {
 	"path": sprintf("%s/%s/%d", [spec_path, list, index]),
 	"image": image,
 	"normalized": normalized,
+	"key": normalized,
 }
 
 web := container("containers", 0, "web", "nginx:1.27", "docker.io/library/nginx:1.27")

@@ -26,21 +26,24 @@ pod(annotations, containers) := object.union(request(annotations, {}, containers
 	},
 })
 
-pod_container(index, name, image, normalized) := {
+# `key` is the managed image: the source's, for a mirror reference (Coral sets it from
+# data.coral.mirrors).
+pod_container(index, name, image, normalized, key) := {
 	"name": name,
 	"list": "containers",
 	"index": index,
 	"path": sprintf("/spec/containers/%d", [index]),
 	"image": image,
 	"normalized": normalized,
+	"key": key,
 }
 
-pod_web := pod_container(0, "web", "nginx:1.27", "docker.io/library/nginx:1.27")
+pod_web := pod_container(0, "web", "nginx:1.27", "docker.io/library/nginx:1.27", "docker.io/library/nginx:1.27")
 
-pod_cache := pod_container(1, "cache", "redis:7.4", "docker.io/library/redis:7.4")
+pod_cache := pod_container(1, "cache", "redis:7.4", "docker.io/library/redis:7.4", "docker.io/library/redis:7.4")
 
 # A container already rewritten to the mirror.
-from_the_mirror := pod_container(0, "web", mirror_ref, mirror_ref)
+from_the_mirror := pod_container(0, "web", mirror_ref, mirror_ref, "docker.io/library/nginx:1.27")
 
 web_image_ops(patches) := {op | some op in patches; op.path == "/spec/containers/0/image"}
 

@@ -383,22 +383,13 @@ impl ClusterIndex {
 
     /// The nodes indexed for placement questions.
     pub fn placement(&self) -> Placement {
-        let aliases = self
-            .mirror_sources()
-            .into_iter()
-            .filter_map(|(mirror, source)| {
-                let mirror = ImageReference::parse(&mirror).ok()?;
-                let source = ImageReference::parse(&source).ok()?;
-                Some((label_key(&mirror), label_key(&source)))
-            })
-            .collect();
         Placement::new(self.nodes.iter().map(|(name, node)| PlacementNode {
             name,
             labels: &node.labels,
             taints: &node.taints,
             unschedulable: node.unschedulable,
         }))
-        .with_aliases(aliases)
+        .with_mirrors(self.mirror_sources())
     }
 
     /// For each Coral image label key, the number of nodes labelled as holding the image.

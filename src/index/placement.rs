@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::{Labels, Sym};
-use crate::image::{LABEL_AVAILABLE, LABEL_PREFIX};
+use crate::image::{ImageReference, LABEL_AVAILABLE, LABEL_PREFIX, label_key};
 
 /// The taint a cordoned node is judged by.
 pub const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
@@ -165,6 +165,8 @@ pub struct Placement {
     /// The image label of a mirror reference → that of its source: a container that runs a
     /// mirror's copy needs the nodes holding the source image.
     aliases: HashMap<String, String>,
+    /// A mirror reference → its source image, both normalized.
+    sources: HashMap<String, String>,
 }
 
 /// The image labels a pod spec requires, and where it can run with them.
@@ -199,11 +201,27 @@ struct Judgement {
 }
 
 impl Placement {
-    /// The same placement, where the image label of each mirror reference stands for that
-    /// of its source (`aliases`: mirror label → source label).
-    pub fn with_aliases(mut self, aliases: HashMap<String, String>) -> Self {
-        self.aliases = aliases;
+    /// The same placement, where each mirror reference (`sources`: mirror reference → source
+    /// image, both normalized) stands for its source image, and its label for the source's.
+    pub fn with_mirrors(mut self, sources: BTreeMap<String, String>) -> Self {
+        self.aliases = sources
+            .iter()
+            .filter_map(|(mirror, source)| {
+                let mirror = ImageReference::parse(mirror).ok()?;
+                let source = ImageReference::parse(source).ok()?;
+                Some((label_key(&mirror), label_key(&source)))
+            })
+            .collect();
+        self.sources = sources.into_iter().collect();
         self
+    }
+
+    /// The managed image a normalized reference stands for: the source of a mirror
+    /// reference, else the reference itself.
+    pub fn image_key<'a>(&'a self, normalized: &'a str) -> &'a str {
+        self.sources
+            .get(normalized)
+            .map_or(normalized, String::as_str)
     }
 
     /// Indexes nodes; their order fixes nothing the answers depend on.
@@ -245,6 +263,7 @@ impl Placement {
         let nodes = count as usize;
         Self {
             aliases: HashMap::new(),
+            sources: HashMap::new(),
             nodes,
             names,
             labels: labels

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::guard::{Bounds, Breach, Guard};
-use super::input::{containers, containers_after, placement_key, pod_placement};
+use super::input::{containers, containers_after, placement_key, pod_placement, with_keys};
 use super::rails::checked_patch;
 use super::{
     AllowedPaths, PolicyError, PolicyRequest, PolicySet, Settings, build_input, coral_data,
@@ -444,7 +444,8 @@ impl Evaluator {
         let started = Instant::now();
         let kind = request.workload_kind()?;
         let original = &request.object;
-        let entries = containers(original, kind);
+        let mut entries = containers(original, kind);
+        with_keys(&mut entries, placement);
         let where_to = pod_placement(placement, original, kind, &entries);
         let first = self.evaluate(
             build_input(
@@ -506,7 +507,8 @@ impl Evaluator {
         previous: &[Value],
         context: Context<'_>,
     ) -> Result<(), PolicyError> {
-        let entries = containers_after(patched, kind, previous);
+        let mut entries = containers_after(patched, kind, previous);
+        with_keys(&mut entries, context.placement);
         // A patch that leaves what placement reads alone (the usual one: Coral's own
         // nodeSelector entries, pull policies) leaves the placement as it was.
         let (key, known) = &context.original;

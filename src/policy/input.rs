@@ -272,6 +272,21 @@ pub fn containers_after(object: &Value, kind: WorkloadKind, previous: &[Value]) 
     entries
 }
 
+/// Gives each container entry with a valid reference its `key`: the managed image it runs,
+/// the source image for a mirror reference (as `placement` knows them), else its normalized
+/// reference. Policies look images up by it, so a copy is the same image as its source.
+pub fn with_keys(entries: &mut [Value], placement: &Placement) {
+    for entry in entries {
+        let key = entry
+            .get("normalized")
+            .and_then(Value::as_str)
+            .map(|normalized| placement.image_key(normalized).to_string());
+        if let (Some(key), Some(fields)) = (key, entry.as_object_mut()) {
+            fields.insert("key".into(), key.into());
+        }
+    }
+}
+
 /// `input.placement` of an object: where its pod spec's own constraints let it run, and which
 /// of those nodes hold the images of its containers and init containers.
 pub fn pod_placement(

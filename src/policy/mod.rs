@@ -24,7 +24,7 @@ pub use engine::{
 };
 pub use input::{
     CONTAINER_LISTS, GroupVersionKind, GroupVersionResource, PolicyRequest, WorkloadKind,
-    build_input, containers, containers_after, pod_placement,
+    build_input, containers, containers_after, pod_placement, with_keys,
 };
 pub use rails::{AllowedPaths, DEFAULT_ALLOWED_PATHS, checked_patch};
 pub use settings::{INJECTIONS, PullPolicy, Scheduling, Settings, SettingsError};

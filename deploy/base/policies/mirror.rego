@@ -12,14 +12,17 @@
 # pulling from the source with its own pull secrets, which the source checks.
 package coral.mutate
 
-mirror_of(c) := data.coral.images[image_key(c)].mirror
+mirror_of(c) := data.coral.images[c.key].mirror
+
+# Computed once per decision: whether any copy is known at all (in most clusters, none).
+mirroring if count(data.coral.mirrors) > 0
 
 # Containers to run from the mirror.
 from_mirror contains i if {
 	inject_mirror
 	input.kind.kind == "Pod"
 	some i in usable
-	not data.coral.images[image_key(input.containers[i])].private
+	not data.coral.images[input.containers[i].key].private
 	mirror_of(input.containers[i]).ready
 }
 
@@ -40,6 +43,7 @@ patch contains {
 	"path": concat("", [c.path, "/image"]),
 	"value": source,
 } if {
+	mirroring
 	not opted_out
 	some i in selected
 	c := input.containers[i]
@@ -48,6 +52,7 @@ patch contains {
 }
 
 warn contains msg if {
+	mirroring
 	not opted_out
 	some i in selected
 	c := input.containers[i]
@@ -61,7 +66,7 @@ warn contains msg if {
 	input.kind.kind == "Pod"
 	some i in usable
 	c := input.containers[i]
-	info := data.coral.images[image_key(c)]
+	info := data.coral.images[c.key]
 	not info.private
 	is_object(info.mirror)
 	not info.mirror.ready
@@ -77,7 +82,7 @@ warn contains msg if {
 	input.kind.kind == "Pod"
 	some i in usable
 	c := input.containers[i]
-	info := data.coral.images[image_key(c)]
+	info := data.coral.images[c.key]
 	info.private
 	is_object(info.mirror)
 	msg := sprintf(
@@ -90,6 +95,6 @@ warn contains msg if {
 	inject_mirror
 	input.kind.kind != "Pod"
 	some i in usable
-	is_object(data.coral.images[image_key(input.containers[i])].mirror)
+	is_object(data.coral.images[input.containers[i].key].mirror)
 	msg := "mirror: the injection rewrites Pods, each when it is created, and leaves this template's images alone; put coral.dev/inject on the pod template, or list mirror in defaultInject"
 }
