@@ -719,16 +719,7 @@ fn deploy_and_its_overlays_apply_to_a_real_api_server() {
         "deploy/base/namespace.yaml",
     ]);
     // deploy/ first (its CRDs), then every overlay there is.
-    let mut overlays: Vec<String> = std::fs::read_dir("deploy/overlays")
-        .unwrap()
-        .map(|entry| {
-            format!(
-                "deploy/overlays/{}",
-                entry.unwrap().file_name().to_string_lossy()
-            )
-        })
-        .collect();
-    overlays.sort();
+    let overlays = support::overlays();
     assert!(overlays.len() >= 5, "{overlays:?}");
     for dir in std::iter::once("deploy".to_string()).chain(overlays) {
         let dir = dir.as_str();
@@ -1957,6 +1948,24 @@ fn mirror_status(plane: &ControlPlane) -> (Value, String) {
     (status["images"][0]["mirror"].clone(), condition)
 }
 
+/// A controller that checks mirrored tags every 2 s and probes Registries every second, and
+/// the address of its metrics.
+fn start_mirroring_controller(
+    plane: &ControlPlane,
+    name: &str,
+) -> (support::process::Kill, std::net::SocketAddr) {
+    let probe = free_address();
+    let flags = [
+        "--mirror-recheck",
+        "2s",
+        "--registry-probe-interval",
+        "1s",
+        "--probe-listen",
+        &probe.to_string(),
+    ];
+    (start_controller_with(plane, name, &flags), probe)
+}
+
 /// `kubectl apply` of one object, which must succeed.
 fn apply(plane: &ControlPlane, object: &Value) {
     let output = plane.kubectl_stdin(&["apply"], object);
@@ -2036,16 +2045,7 @@ fn the_controller_mirrors_into_a_registry_follows_a_moved_tag_and_resumes_after_
             },
         }),
     );
-    let probe = free_address();
-    let flags = [
-        "--mirror-recheck",
-        "2s",
-        "--registry-probe-interval",
-        "1s",
-        "--probe-listen",
-        &probe.to_string(),
-    ];
-    let controller = start_controller_with(&plane, "controller-0", &flags);
+    let (controller, probe) = start_mirroring_controller(&plane, "controller-0");
     let started = Instant::now();
     wait_until("the image mirrored", Duration::from_secs(60), || {
         let (status, condition) = mirror_status(&plane);
@@ -2098,16 +2098,7 @@ fn the_controller_mirrors_into_a_registry_follows_a_moved_tag_and_resumes_after_
     // A restart: the new leader takes up the status and copies nothing (the mirror holds
     // everything), and the image never goes back to copying.
     drop(controller);
-    let probe = free_address();
-    let flags = [
-        "--mirror-recheck",
-        "2s",
-        "--registry-probe-interval",
-        "1s",
-        "--probe-listen",
-        &probe.to_string(),
-    ];
-    let _controller = start_controller_with(&plane, "controller-1", &flags);
+    let (_controller, probe) = start_mirroring_controller(&plane, "controller-1");
     wait_until(
         "the new leader checked the image",
         Duration::from_secs(30),
@@ -2338,25 +2329,8 @@ fn a_pod_runs_the_mirrors_copy_which_containerd_pulls_with_the_source_stopped() 
     // The source stopped, a real containerd pulls what the pod now runs.
     source.stop();
     let containerd = runtime::Containerd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let sets = dir.path().join("pod-images.yaml");
-    std::fs::write(
-        &sets,
-        format!("apiVersion: coral.dev/v1alpha1\nkind: ImageSet\nmetadata: {{name: pod, namespace: shop}}\nspec:\n  images: [\"{mirror_ref}\"]\n"),
-    )
-    .unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_coral"))
-        .args(["prefetch", "-f"])
-        .arg(&sets)
-        .args(["--cri-socket", &containerd.address()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (ok, text) = containerd.prefetch(std::slice::from_ref(&mirror_ref), &[]);
+    assert!(ok, "{text}");
     assert!(text.contains(&format!("pulled     {mirror_ref}")), "{text}");
 
     // The mirror down: once the Registry is seen unreachable, a new pod keeps its source and

@@ -47,16 +47,7 @@ fn by_key(objects: Vec<Value>) -> BTreeMap<String, Value> {
 #[test]
 #[ignore = "needs the Helm built by scripts/helm.sh (CORAL_HELM_BIN); scripts/test.sh runs it"]
 fn the_chart_renders_what_kustomize_renders_for_deploy_and_each_overlay() {
-    let overlays: Vec<String> =
-        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/overlays"))
-            .unwrap()
-            .map(|entry| {
-                format!(
-                    "deploy/overlays/{}",
-                    entry.unwrap().file_name().to_string_lossy()
-                )
-            })
-            .collect();
+    let overlays = support::overlays();
     for overlay in &overlays {
         assert!(
             EQUIVALENTS.iter().any(|(dir, _)| dir == overlay),

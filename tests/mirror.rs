@@ -276,20 +276,8 @@ fn containerd_pulls_the_mirror_reference_with_the_source_stopped() {
     source.stop();
 
     let containerd = Containerd::start();
-    let sets = dir.path().join("from-mirror.yaml");
-    std::fs::write(&sets, image_set(&[mirrored(&target, &app)])).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_coral"))
-        .args(["prefetch", "-f"])
-        .arg(&sets)
-        .args(["--cri-socket", &containerd.address()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (ok, text) = containerd.prefetch(&[mirrored(&target, &app)], &[]);
+    assert!(ok, "{text}");
     assert!(
         text.contains(&format!("pulled     {}", mirrored(&target, &app))),
         "{text}"
@@ -408,20 +396,7 @@ fn a_runtime_given_credentials_for_the_mirror_pulls_from_it_without_the_pods_hel
     source.stop();
 
     let containerd = Containerd::start();
-    let sets = dir.path().join("from-mirror.yaml");
-    std::fs::write(&sets, image_set(&[mirrored(&target, &app)])).unwrap();
-    let prefetch = || {
-        let output = Command::new(env!("CARGO_BIN_EXE_coral"))
-            .args(["prefetch", "-f"])
-            .arg(&sets)
-            .args(["--cri-socket", &containerd.address(), "--max-attempts", "1"])
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-        )
-    };
+    let prefetch = || containerd.prefetch(&[mirrored(&target, &app)], &["--max-attempts", "1"]);
     let (ok, text) = prefetch();
     assert!(
         !ok,

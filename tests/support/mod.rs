@@ -297,3 +297,20 @@ pub async fn get_probe(webhook: &Webhook, path: &str) -> (u16, String) {
         .unwrap();
     read_response(&mut stream).await
 }
+
+/// Every overlay directory of `deploy/overlays`, as `deploy/overlays/NAME`, sorted.
+#[allow(dead_code)] // each test crate uses part of the support module
+pub fn overlays() -> Vec<String> {
+    let mut overlays: Vec<String> =
+        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/overlays"))
+            .unwrap()
+            .map(|entry| {
+                format!(
+                    "deploy/overlays/{}",
+                    entry.unwrap().file_name().to_string_lossy()
+                )
+            })
+            .collect();
+    overlays.sort();
+    overlays
+}

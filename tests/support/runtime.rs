@@ -115,6 +115,36 @@ state = "{d}/state"
     }
 }
 
+impl Containerd {
+    /// Runs `coral prefetch` of `images` into this containerd, with `extra` flags: whether it
+    /// succeeded, and what it printed.
+    pub fn prefetch(&self, images: &[String], extra: &[&str]) -> (bool, String) {
+        let sets = self.dir.path().join("prefetch.yaml");
+        std::fs::write(
+            &sets,
+            format!(
+                "apiVersion: coral.dev/v1alpha1\nkind: ImageSet\nmetadata: {{name: prefetch, namespace: default}}\nspec:\n  images: {images:?}\n"
+            ),
+        )
+        .unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_coral"))
+            .args(["prefetch", "-f"])
+            .arg(&sets)
+            .args(["--cri-socket", &self.address()])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        )
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
         self.stop();
