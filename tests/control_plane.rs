@@ -1948,6 +1948,11 @@ fn mirror_status(plane: &ControlPlane) -> (Value, String) {
     (status["images"][0]["mirror"].clone(), condition)
 }
 
+/// A Registry as the API server has it.
+fn registry_object(plane: &ControlPlane, name: &str) -> Value {
+    serde_json::from_str(&plane.kubectl_ok(&["get", "registry", name, "-o", "json"])).unwrap()
+}
+
 /// A controller that checks mirrored tags every 2 s and probes Registries every second, and
 /// the address of its metrics.
 fn start_mirroring_controller(
@@ -2069,10 +2074,7 @@ fn the_controller_mirrors_into_a_registry_follows_a_moved_tag_and_resumes_after_
         "the Registry reachable with one image",
         Duration::from_secs(30),
         || {
-            let registry: Value = serde_json::from_str(
-                &plane.kubectl_ok(&["get", "registry", "local", "-o", "json"]),
-            )
-            .unwrap();
+            let registry = registry_object(&plane, "local");
             registry["status"]["mirroredImages"] == 1
                 && registry["status"]["conditions"][0]["status"] == "True"
         },
@@ -2139,9 +2141,7 @@ fn the_controller_mirrors_into_a_registry_follows_a_moved_tag_and_resumes_after_
     // The mirror down: the Registry is unreachable, then reachable again.
     mirror.stop();
     wait_until("the Registry unreachable", Duration::from_secs(30), || {
-        let registry: Value =
-            serde_json::from_str(&plane.kubectl_ok(&["get", "registry", "local", "-o", "json"]))
-                .unwrap();
+        let registry = registry_object(&plane, "local");
         registry["status"]["conditions"][0]["status"] == "False"
             && registry["status"]["lastError"].as_str().is_some()
     });
@@ -2151,10 +2151,7 @@ fn the_controller_mirrors_into_a_registry_follows_a_moved_tag_and_resumes_after_
         "the Registry reachable again and the error gone",
         Duration::from_secs(30),
         || {
-            let registry: Value = serde_json::from_str(
-                &plane.kubectl_ok(&["get", "registry", "local", "-o", "json"]),
-            )
-            .unwrap();
+            let registry = registry_object(&plane, "local");
             registry["status"]["conditions"][0]["status"] == "True"
                 && mirror_status(&plane).0["lastError"].is_null()
         },

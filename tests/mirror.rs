@@ -259,13 +259,26 @@ fn failures_name_the_side_that_failed_and_exit_non_zero() {
     );
 }
 
-#[test]
-fn containerd_pulls_the_mirror_reference_with_the_source_stopped() {
-    let mut source = Registry::start(Some((USER, PASSWORD)));
-    let target = Registry::start(None);
+/// Pushes an image of `content` to `source`, mirrors it into `target` with `coral mirror`
+/// (with the credentials of whichever side wants them), stops the source; the source
+/// reference.
+fn mirror_one_then_stop_the_source(
+    source: &mut Registry,
+    target: &Registry,
+    content: &str,
+) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let app = source.push("team/app", "1.0", "served from the mirror");
-    let config = credentials(dir.path(), &[(&source.host(), USER, PASSWORD)]);
+    let app = source.push("team/app", "1.0", content);
+    let entries: Vec<(String, &str, &str)> = [&*source, target]
+        .iter()
+        .filter(|r| r.credentials.is_some())
+        .map(|r| (r.host(), USER, PASSWORD))
+        .collect();
+    let entries: Vec<(&str, &str, &str)> = entries
+        .iter()
+        .map(|(h, u, p)| (h.as_str(), *u, *p))
+        .collect();
+    let config = credentials(dir.path(), &entries);
     let (ok, text) = mirror(
         dir.path(),
         std::slice::from_ref(&app),
@@ -274,6 +287,14 @@ fn containerd_pulls_the_mirror_reference_with_the_source_stopped() {
     );
     assert!(ok, "{text}");
     source.stop();
+    app
+}
+
+#[test]
+fn containerd_pulls_the_mirror_reference_with_the_source_stopped() {
+    let mut source = Registry::start(Some((USER, PASSWORD)));
+    let target = Registry::start(None);
+    let app = mirror_one_then_stop_the_source(&mut source, &target, "served from the mirror");
 
     let containerd = Containerd::start();
     let (ok, text) = containerd.prefetch(&[mirrored(&target, &app)], &[]);
@@ -383,17 +404,8 @@ fn a_runtime_given_credentials_for_the_mirror_pulls_from_it_without_the_pods_hel
     // none.
     let mut source = Registry::start(None);
     let target = Registry::start(Some((USER, PASSWORD)));
-    let dir = tempfile::tempdir().unwrap();
-    let app = source.push("team/app", "1.0", "read with the node's credentials");
-    let config = credentials(dir.path(), &[(&target.host(), USER, PASSWORD)]);
-    let (ok, text) = mirror(
-        dir.path(),
-        std::slice::from_ref(&app),
-        &target.host(),
-        &["--docker-config", &config],
-    );
-    assert!(ok, "{text}");
-    source.stop();
+    let app =
+        mirror_one_then_stop_the_source(&mut source, &target, "read with the node's credentials");
 
     let containerd = Containerd::start();
     let prefetch = || containerd.prefetch(&[mirrored(&target, &app)], &["--max-attempts", "1"]);
