@@ -214,7 +214,14 @@ impl Mirroring {
             }
             let wanted: Vec<Wanted> = sets
                 .iter()
-                .flat_map(|set| book::wanted(set).unwrap_or_default())
+                .flat_map(|set| {
+                    book::wanted(set).unwrap_or_else(|error| {
+                        // The CRD's validation refuses such platforms; an older object may
+                        // still carry one.
+                        warn!(imageset = %set.name_any(), %error, "not mirrored");
+                        Vec::new()
+                    })
+                })
                 .collect();
             let targets: BTreeMap<String, Option<MirrorTarget>> = registries
                 .state()
