@@ -2349,3 +2349,70 @@ fn a_pod_runs_the_mirrors_copy_which_containerd_pulls_with_the_source_stopped() 
         "{warnings:?}"
     );
 }
+
+#[test]
+#[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
+fn a_registry_with_its_own_ca_is_mirrored_into_over_https_and_another_ca_is_refused() {
+    let plane = coral_control_plane(&[]);
+    let source = runtime::Registry::start(None);
+    let app = source.push("shop/app", "1.0", "over https");
+    let dir = tempfile::tempdir().unwrap();
+    let authority = support::Authority::new();
+    let (certificate, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    authority.issue(&certificate, &key);
+    let mirror = runtime::Registry::start_tls(&certificate, &key);
+    for (secret, pem) in [
+        ("registry-ca", authority.pem()),
+        ("other-ca", support::Authority::new().pem()),
+    ] {
+        let file = dir.path().join(format!("{secret}.crt"));
+        std::fs::write(&file, pem).unwrap();
+        plane.kubectl_ok(&[
+            "create",
+            "secret",
+            "generic",
+            secret,
+            "-n",
+            "coral-system",
+            &format!("--from-file=ca.crt={}", file.display()),
+        ]);
+    }
+    let nowhere = json!({"matchLabels": {"coral.dev/mirror-only": "true"}});
+    for (name, ca) in [("trusted", "registry-ca"), ("untrusted", "other-ca")] {
+        apply(
+            &plane,
+            &json!({
+                "apiVersion": "coral.dev/v1alpha1", "kind": "Registry",
+                "metadata": {"name": name},
+                "spec": {"endpoint": mirror.host(), "tls": {"caSecret": {"name": ca}}},
+            }),
+        );
+        apply(
+            &plane,
+            &json!({
+                "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"images": [app], "mirror": {"registry": name}, "nodeSelector": nowhere},
+            }),
+        );
+    }
+    let (_controller, _) = start_mirroring_controller(&plane, "controller-0");
+    wait_until(
+        "the image mirrored over HTTPS",
+        Duration::from_secs(60),
+        || image_set_status_of(&plane, "trusted")["images"][0]["mirror"]["state"] == "mirrored",
+    );
+    wait_until("the other CA refused", Duration::from_secs(30), || {
+        let status = image_set_status_of(&plane, "untrusted")["images"][0]["mirror"].clone();
+        let registry = registry_object(&plane, "untrusted");
+        status["state"] == "failed"
+            && registry["status"]["conditions"][0]["status"] == "False"
+            && registry["status"]["lastError"]
+                .as_str()
+                .is_some_and(|e| e.to_lowercase().contains("certificate"))
+    });
+    assert_eq!(
+        registry_object(&plane, "trusted")["status"]["conditions"][0]["status"],
+        "True"
+    );
+}

@@ -90,7 +90,8 @@ pub struct RegistrySpec {
 pub struct RegistryTls {
     /// Plain HTTP, allowed only for a loopback endpoint (`localhost`, `127.0.0.0/8`, `::1`),
     /// a cluster-local name (`*.svc`, `*.cluster.local`) or a private address (RFC 1918,
-    /// `fc00::/7`). Loopback endpoints are always plain HTTP, as containerd treats them.
+    /// `fc00::/7`). Loopback endpoints are plain HTTP, as containerd treats them, unless
+    /// `caSecret` is given.
     #[serde(
         default,
         rename = "plainHTTP",

@@ -131,7 +131,9 @@ pub fn destination(registry: &Registry) -> Result<Destination, String> {
             .map_err(|e| format!("spec.pushEndpoint: {e}"))?,
         None => target.clone(),
     };
-    let plain_http = registry.spec.tls.plain_http || push.is_loopback();
+    // Loopback is plain HTTP, as containerd treats it, unless a CA says the registry speaks TLS.
+    let plain_http = registry.spec.tls.plain_http
+        || (push.is_loopback() && registry.spec.tls.ca_secret.is_none());
     if registry.spec.tls.plain_http && !may_use_plain_http(&push) {
         return Err(format!(
             "spec.tls.plainHTTP is allowed only for a loopback, cluster-local (*.svc, *.cluster.local) or private address, not {}",

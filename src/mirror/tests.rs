@@ -556,6 +556,15 @@ mod book {
                 .plain_http,
             "loopback is plain HTTP, as containerd treats it"
         );
+        let mut with_ca = registry("localhost:5000", false);
+        with_ca.spec.tls.ca_secret = Some(crate::api::SecretKey {
+            name: "registry-ca".into(),
+            key: None,
+        });
+        assert!(
+            !destination(&with_ca).expect("ok").plain_http,
+            "unless a CA says it speaks TLS"
+        );
         assert!(
             !destination(&registry("registry.example.com", false))
                 .expect("ok")

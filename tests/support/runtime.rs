@@ -169,6 +169,15 @@ fn free_port() -> u16 {
 
 impl Registry {
     pub fn start(credentials: Option<(&str, &str)>) -> Self {
+        Self::start_with(credentials, None)
+    }
+
+    /// A registry serving HTTPS with this certificate and key (PEM files), without auth.
+    pub fn start_tls(certificate: &Path, key: &Path) -> Self {
+        Self::start_with(None, Some((certificate, key)))
+    }
+
+    fn start_with(credentials: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> Self {
         require("docker-registry", "docker-registry");
         let dir = tempfile::Builder::new().prefix("reg").tempdir().unwrap();
         let port = free_port();
@@ -176,6 +185,13 @@ impl Registry {
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.path().join("data").display()
         );
+        if let Some((certificate, key)) = tls {
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                certificate.display(),
+                key.display()
+            ));
+        }
         if let Some((user, password)) = credentials {
             require("htpasswd", "apache2-utils");
             let output = Command::new("htpasswd")
