@@ -2396,7 +2396,7 @@ fn a_registry_with_its_own_ca_is_mirrored_into_over_https_and_another_ca_is_refu
             }),
         );
     }
-    let (_controller, _) = start_mirroring_controller(&plane, "controller-0");
+    let (_controller, probe) = start_mirroring_controller(&plane, "controller-0");
     wait_until(
         "the image mirrored over HTTPS",
         Duration::from_secs(60),
@@ -2414,5 +2414,18 @@ fn a_registry_with_its_own_ca_is_mirrored_into_over_https_and_another_ca_is_refu
     assert_eq!(
         registry_object(&plane, "trusted")["status"]["conditions"][0]["status"],
         "True"
+    );
+    // A deleted Registry leaves no reachability series behind (its alert would fire on).
+    let untrusted = "coral_registry_reachable{registry=\"untrusted\"}";
+    assert!(http_get(probe, "/metrics").contains(&format!("{untrusted} 0")));
+    plane.kubectl_ok(&["delete", "registry", "untrusted"]);
+    wait_until(
+        "the deleted Registry's series gone",
+        Duration::from_secs(30),
+        || {
+            let metrics = http_get(probe, "/metrics");
+            metrics.contains("coral_registry_reachable{registry=\"trusted\"} 1")
+                && !metrics.contains(untrusted)
+        },
     );
 }

@@ -136,7 +136,8 @@ pub struct Health {
 /// The mirror worker, shared by its tasks and the reconcile that reads its book.
 pub struct Mirroring {
     pub book: Mutex<Book>,
-    health: Mutex<BTreeMap<String, Health>>,
+    /// Registries with a `coral_registry_reachable` series, so that a deleted one's goes.
+    probed: Mutex<std::collections::BTreeSet<String>>,
     client: Client,
     namespace: String,
     metrics: ControllerMetrics,
@@ -160,7 +161,7 @@ impl Mirroring {
     ) -> Arc<Self> {
         Arc::new(Self {
             book: Mutex::new(Book::new(options.recheck)),
-            health: Mutex::new(BTreeMap::new()),
+            probed: Mutex::new(std::collections::BTreeSet::new()),
             client,
             namespace,
             metrics,
@@ -504,10 +505,10 @@ impl Mirroring {
             if let Some(error) = &health.error {
                 warn!(registry = %name, %error, "registry probe failed");
             }
-            self.health
+            self.probed
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .insert(name.clone(), health.clone());
+                .insert(name.clone());
             let mirrored = self
                 .book
                 .lock()
@@ -534,18 +535,17 @@ impl Mirroring {
             }
         }
         let names: Vec<String> = registries.state().iter().map(|r| r.name_any()).collect();
-        self.health
+        self.probed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|name, _| names.contains(name));
-    }
-
-    /// The last probe of each Registry, by name.
-    pub fn health(&self) -> BTreeMap<String, Health> {
-        self.health
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .retain(|name| {
+                let present = names.contains(name);
+                if !present {
+                    // A deleted Registry is neither reachable nor unreachable: no series.
+                    let _ = self.metrics.registry_reachable.remove_label_values(&[name]);
+                }
+                present
+            });
     }
 }
 
