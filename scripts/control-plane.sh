@@ -34,14 +34,7 @@ minor=${kubernetes#v1.}
 minor=${minor%%.*}
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$kubernetes -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
 started=$(date +%s)
-# The binaries are cached by version, so Go's build cache is of no use after this build: unless
-# GOCACHE is set, it lives in a scratch directory removed afterwards (several GB otherwise).
-scratch=
-if [ -z "${GOCACHE:-}" ]; then
-  scratch=$(mktemp -d)
-  export GOCACHE="$scratch"
-  trap 'chmod -R u+w "$scratch" 2>/dev/null; rm -rf "$scratch"' EXIT
-fi
+. scripts/go-scratch-cache.sh
 mkdir -p "$bin.partial"
 (
   cd "$module"

@@ -22,14 +22,7 @@ if ! command -v go >/dev/null 2>&1; then
   exit 3
 fi
 started=$(date +%s)
-# The binaries are cached by version, so Go's build cache is of no use after this build: unless
-# GOCACHE is set, it lives in a scratch directory removed afterwards (several GB otherwise).
-scratch=
-if [ -z "${GOCACHE:-}" ]; then
-  scratch=$(mktemp -d)
-  export GOCACHE="$scratch"
-  trap 'chmod -R u+w "$scratch" 2>/dev/null; rm -rf "$scratch"' EXIT
-fi
+. scripts/go-scratch-cache.sh
 mkdir -p "$bin.partial"
 (
   cd "$module"

@@ -102,22 +102,7 @@ async fn runtime_has(containerd: &Containerd, image: &str) -> bool {
 }
 
 fn prefetch(containerd: &Containerd, sets: &str, extra: &[&str]) -> (bool, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("sets.yaml");
-    std::fs::write(&file, sets).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_coral"))
-        .args(["prefetch", "-f"])
-        .arg(&file)
-        .args(["--cri-socket", &containerd.address()])
-        .args(extra)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+    containerd.prefetch_sets(sets, extra)
 }
 
 fn image_sets(sets: &[(&str, &str, &[&str])]) -> String {

@@ -26,19 +26,9 @@ fn image_set(images: &[String]) -> String {
 fn mirror(dir: &Path, images: &[String], to: &str, extra: &[&str]) -> (bool, String) {
     let file = dir.join("set.yaml");
     std::fs::write(&file, image_set(images)).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_coral"))
-        .args(["mirror", "-f"])
-        .arg(&file)
-        .args(["--to", to])
-        .args(extra)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+    let mut args = vec!["mirror", "-f", file.to_str().unwrap(), "--to", to];
+    args.extend(extra);
+    runtime::coral(&args)
 }
 
 /// A Docker config with a credential for each `(host, user, password)`.

@@ -116,33 +116,46 @@ state = "{d}/state"
 }
 
 impl Containerd {
-    /// Runs `coral prefetch` of `images` into this containerd, with `extra` flags: whether it
-    /// succeeded, and what it printed.
+    /// Runs `coral prefetch` of the ImageSets `sets` (YAML) into this containerd, with `extra`
+    /// flags: whether it succeeded, and what it printed.
+    pub fn prefetch_sets(&self, sets: &str, extra: &[&str]) -> (bool, String) {
+        let file = tempfile::Builder::new()
+            .suffix(".yaml")
+            .tempfile_in(self.dir.path())
+            .unwrap();
+        std::fs::write(file.path(), sets).unwrap();
+        let mut args = vec!["prefetch", "-f", file.path().to_str().unwrap()];
+        let address = self.address();
+        args.extend(["--cri-socket", &address]);
+        args.extend(extra);
+        coral(&args)
+    }
+
+    /// The same for one ImageSet of `images`.
     pub fn prefetch(&self, images: &[String], extra: &[&str]) -> (bool, String) {
-        let sets = self.dir.path().join("prefetch.yaml");
-        std::fs::write(
-            &sets,
-            format!(
+        self.prefetch_sets(
+            &format!(
                 "apiVersion: coral.dev/v1alpha1\nkind: ImageSet\nmetadata: {{name: prefetch, namespace: default}}\nspec:\n  images: {images:?}\n"
             ),
-        )
-        .unwrap();
-        let output = Command::new(env!("CARGO_BIN_EXE_coral"))
-            .args(["prefetch", "-f"])
-            .arg(&sets)
-            .args(["--cri-socket", &self.address()])
-            .args(extra)
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            ),
+            extra,
         )
     }
+}
+
+/// Runs the coral binary: whether it succeeded, and what it printed (stdout, then stderr).
+pub fn coral(args: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_coral"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
 }
 
 impl Drop for Containerd {
