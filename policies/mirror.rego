@@ -26,29 +26,84 @@ from_mirror contains i if {
 	mirror_of(input.containers[i]).ready
 }
 
-patch contains {
-	"op": "replace",
-	"path": concat("", [c.path, "/image"]),
-	"value": mirror_of(c).reference,
-} if {
-	some i in from_mirror
-	c := input.containers[i]
-	c.normalized != mirror_of(c).reference
-}
-
 # A mirror reference whose copy is not ready: back to the source, whatever the injections
 # (a pod made from a template rewritten earlier), unless the object opts out.
-patch contains {
-	"op": "replace",
-	"path": concat("", [c.path, "/image"]),
-	"value": source,
-} if {
+to_source contains i if {
 	mirroring
 	not opted_out
 	some i in selected
-	c := input.containers[i]
-	source := data.coral.mirrors[c.normalized]
+	source := data.coral.mirrors[input.containers[i].normalized]
 	not data.coral.images[source].mirror.ready
+}
+
+patch contains {
+	"op": "replace",
+	"path": concat("", [input.containers[i].path, "/image"]),
+	"value": data.coral.mirrors[input.containers[i].normalized],
+} if {
+	some i in to_source
+}
+
+# Which containers pin.rego pins, decided here: in this policy set a rule refers only to rules
+# defined before it (files load in name order), as regorus evaluates a rule defined later
+# wrongly inside another rule under `with`; and without negating a lookup that may be
+# undefined, which its compiled VM gets wrong here.
+pin_candidates contains i if {
+	inject_pin
+	some i in usable
+	not contains(input.containers[i].normalized, "@")
+	is_string(data.coral.images[input.containers[i].key].digest)
+}
+
+# Not a mirror reference...
+pinnable contains i if {
+	some i in pin_candidates
+	object.get(data.coral.mirrors, input.containers[i].normalized, null) == null
+}
+
+# ...or one whose copy is ready (a copy that is not goes back to its source, unpinned).
+pinnable contains i if {
+	some i in pin_candidates
+	source := data.coral.mirrors[input.containers[i].normalized]
+	data.coral.images[source].mirror.ready
+}
+
+# Containers that run the mirror's copy: rewritten to it here, or on a mirror reference whose
+# copy is ready.
+runs_copy contains i if some i in from_mirror
+
+runs_copy contains i if {
+	some i in selected
+	source := data.coral.mirrors[input.containers[i].normalized]
+	data.coral.images[source].mirror.ready
+}
+
+# With pin requested and one agreed digest, they run the mirror reference by the digest the
+# mirror serves. (Separate rules rather than one function with `else`, which the compiled VM
+# of regorus gets wrong here.)
+mirror_pinned contains i if {
+	some i in runs_copy
+	i in pinnable
+	is_string(mirror_of(input.containers[i]).digest)
+}
+
+patch contains {
+	"op": "replace",
+	"path": concat("", [input.containers[i].path, "/image"]),
+	"value": mirror_of(input.containers[i]).reference,
+} if {
+	some i in from_mirror
+	not i in mirror_pinned
+	# A source by tag (a mirror reference, or a pinned one, stays as it is).
+	input.containers[i].normalized == input.containers[i].key
+}
+
+patch contains {
+	"op": "replace",
+	"path": concat("", [input.containers[i].path, "/image"]),
+	"value": concat("", [mirror_of(input.containers[i]).reference, "@", mirror_of(input.containers[i]).digest]),
+} if {
+	some i in mirror_pinned
 }
 
 warn contains msg if {

@@ -33,7 +33,7 @@ test_annotation_overrides_default_inject if {
 
 test_unknown_injection_warns if {
 	warnings := mutate.warn with input as request(inject("selectors,mirrors"), {}, [])
-	warnings == {`coral.dev/inject: unknown injection "mirrors" ignored (known: none, mirror, pull-policy, selectors)`}
+	warnings == {`coral.dev/inject: unknown injection "mirrors" ignored (known: none, mirror, pin, pull-policy, selectors)`}
 }
 
 test_every_container_selected_by_default if {

@@ -192,8 +192,15 @@ pub struct AgentMetrics {
     pub cri_errors: IntCounterVec,
     /// Images that disappeared after being available (kubelet garbage collection).
     pub vanished: IntCounter,
-    /// Images removed from the runtime because no ImageSet wants them.
-    pub removed: IntCounter,
+    /// Images removed from the runtime because no ImageSet wants them, by reason (`grace`,
+    /// `watermark`).
+    pub removed: IntCounterVec,
+    /// Images no ImageSet wants any more, still on the node.
+    pub unwanted_images: IntGauge,
+    /// Their size, as the runtime reports it.
+    pub unwanted_bytes: IntGauge,
+    /// Tags resolved again under `spec.refresh`, by result (`unchanged`, `moved`, `failed`).
+    pub refreshes: IntCounterVec,
     /// Writes to the API server by what (`node_labels`, `nodeimage`) and result.
     pub writes: IntCounterVec,
     /// Pulls of a mirror's copy before the source (`success`, `failure`: the source is
@@ -246,11 +253,26 @@ impl AgentMetrics {
                 "Images that disappeared after being available (kubelet garbage collection).",
             )
             .expect("valid metric definition"),
-            removed: IntCounter::new(
+            removed: counter(
                 "coral_agent_removed_images_total",
-                "Images removed from the runtime because no ImageSet wants them.",
+                "Images removed from the runtime because no ImageSet wants them, by reason.",
+                &["reason"],
+            ),
+            unwanted_images: IntGauge::new(
+                "coral_agent_unwanted_images",
+                "Images no ImageSet wants any more, still on the node.",
             )
             .expect("valid metric definition"),
+            unwanted_bytes: IntGauge::new(
+                "coral_agent_unwanted_bytes",
+                "Size of the images no ImageSet wants any more, still on the node.",
+            )
+            .expect("valid metric definition"),
+            refreshes: counter(
+                "coral_agent_refreshes_total",
+                "Tags resolved again under spec.refresh, by result.",
+                &["result"],
+            ),
             writes: counter(
                 "coral_agent_api_writes_total",
                 "Writes to the API server by what and result.",
@@ -277,6 +299,9 @@ impl AgentMetrics {
             Box::new(metrics.cri_errors.clone()),
             Box::new(metrics.vanished.clone()),
             Box::new(metrics.removed.clone()),
+            Box::new(metrics.unwanted_images.clone()),
+            Box::new(metrics.unwanted_bytes.clone()),
+            Box::new(metrics.refreshes.clone()),
             Box::new(metrics.writes.clone()),
             Box::new(metrics.mirror_pulls.clone()),
         ]
@@ -342,6 +367,8 @@ pub struct ControllerMetrics {
     pub image_sets: IntGaugeVec,
     /// Share of (image, targeted node) pairs where the image is available.
     pub available_ratio: Gauge,
+    /// ImageSet images held under different digests across nodes, or by nodes and the mirror.
+    pub drifting_images: IntGauge,
     /// 1 while this replica leads.
     pub leader: IntGauge,
     /// Workloads whose pod template requires image labels too few schedulable nodes satisfy,
@@ -386,6 +413,11 @@ impl ControllerMetrics {
                     "ImageSets by condition type and status.",
                 ),
                 &["condition", "status"],
+            )
+            .expect("valid metric definition"),
+            drifting_images: IntGauge::new(
+                "coral_controller_drifting_images",
+                "ImageSet images held under different digests across nodes, or by nodes and the mirror.",
             )
             .expect("valid metric definition"),
             available_ratio: Gauge::new(
@@ -458,6 +490,7 @@ impl ControllerMetrics {
             Box::new(metrics.reconcile_seconds.clone()),
             Box::new(metrics.image_sets.clone()),
             Box::new(metrics.available_ratio.clone()),
+            Box::new(metrics.drifting_images.clone()),
             Box::new(metrics.leader.clone()),
             Box::new(metrics.stranded_workloads.clone()),
         ]

@@ -24,6 +24,8 @@ use base64::Engine as _;
 use coral::agent::auth::Keyring;
 use coral::agent::cri::Cri;
 use coral::agent::engine::{Engine, EngineOptions, Kept};
+use coral::agent::record::node_image_status;
+use coral::agent::retention::RetentionPolicy;
 use coral::agent::tracker::RetryPolicy;
 use coral::api::ImageState;
 use coral::image::ImageReference;
@@ -434,7 +436,7 @@ async fn engine_repulls_an_image_removed_behind_its_back_once() {
 }
 
 #[tokio::test]
-async fn unwanted_images_are_removed_only_when_asked() {
+async fn unwanted_images_go_after_their_grace_period_unless_a_wanted_image_shares_them() {
     let containerd = Containerd::start();
     let registry = Registry::start(None);
     let keep = registry.push("shop/keep", "1", "keep");
@@ -455,20 +457,164 @@ async fn unwanted_images_are_removed_only_when_asked() {
         .await;
     }
 
-    // No longer wanted: without --remove-unwanted the images stay on the runtime.
+    // No longer wanted: within the grace period the images stay on the runtime.
+    let grace = RetentionPolicy {
+        grace: Some(Duration::from_secs(2)),
+        high_watermark: None,
+        low_watermark: None,
+    };
     let removed = engine.set_wanted([(reference(&keep), keyring.clone())]);
     assert_eq!(removed.len(), 2);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(engine.retain(&grace).await.unwrap().is_empty());
     assert!(runtime_has(&containerd, &drop_).await);
+    assert_eq!(metric(&engine, "coral_agent_unwanted_images"), 2.0);
+    let status = node_image_status(&engine.snapshot(), None, None, None);
+    assert_eq!(status.unwanted.len(), 2, "{status:?}");
+    // Never removed without a grace period or a watermark.
+    assert!(
+        engine
+            .retain(&RetentionPolicy::KEEP)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
-    // Asked to remove: `drop` goes; `same` has the content of the wanted `keep` and stays.
-    let kept = engine.remove_unwanted(&removed).await.unwrap();
+    // Past it: `drop` goes; `same` has the content of the wanted `keep` and stays.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let kept = engine.retain(&grace).await.unwrap();
     assert!(!runtime_has(&containerd, &drop_).await);
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert_eq!(kept[0].0, reference(&same));
     assert!(matches!(kept[0].1, Kept::SharedWithWanted(_)));
     assert!(runtime_has(&containerd, &keep).await);
-    assert_eq!(metric(&engine, "coral_agent_removed_images_total"), 1.0);
+    assert_eq!(
+        metric(
+            &engine,
+            "coral_agent_removed_images_total{reason=\"grace\"}"
+        ),
+        1.0
+    );
+    assert_eq!(metric(&engine, "coral_agent_unwanted_images"), 1.0);
+    // The NodeImage records the removal and why `same` stays.
+    let status = node_image_status(&engine.snapshot(), None, None, None);
+    assert_eq!(status.removals.len(), 1);
+    assert_eq!(status.removals[0].image, reference(&drop_).to_string());
+    assert_eq!(status.removals[0].reason, "grace");
+    assert!(
+        status.removals[0]
+            .digest
+            .as_deref()
+            .is_some_and(|d| d.starts_with("sha256:"))
+    );
+    assert_eq!(status.unwanted.len(), 1);
+    assert!(
+        status.unwanted[0]
+            .kept
+            .as_deref()
+            .is_some_and(|k| k.contains("same content")),
+        "{status:?}"
+    );
+
+    // Wanted again, then not: a new grace period.
+    engine.set_wanted([
+        (reference(&keep), keyring.clone()),
+        (reference(&same), keyring.clone()),
+    ]);
+    assert_eq!(metric(&engine, "coral_agent_unwanted_images"), 1.0);
+    engine.retain(&grace).await.unwrap();
+    assert_eq!(metric(&engine, "coral_agent_unwanted_images"), 0.0);
+    runner.abort();
+}
+
+#[tokio::test]
+async fn over_the_high_watermark_the_least_recently_wanted_unwanted_images_go_first() {
+    let containerd = Containerd::start();
+    let registry = Registry::start(None);
+    // Three images of about 1 MiB each, unlike each other.
+    let mut rng = fastrand::Rng::with_seed(12);
+    let images: Vec<String> = ["old", "mid", "new"]
+        .iter()
+        .map(|name| {
+            let mut content = vec![0u8; 1 << 20];
+            rng.fill(&mut content);
+            registry.push_bytes(&format!("shop/{name}"), "1", &content)
+        })
+        .collect();
+    let engine = engine(&containerd, fast_retry(3));
+    let keyring = Arc::new(Keyring::new());
+    engine.set_wanted(images.iter().map(|i| (reference(i), keyring.clone())));
+    let runner = tokio::spawn(engine.clone().run());
+    for image in &images {
+        wait_for(&engine, image, "available", |r| {
+            r.state == ImageState::Available
+        })
+        .await;
+    }
+    let cri = Cri::new(&containerd.address()).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let mut used = cri.image_fs_used_bytes().await.unwrap();
+    while used < 3 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "containerd never measured its image filesystem ({used} bytes)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        used = cri.image_fs_used_bytes().await.unwrap();
+    }
+    // Unwanted one after the other: `old` first.
+    for image in &images {
+        let rest: Vec<_> = images
+            .iter()
+            .skip_while(|i| *i != image)
+            .skip(1)
+            .map(|i| (reference(i), keyring.clone()))
+            .collect();
+        engine.set_wanted(rest);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let watermark = |high: u64, low: u64| RetentionPolicy {
+        grace: Some(Duration::from_secs(3600)),
+        high_watermark: Some(high),
+        low_watermark: Some(low),
+    };
+    // Under the high watermark: nothing goes within the grace period.
+    engine
+        .retain(&watermark(used + (1 << 20), used - (3 << 19)))
+        .await
+        .unwrap();
+    for image in &images {
+        assert!(runtime_has(&containerd, image).await, "{image}");
+    }
+    // Over it, with the low watermark about 1.5 MiB lower: the two least recently wanted go.
+    engine
+        .retain(&watermark(used - 1, used - (3 << 19)))
+        .await
+        .unwrap();
+    assert!(!runtime_has(&containerd, &images[0]).await, "old stays");
+    assert!(!runtime_has(&containerd, &images[1]).await, "mid stays");
+    assert!(runtime_has(&containerd, &images[2]).await, "new went");
+    assert_eq!(
+        metric(
+            &engine,
+            "coral_agent_removed_images_total{reason=\"watermark\"}"
+        ),
+        2.0
+    );
+    let status = node_image_status(&engine.snapshot(), None, None, None);
+    let removed: Vec<(&str, &str)> = status
+        .removals
+        .iter()
+        .map(|r| (r.image.as_str(), r.reason.as_str()))
+        .collect();
+    let name = |i: usize| reference(&images[i]).to_string();
+    assert_eq!(
+        removed,
+        [
+            (name(1).as_str(), "watermark"),
+            (name(0).as_str(), "watermark")
+        ],
+        "newest first"
+    );
     runner.abort();
 }
 
@@ -784,5 +930,129 @@ async fn engine_pulls_a_mirrored_image_through_the_mirror_first() {
         ),
         1.0
     );
+    runner.abort();
+}
+
+#[tokio::test]
+async fn an_unwanted_image_a_container_uses_stays_until_the_container_goes() {
+    use k8s_cri::v1::{
+        ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec,
+        LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
+        PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest,
+        RunPodSandboxRequest, StopPodSandboxRequest,
+    };
+    let registry = Registry::start(None);
+    let pause = registry.push_pause("system/pause", "1");
+    let containerd = Containerd::start_with_sandbox(Some(&pause));
+    let app = registry.push("shop/app", "1", "app");
+    let engine = engine(&containerd, fast_retry(3));
+    let keyring = Arc::new(Keyring::new());
+    engine.set_wanted([(reference(&app), keyring.clone())]);
+    let runner = tokio::spawn(engine.clone().run());
+    wait_for(&engine, &app, "available", |r| {
+        r.state == ImageState::Available
+    })
+    .await;
+
+    // A pod on the node's host network (no CNI here) with a container of the image.
+    let mut runtime = Cri::new(&containerd.address()).unwrap().runtime_service();
+    let sandbox_config = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "web".into(),
+            uid: "uid-web".into(),
+            namespace: "shop".into(),
+            attempt: 0,
+        }),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Node as i32,
+                    ipc: NamespaceMode::Node as i32,
+                    ..NamespaceOption::default()
+                }),
+                ..LinuxSandboxSecurityContext::default()
+            }),
+            ..LinuxPodSandboxConfig::default()
+        }),
+        log_directory: containerd.dir.path().join("logs").display().to_string(),
+        ..PodSandboxConfig::default()
+    };
+    let sandbox = runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(sandbox_config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect("the pod sandbox runs")
+        .into_inner()
+        .pod_sandbox_id;
+    let container = runtime
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: sandbox.clone(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: "app".into(),
+                    attempt: 0,
+                }),
+                image: Some(ImageSpec {
+                    image: app.clone(),
+                    ..ImageSpec::default()
+                }),
+                command: vec!["/data/content".into()],
+                log_path: "app.log".into(),
+                ..ContainerConfig::default()
+            }),
+            sandbox_config: Some(sandbox_config),
+        })
+        .await
+        .expect("the container is created")
+        .into_inner()
+        .container_id;
+
+    // Unwanted and past its grace period, but in use: it stays, and the NodeImage says why.
+    let now = RetentionPolicy {
+        grace: Some(Duration::ZERO),
+        high_watermark: None,
+        low_watermark: None,
+    };
+    engine.set_wanted([]);
+    let kept = engine.retain(&now).await.unwrap();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(matches!(kept[0].1, Kept::InUse(_)), "{kept:?}");
+    assert!(runtime_has(&containerd, &app).await);
+    let status = node_image_status(&engine.snapshot(), None, None, None);
+    assert!(
+        status.unwanted[0]
+            .kept
+            .as_deref()
+            .is_some_and(|k| k.contains("a container uses it")),
+        "{status:?}"
+    );
+
+    // The container goes: so does the image.
+    runtime
+        .remove_container(RemoveContainerRequest {
+            container_id: container,
+        })
+        .await
+        .unwrap();
+    assert!(engine.retain(&now).await.unwrap().is_empty());
+    assert!(!runtime_has(&containerd, &app).await);
+    let status = node_image_status(&engine.snapshot(), None, None, None);
+    assert!(status.unwanted.is_empty());
+    assert_eq!(status.removals[0].reason, "grace");
+    runtime
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: sandbox.clone(),
+        })
+        .await
+        .unwrap();
+    runtime
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: sandbox,
+        })
+        .await
+        .unwrap();
     runner.abort();
 }

@@ -220,7 +220,7 @@ fn each_value_changes_what_it_says() {
         json!([
             "agent",
             "--cri-socket=unix:///run/crio/crio.sock",
-            "--remove-unwanted"
+            "--unwanted-grace=1h"
         ])
     );
     assert_eq!(

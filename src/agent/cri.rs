@@ -150,6 +150,12 @@ impl Cri {
         })
     }
 
+    /// The runtime service, for calls the agent does not make itself (tests run pod
+    /// sandboxes and containers through it).
+    pub fn runtime_service(&self) -> RuntimeServiceClient<Channel> {
+        self.runtime.clone()
+    }
+
     /// The socket this client dials.
     pub fn socket(&self) -> &std::path::Path {
         &self.socket

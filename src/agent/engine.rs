@@ -5,13 +5,14 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Notify, Semaphore, watch};
 use tracing::{info, warn};
 
 use super::auth::{Credential, Keyring};
 use super::cri::{Cri, CriError, RuntimeImage, RuntimeVersion};
+use super::retention::{RemovalReason, RetentionPolicy};
 use super::tracker::{ImageRecord, Inventory, RetryPolicy, Tracker, held};
 use crate::image::ImageReference;
 use crate::metrics::AgentMetrics;
@@ -59,6 +60,8 @@ pub struct Engine {
     metrics: AgentMetrics,
     /// Wanted images with a ready copy in a mirror: pulled from there first.
     mirrors: Mutex<HashMap<ImageReference, ImageReference>>,
+    /// How often wanted tags are resolved again (`spec.refresh`).
+    refresh: Mutex<HashMap<ImageReference, Duration>>,
 }
 
 /// A removal of an unwanted image that did not happen.
@@ -68,6 +71,15 @@ pub enum Kept {
     InUse(String),
     /// A wanted image has the same content.
     SharedWithWanted(String),
+}
+
+impl std::fmt::Display for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::InUse(id) => write!(f, "a container uses it ({id})"),
+            Self::SharedWithWanted(id) => write!(f, "a wanted image has the same content ({id})"),
+        }
+    }
 }
 
 impl Engine {
@@ -85,7 +97,14 @@ impl Engine {
             changes,
             metrics,
             mirrors: Mutex::new(HashMap::new()),
+            refresh: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Replaces how often each wanted tag is resolved again.
+    pub fn set_refresh(&self, periods: HashMap<ImageReference, Duration>) {
+        *self.refresh.lock().unwrap_or_else(PoisonError::into_inner) = periods;
+        self.wake.notify_one();
     }
 
     /// Replaces the mirror copies to pull before their source: the mirror reference of each
@@ -247,12 +266,27 @@ impl Engine {
             self.metrics.paused.set(i64::from(paused));
             let inventory = Inventory::new(images);
             let now = Instant::now();
-            let (due, observed, next) = {
+            let periods = self
+                .refresh
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let (due, refresh, observed, next) = {
                 let mut tracker = self.tracker();
                 let observed = tracker.observe(&inventory, now, paused);
                 let due = if paused { Vec::new() } else { tracker.due(now) };
                 let due: Vec<_> = due.into_iter().filter(|i| tracker.start(i)).collect();
-                (due, observed, tracker.next_due())
+                let refresh = if paused {
+                    Vec::new()
+                } else {
+                    tracker.refresh_due(now, &periods)
+                };
+                let refresh: Vec<_> = refresh.into_iter().filter(|i| tracker.start(i)).collect();
+                let next = [tracker.next_due(), tracker.next_refresh(&periods)]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                (due, refresh, observed, next)
             };
             if observed.vanished > 0 {
                 self.metrics.vanished.inc_by(observed.vanished as u64);
@@ -266,6 +300,9 @@ impl Engine {
             }
             for image in due {
                 tokio::spawn(self.clone().pull(image));
+            }
+            for image in refresh {
+                tokio::spawn(self.clone().refresh(image));
             }
             let resync = tokio::time::Instant::now() + self.options.resync;
             let wake_at = next
@@ -376,13 +413,33 @@ impl Engine {
         self.wake.notify_one();
     }
 
-    /// Removes images no longer wanted from the runtime, unless a container uses them or a
-    /// wanted image has the same content. Returns what was kept and why.
-    pub async fn remove_unwanted(
+    /// Removes the unwanted images that `policy` says go now (past their grace period, or
+    /// the least recently wanted while the image filesystem is over its high watermark),
+    /// unless a container uses them or a wanted image has the same content. Returns what was
+    /// kept and why.
+    pub async fn retain(
         &self,
-        removed: &[ImageRecord],
+        policy: &RetentionPolicy,
     ) -> Result<Vec<(ImageReference, Kept)>, CriError> {
-        if removed.is_empty() {
+        if !policy.removes_anything() || self.tracker().retention().is_empty() {
+            self.observe_unwanted();
+            return Ok(Vec::new());
+        }
+        let used = match policy.high_watermark {
+            Some(_) => Some(
+                self.cri
+                    .image_fs_used_bytes()
+                    .await
+                    .inspect_err(|e| self.cri_error(e))?,
+            ),
+            None => None,
+        };
+        let plan = self
+            .tracker()
+            .retention()
+            .plan(policy, SystemTime::now(), used);
+        if plan.is_empty() {
+            self.observe_unwanted();
             return Ok(Vec::new());
         }
         let in_use: BTreeSet<String> = self
@@ -398,29 +455,135 @@ impl Engine {
             .filter_map(|r| r.held.as_ref().map(|h| h.image_id.clone()))
             .collect();
         let mut kept = Vec::new();
-        for record in removed {
-            let name = record.reference.to_string();
+        let mut freed = 0u64;
+        let candidates = plan
+            .expired
+            .iter()
+            .map(|r| (r, RemovalReason::Grace))
+            .chain(plan.pressure.iter().map(|r| (r, RemovalReason::Watermark)));
+        for (reference, reason) in candidates {
+            if reason == RemovalReason::Watermark && freed >= plan.to_free {
+                break;
+            }
+            let name = reference.to_string();
             let Some(image) = self
                 .cri
                 .image_status(&name)
                 .await
                 .inspect_err(|e| self.cri_error(e))?
             else {
+                self.tracker().retention_mut().forget(reference);
                 continue;
             };
             if let Some(why) = keep_unwanted(&image, &name, &in_use, &wanted_ids) {
                 info!(image = %name, ?why, "not removing an unwanted image");
-                kept.push((record.reference.clone(), why));
+                self.tracker()
+                    .retention_mut()
+                    .set_kept(reference, Some(why.to_string()));
+                kept.push((reference.clone(), why));
                 continue;
             }
             self.cri
                 .remove(&name)
                 .await
                 .inspect_err(|e| self.cri_error(e))?;
-            self.metrics.removed.inc();
-            info!(image = %name, "removed an image no ImageSet wants");
+            if reason == RemovalReason::Watermark {
+                freed = freed.saturating_add(image.size);
+            }
+            let mut tracker = self.tracker();
+            let retention = tracker.retention_mut();
+            if let Some(gone) = retention.forget(reference) {
+                retention.removed(&gone, reason, SystemTime::now());
+            }
+            drop(tracker);
+            self.metrics
+                .removed
+                .with_label_values(&[reason.as_str()])
+                .inc();
+            info!(image = %name, reason = reason.as_str(), "removed an image no ImageSet wants");
         }
+        self.observe_unwanted();
+        self.changed();
         Ok(kept)
+    }
+
+    /// Resolves an available tag again: the runtime pulls it, which transfers the manifest
+    /// only when the tag has not moved, and the new content when it has.
+    async fn refresh(self: Arc<Self>, image: ImageReference) {
+        let Ok(_permit) = self.pulls.acquire().await else {
+            return;
+        };
+        let keyring = self
+            .tracker()
+            .get(&image)
+            .map(|record| record.keyring.clone())
+            .unwrap_or_default();
+        let before = self
+            .tracker()
+            .get(&image)
+            .and_then(|r| r.held.as_ref().and_then(|h| h.digest.clone()));
+        let held = match pull_with(&self.cri, &image, &keyring.lookup(&image)).await {
+            Ok(()) => match self.cri.image_status(&image.to_string()).await {
+                Ok(found) => found.map(|found| held(&found, &image)),
+                Err(error) => {
+                    self.cri_error(&error);
+                    None
+                }
+            },
+            Err(error) => {
+                self.cri_error(&error.cri);
+                warn!(%image, %error, "cannot resolve the tag again; keeping what the node holds");
+                None
+            }
+        };
+        let resolved = held.is_some();
+        let after = held.as_ref().and_then(|h| h.digest.clone());
+        let size = held.as_ref().map_or(0, |h| h.size);
+        let moved = self.tracker().refreshed(&image, held);
+        let result = match (resolved, moved) {
+            (false, _) => "failed",
+            (true, true) => "moved",
+            (true, false) => "unchanged",
+        };
+        self.metrics.refreshes.with_label_values(&[result]).inc();
+        if moved {
+            self.metrics.pulls.with_label_values(&["success"]).inc();
+            self.metrics.pulled_bytes.inc_by(size);
+            info!(%image, from = ?before, to = ?after, "the tag moved; pulled its new content");
+        }
+        self.changed();
+        self.wake.notify_one();
+    }
+
+    /// Takes up the unwanted images and removals a NodeImage recorded.
+    pub fn restore_retention(&self, status: &crate::api::NodeImageStatus) {
+        let mut tracker = self.tracker();
+        let wanted: BTreeSet<String> = tracker.records().map(|r| r.reference.to_string()).collect();
+        let retention = tracker.retention_mut();
+        retention.restore(&status.unwanted, &status.removals);
+        for image in &status.unwanted {
+            if wanted.contains(&image.image)
+                && let Ok(reference) = ImageReference::parse(&image.image)
+            {
+                retention.wanted(&reference);
+            }
+        }
+        drop(tracker);
+        self.changed();
+    }
+
+    fn observe_unwanted(&self) {
+        let tracker = self.tracker();
+        let retention = tracker.retention();
+        let count = retention.unwanted().count();
+        let bytes = retention.bytes();
+        drop(tracker);
+        self.metrics
+            .unwanted_images
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+        self.metrics
+            .unwanted_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 }
 

@@ -7,6 +7,7 @@ pub mod engine;
 pub mod node;
 pub mod prefetch;
 pub mod record;
+pub mod retention;
 pub mod tracker;
 
 use std::collections::BTreeMap;
@@ -92,6 +93,33 @@ pub fn wanted_images(
         }
     }
     wanted
+}
+
+/// How often each wanted image is resolved again: the shortest `spec.refresh` of the ImageSets
+/// that want it on a node with `labels`. Images no such ImageSet refreshes are not in it.
+pub fn refresh_periods(
+    sets: &[&ImageSet],
+    labels: &BTreeMap<String, String>,
+) -> std::collections::HashMap<ImageReference, Duration> {
+    let mut periods = std::collections::HashMap::new();
+    for set in sets {
+        let Ok(valid) = validate_image_set(&set.spec) else {
+            continue;
+        };
+        let Some(period) = valid.refresh else {
+            continue;
+        };
+        if set.metadata.deletion_timestamp.is_some() || !valid.selector.matches(labels) {
+            continue;
+        }
+        for image in valid.images {
+            periods
+                .entry(image)
+                .and_modify(|p: &mut Duration| *p = (*p).min(period))
+                .or_insert(period);
+        }
+    }
+    periods
 }
 
 /// Parses a duration such as `500ms`, `30s`, `10m`, `1h` or `1h30m`.

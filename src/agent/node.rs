@@ -23,6 +23,7 @@ use super::auth::Keyring;
 use super::cri::Cri;
 use super::engine::{Engine, EngineOptions};
 use super::record::{desired_labels, label_patch, node_image_status, node_pressure};
+use super::retention::RetentionPolicy;
 use super::tracker::Tracker;
 use super::wanted_images;
 use crate::api::{ImageSet, NodeImage, NodeImageSpec, NodeImageStatus};
@@ -37,8 +38,8 @@ pub struct AgentOptions {
     pub coral_namespace: String,
     pub cri_socket: String,
     pub engine: EngineOptions,
-    /// Remove images no ImageSet wants any more (when no container uses them).
-    pub remove_unwanted: bool,
+    /// When images no ImageSet wants any more are removed.
+    pub retention: RetentionPolicy,
     /// Pull a public image's ready mirror copy before its source.
     pub pull_through_mirror: bool,
     pub probe_listen: SocketAddr,
@@ -146,6 +147,20 @@ impl NodeAgent {
             error!("a watch stopped before its first list");
             return;
         }
+        // The unwanted images keep their grace period across restarts.
+        match Api::<NodeImage>::all(self.client.clone())
+            .get_opt(&self.options.node_name)
+            .await
+        {
+            Ok(Some(NodeImage {
+                status: Some(status),
+                ..
+            })) => self.engine.restore_retention(&status),
+            Ok(_) => {}
+            Err(error) => {
+                warn!(%error, "cannot read the NodeImage; unwanted images start their grace period again");
+            }
+        }
         let recorder = Recorder {
             nodes: Api::all(self.client.clone()),
             node_images: Api::all(self.client.clone()),
@@ -193,6 +208,8 @@ impl NodeAgent {
             } else {
                 Default::default()
             });
+        self.engine
+            .set_refresh(super::refresh_periods(&sets, &labels));
         let secret_refs: BTreeSet<(String, String)> = wanted.values().flatten().cloned().collect();
         let keyrings =
             read_pull_secrets(&self.client, &self.options.coral_namespace, &secret_refs).await;
@@ -210,15 +227,8 @@ impl NodeAgent {
         if !removed.is_empty() {
             info!(count = removed.len(), "images no longer wanted");
         }
-        if self.options.remove_unwanted {
-            match self.engine.remove_unwanted(&removed).await {
-                Ok(kept) => {
-                    for (image, why) in kept {
-                        info!(%image, ?why, "unwanted image kept");
-                    }
-                }
-                Err(error) => warn!(%error, "cannot remove unwanted images"),
-            }
+        if let Err(error) = self.engine.retain(&self.options.retention).await {
+            warn!(%error, "cannot remove unwanted images; trying again on the next resync");
         }
     }
 }

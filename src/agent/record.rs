@@ -120,6 +120,8 @@ pub fn node_image_status(
             observed_generation: generation,
         }],
         images,
+        unwanted: tracker.retention().unwanted_status(),
+        removals: tracker.retention().removals(),
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::auth::Keyring;
 use super::cri::RuntimeImage;
+use super::retention::Retention;
 use crate::api::ImageState;
 use crate::image::ImageReference;
 
@@ -125,6 +126,8 @@ pub struct ImageRecord {
     /// Whether the runtime was looked at since the image became wanted: until then the
     /// agent does not know whether the node holds it.
     pub looked: bool,
+    /// When the tag was last resolved: pulled, found held, or refreshed.
+    pub resolved: Option<Instant>,
 }
 
 impl ImageRecord {
@@ -162,6 +165,8 @@ pub struct Tracker {
     policy: RetryPolicy,
     /// Whether the runtime's images were listed at least once.
     listed: bool,
+    /// Images held for ImageSets that no longer want them.
+    retention: Retention,
 }
 
 impl Tracker {
@@ -170,7 +175,16 @@ impl Tracker {
             records: BTreeMap::new(),
             policy,
             listed: false,
+            retention: Retention::default(),
         }
+    }
+
+    pub fn retention(&self) -> &Retention {
+        &self.retention
+    }
+
+    pub fn retention_mut(&mut self) -> &mut Retention {
+        &mut self.retention
     }
 
     /// Replaces the wanted set; returns the records no longer wanted. Records of images still
@@ -195,12 +209,26 @@ impl Tracker {
                 pulls: 0,
                 keyring: keyring.clone(),
                 looked: false,
+                resolved: None,
             });
+            self.retention.wanted(&record.reference);
             next.insert(key, ImageRecord { keyring, ..record });
         }
-        std::mem::replace(&mut self.records, next)
+        let removed: Vec<ImageRecord> = std::mem::replace(&mut self.records, next)
             .into_values()
-            .collect()
+            .collect();
+        let now = SystemTime::now();
+        for record in &removed {
+            if let Some(held) = &record.held {
+                self.retention.left(
+                    record.reference.clone(),
+                    held.size,
+                    held.digest.clone(),
+                    now,
+                );
+            }
+        }
+        removed
     }
 
     /// Brings the records in line with what the runtime holds. `paused` holds back new pulls.
@@ -210,6 +238,17 @@ impl Tracker {
             ..Observed::default()
         };
         self.listed = true;
+        let gone: Vec<ImageReference> = self
+            .retention
+            .unwanted()
+            .filter(|u| inventory.find(&u.reference).is_none())
+            .map(|u| u.reference.clone())
+            .collect();
+        for reference in gone {
+            // Removed by someone else (the kubelet's image GC, an operator): nothing to do.
+            self.retention.forget(&reference);
+            observed.changed = true;
+        }
         let policy = self.policy;
         for record in self.records.values_mut() {
             if record.in_flight {
@@ -220,6 +259,7 @@ impl Tracker {
             let before = (record.state, record.held.clone(), record.not_before);
             match inventory.find(&record.reference) {
                 Some(held) => {
+                    record.resolved.get_or_insert(now);
                     record.held = Some(held);
                     record.attempts = 0;
                     record.last_error = None;
@@ -295,8 +335,62 @@ impl Tracker {
             record.not_before = None;
             record.held = held;
             record.pulls += 1;
+            record.resolved = Some(Instant::now());
             record.set_state(ImageState::Available);
         }
+    }
+
+    /// Available images referenced by tag whose `periods` entry says they are due to be
+    /// resolved again.
+    pub fn refresh_due(
+        &self,
+        now: Instant,
+        periods: &HashMap<ImageReference, Duration>,
+    ) -> Vec<ImageReference> {
+        self.records
+            .values()
+            .filter(|r| r.state == ImageState::Available && !r.in_flight)
+            .filter(|r| r.reference.digest().is_none())
+            .filter(|r| {
+                periods
+                    .get(&r.reference)
+                    .is_some_and(|p| r.resolved.is_none_or(|at| at + *p <= now))
+            })
+            .map(|r| r.reference.clone())
+            .collect()
+    }
+
+    /// The earliest instant an image becomes due to be resolved again.
+    pub fn next_refresh(&self, periods: &HashMap<ImageReference, Duration>) -> Option<Instant> {
+        self.records
+            .values()
+            .filter(|r| r.state == ImageState::Available && !r.in_flight)
+            .filter(|r| r.reference.digest().is_none())
+            .filter_map(|r| Some(r.resolved? + *periods.get(&r.reference)?))
+            .min()
+    }
+
+    /// Records a refresh: the tag was resolved again (`held` is what the runtime holds now),
+    /// or could not be (`held` is `None`; the image stays as it was, and is tried again after
+    /// its period). Returns whether the digest moved.
+    pub fn refreshed(&mut self, reference: &ImageReference, held: Option<Held>) -> bool {
+        let Some(record) = self.records.get_mut(&reference.to_string()) else {
+            return false;
+        };
+        record.in_flight = false;
+        record.resolved = Some(Instant::now());
+        let Some(held) = held else {
+            return false;
+        };
+        let moved = record
+            .held
+            .as_ref()
+            .is_some_and(|h| h.digest != held.digest);
+        if moved {
+            record.pulls += 1;
+        }
+        record.held = Some(held);
+        moved
     }
 
     /// Records a pull that failed; `jitter` in `[0, 1)` spreads the backoff.

@@ -88,6 +88,15 @@ pub struct ImageSetSpec {
     /// that match nothing it mirrors only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<ImageSetMirror>,
+
+    /// How often tags are resolved again (`30m`, `1h`, `1h30m`; at least `5s`): agents ask
+    /// their runtime to pull each tag again and count it moved when the digest changed (an
+    /// unchanged tag transfers its manifest only), and the mirror compares the source tag with
+    /// its copy. Missing: tags are resolved when first pulled, and the mirror checks them every
+    /// `--mirror-recheck` of the controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub refresh: Option<String>,
 }
 
 /// Where and what an ImageSet mirrors.
@@ -119,8 +128,9 @@ pub struct ImageSetStatus {
     pub observed_generation: Option<i64>,
 
     /// `Ready` (every image on every targeted node), `Progressing` (pulls under way),
-    /// `Degraded` (pulls failing, or a referenced secret missing) and, for an ImageSet that
-    /// mirrors, `Mirrored` (every image held by the mirror registry).
+    /// `Degraded` (pulls failing, or a referenced secret missing), `DigestDrift` (a reference
+    /// held under different digests across nodes, or by the nodes and the mirror) and, for an
+    /// ImageSet that mirrors, `Mirrored` (every image held by the mirror registry).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -175,9 +185,17 @@ pub struct ImageSetImageStatus {
     pub normalized: String,
     /// The node label that marks nodes holding the image.
     pub label: String,
-    /// Digest the nodes resolved the reference to, when known.
+    /// The digest most targeted nodes holding the image hold, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// Targeted nodes holding the image under another digest than `digest`.
+    #[serde(default)]
+    pub nodes_differing: i32,
+    /// Every digest the targeted nodes hold the image under, when they hold it under more
+    /// than one (at most 10, the most held first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub digests: Vec<String>,
     /// Nodes the selector picks.
     #[serde(default)]
     pub nodes_targeted: i32,

@@ -10,7 +10,10 @@ pub use imageset::{
     FORCE_REMOVE_ANNOTATION, ImageMirrorStatus, ImageSet, ImageSetImageStatus, ImageSetMirror,
     ImageSetSpec, ImageSetStatus, MirrorState, RetiringImage,
 };
-pub use nodeimage::{ImageState, NodeImage, NodeImageEntry, NodeImageSpec, NodeImageStatus};
+pub use nodeimage::{
+    ImageRemoval, ImageState, NodeImage, NodeImageEntry, NodeImageSpec, NodeImageStatus,
+    UnwantedImage,
+};
 pub use registry::{Registry, RegistrySpec, RegistryStatus, RegistryTls, SecretKey};
 
 /// API group of Coral's resources.

@@ -77,6 +77,50 @@ pub struct NodeImageStatus {
     /// One entry per wanted image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub images: Vec<NodeImageEntry>,
+    /// Images the agent pulled that no ImageSet wants any more, still on the node: removed
+    /// once their grace period ends, or sooner when the image filesystem is over its high
+    /// watermark.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unwanted: Vec<UnwantedImage>,
+    /// The latest removals, newest first (at most 20).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removals: Vec<ImageRemoval>,
+}
+
+/// An image no ImageSet wants any more, kept on the node for now.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnwantedImage {
+    /// Normalized image reference.
+    pub image: String,
+    /// When the last ImageSet stopped wanting it.
+    pub since: Time,
+    /// Size in bytes, as the runtime reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
+    /// Why it is still here after its grace period: a container uses it, or a wanted image
+    /// shares its content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<String>,
+}
+
+/// One image the agent removed from the node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageRemoval {
+    /// Normalized image reference.
+    pub image: String,
+    /// Digest it was held under, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Size in bytes, as the runtime reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
+    /// `grace` (unwanted for the grace period) or `watermark` (the image filesystem was over
+    /// its high watermark).
+    pub reason: String,
+    /// When it was removed.
+    pub time: Time,
 }
 
 /// State of one image on one node.

@@ -12,6 +12,7 @@ use coral::agent::cri::DEFAULT_CRI_SOCKET;
 use coral::agent::engine::EngineOptions;
 use coral::agent::parse_duration;
 use coral::agent::prefetch::{PrefetchOptions, prefetch};
+use coral::agent::retention::RetentionPolicy;
 use coral::agent::tracker::RetryPolicy;
 
 /// How images are pulled: shared by the agent and `coral prefetch`.
@@ -165,10 +166,23 @@ pub struct AgentArgs {
     coral_namespace: String,
     #[command(flatten)]
     pull: PullArgs,
-    /// Remove images that no ImageSet wants any more from the runtime (only when no container
-    /// uses them). Without it their labels go and the images stay.
-    #[arg(long, env = "CORAL_REMOVE_UNWANTED")]
+    /// How long an image that no ImageSet wants any more stays on the node before the agent
+    /// removes it (never while a container uses it, or a wanted image shares its content).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration, env = "CORAL_UNWANTED_GRACE")]
+    unwanted_grace: Duration,
+    /// Never remove unwanted images after their grace period (the watermarks still apply).
+    #[arg(long, env = "CORAL_KEEP_UNWANTED")]
+    keep_unwanted: bool,
+    /// The same as --unwanted-grace=0s.
+    #[arg(long, hide = true, conflicts_with_all = ["unwanted_grace", "keep_unwanted"])]
     remove_unwanted: bool,
+    /// While the image filesystem uses more than this (bytes: 40Gi, 50G), unwanted images go
+    /// before their grace period ends, the least recently wanted first.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, env = "CORAL_IMAGE_FS_HIGH_WATERMARK")]
+    image_fs_high_watermark: Option<u64>,
+    /// ...until it uses at most this. Default: 80 % of the high watermark.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, requires = "image_fs_high_watermark", env = "CORAL_IMAGE_FS_LOW_WATERMARK")]
+    image_fs_low_watermark: Option<u64>,
     /// Pull from the source only. By default a public image that an ImageSet mirrors, once its
     /// copy is `mirrored`, is pulled from the mirror first (with the runtime's own credentials
     /// for it, as pods pull), then from the source, which then only sends its manifest.
@@ -186,14 +200,39 @@ pub struct AgentArgs {
     debounce: Duration,
 }
 
+/// The retention policy the flags describe.
+fn retention(args: &AgentArgs) -> Result<RetentionPolicy> {
+    let high = args.image_fs_high_watermark;
+    let low = match (high, args.image_fs_low_watermark) {
+        (Some(high), Some(low)) if low > high => anyhow::bail!(
+            "--image-fs-low-watermark ({low} bytes) is above --image-fs-high-watermark ({high} bytes)"
+        ),
+        (Some(high), None) => Some(high / 5 * 4),
+        (_, low) => low,
+    };
+    let grace = if args.remove_unwanted {
+        Some(Duration::ZERO)
+    } else if args.keep_unwanted {
+        None
+    } else {
+        Some(args.unwanted_grace)
+    };
+    Ok(RetentionPolicy {
+        grace,
+        high_watermark: high,
+        low_watermark: low,
+    })
+}
+
 pub fn run_agent(args: AgentArgs) -> Result<ExitCode> {
     super::init_logging();
+    let retention = retention(&args)?;
     let options = coral::agent::node::AgentOptions {
         node_name: args.node_name,
         coral_namespace: args.coral_namespace,
         cri_socket: args.pull.cri_socket.clone(),
         engine: args.pull.engine_options(args.resync),
-        remove_unwanted: args.remove_unwanted,
+        retention,
         pull_through_mirror: !args.skip_mirror,
         probe_listen: args.probe_listen,
         debounce: args.debounce,

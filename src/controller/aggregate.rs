@@ -2,7 +2,7 @@
 //! or NodeImage changing updates the counts of the ImageSets that target it (the node's old
 //! contribution taken out, its new one added), without a recompute over every node.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -43,10 +43,50 @@ pub struct ImageCounts {
     pub available: usize,
     pub pulling: usize,
     pub failed: usize,
-    /// Digests the nodes reported, with how many nodes reported each.
-    pub digests: BTreeMap<String, usize>,
+    /// Digests the nodes holding the image reported, with the nodes that reported each.
+    pub digests: BTreeMap<String, BTreeSet<String>>,
     /// Last error per node where the image failed.
     pub failures: BTreeMap<String, String>,
+}
+
+impl ImageCounts {
+    /// The digest most nodes holding the image hold (the smallest such digest on a tie, so the
+    /// answer is stable).
+    pub fn majority(&self) -> Option<&str> {
+        let most = self.digests.values().map(BTreeSet::len).max()?;
+        self.digests
+            .iter()
+            .find(|(_, nodes)| nodes.len() == most)
+            .map(|(digest, _)| digest.as_str())
+    }
+
+    /// Every digest held, the most held first (at most 10), when there is more than one.
+    pub fn distinct(&self) -> Vec<String> {
+        if self.digests.len() < 2 {
+            return Vec::new();
+        }
+        let mut digests: Vec<(&String, usize)> = self
+            .digests
+            .iter()
+            .map(|(d, nodes)| (d, nodes.len()))
+            .collect();
+        digests.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        digests
+            .into_iter()
+            .take(10)
+            .map(|(d, _)| d.clone())
+            .collect()
+    }
+
+    /// Nodes holding the image under another digest than the majority's.
+    pub fn differing(&self) -> usize {
+        let majority = self.majority();
+        self.digests
+            .iter()
+            .filter(|(digest, _)| Some(digest.as_str()) != majority)
+            .map(|(_, nodes)| nodes.len())
+            .sum()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -243,9 +283,13 @@ impl SetRecord {
             if node.labels.get(&image.label).map(String::as_str) == Some(LABEL_AVAILABLE) {
                 step(&mut counts.available);
                 if let Some(digest) = entry.and_then(|e| e.digest.as_ref()) {
-                    let seen = counts.digests.entry(digest.clone()).or_insert(0);
-                    step(seen);
-                    if *seen == 0 {
+                    let nodes = counts.digests.entry(digest.clone()).or_default();
+                    if sign > 0 {
+                        nodes.insert(name.to_string());
+                    } else {
+                        nodes.remove(name);
+                    }
+                    if nodes.is_empty() {
                         counts.digests.remove(digest);
                     }
                 }
@@ -291,11 +335,9 @@ pub fn image_set_status(
             image: (*raw).to_string(),
             normalized: (*normalized).to_string(),
             label: (*label).to_string(),
-            digest: counts
-                .digests
-                .iter()
-                .max_by_key(|(_, n)| **n)
-                .map(|(d, _)| d.clone()),
+            digest: counts.majority().map(str::to_string),
+            nodes_differing: clamp(counts.differing()),
+            digests: counts.distinct(),
             nodes_targeted: clamp(targeted),
             nodes_available: clamp(counts.available),
             nodes_pulling: clamp(counts.pulling),
@@ -437,6 +479,97 @@ pub(crate) fn condition(
     }
 }
 
+/// The condition type of a reference held under different digests.
+pub const DIGEST_DRIFT_CONDITION: &str = "DigestDrift";
+
+/// Nodes a `DigestDrift` message names, per image.
+const DRIFT_NODES_SHOWN: usize = 10;
+
+/// How one image's digests disagree: across the nodes holding it, or between them and the
+/// digest the mirror copied from the source. `None` when they agree.
+pub fn image_drift(image: &ImageSetImageStatus, counts: &ImageCounts) -> Option<String> {
+    let mirrored = image
+        .mirror
+        .as_ref()
+        .filter(|m| m.state == crate::api::MirrorState::Mirrored)
+        .and_then(|m| m.source_digest.as_deref());
+    let mirror_differs = mirrored.is_some_and(|d| counts.digests.keys().any(|n| n != d));
+    if counts.digests.len() < 2 && !mirror_differs {
+        return None;
+    }
+    let majority = counts.majority();
+    let mut parts: Vec<String> = Vec::new();
+    for (digest, nodes) in &counts.digests {
+        if Some(digest.as_str()) == majority && !mirror_differs {
+            parts.push(format!("{digest} on {} node(s)", nodes.len()));
+        } else {
+            let shown: Vec<&str> = nodes
+                .iter()
+                .take(DRIFT_NODES_SHOWN)
+                .map(String::as_str)
+                .collect();
+            let more = nodes.len().saturating_sub(DRIFT_NODES_SHOWN);
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            parts.push(format!("{digest} on {}{more}", shown.join(", ")));
+        }
+    }
+    if let Some(digest) = mirrored {
+        parts.push(format!("the mirror copied {digest}"));
+    }
+    Some(format!("{}: {}", image.image, parts.join("; ")))
+}
+
+/// Adds the `DigestDrift` condition: true while a reference is held under different digests
+/// across the targeted nodes, or by nodes and the mirror (a moved tag that some nodes pulled
+/// again and others not; `spec.refresh` brings them together).
+pub fn with_drift(
+    mut status: ImageSetStatus,
+    summary: &SetSummary<'_>,
+    previous: Option<&ImageSetStatus>,
+    now: &Time,
+) -> ImageSetStatus {
+    status
+        .conditions
+        .retain(|c| c.type_ != DIGEST_DRIFT_CONDITION);
+    let drifts: Vec<String> = status
+        .images
+        .iter()
+        .zip(&summary.images)
+        .filter_map(|(image, (_, _, _, counts))| image_drift(image, counts))
+        .collect();
+    let (state, reason, message) = if drifts.is_empty() {
+        (
+            "False",
+            "Consistent",
+            "every image is held under one digest".to_string(),
+        )
+    } else {
+        (
+            "True",
+            "DigestsDiffer",
+            format!(
+                "{} image(s) held under different digests: {}",
+                drifts.len(),
+                drifts.join(" | ")
+            ),
+        )
+    };
+    status.conditions.push(condition(
+        DIGEST_DRIFT_CONDITION,
+        state,
+        reason,
+        message,
+        status.observed_generation,
+        previous_conditions(previous),
+        now,
+    ));
+    status
+}
+
 /// An Event to record on an ImageSet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notice {
@@ -489,6 +622,20 @@ pub fn transitions(
                 ),
             });
         }
+    }
+    let drifted = previous.is_some_and(|p| is_true(p, DIGEST_DRIFT_CONDITION));
+    if !drifted
+        && is_true(next, DIGEST_DRIFT_CONDITION)
+        && let Some(condition) = next
+            .conditions
+            .iter()
+            .find(|c| c.type_ == DIGEST_DRIFT_CONDITION)
+    {
+        notices.push(Notice {
+            warning: true,
+            reason: "DigestDrift",
+            message: condition.message.clone(),
+        });
     }
     let was_ready = previous.is_some_and(|p| is_true(p, "Ready"));
     if !was_ready && is_true(next, "Ready") && next.nodes_targeted > 0 {

@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
-use super::aggregate::{Aggregator, Problems};
+use super::aggregate::{Aggregator, DIGEST_DRIFT_CONDITION, Problems, image_drift};
 use super::mirroring::Mirroring;
 use super::retiring::LabelUsers;
 use super::secrets::referenced_secrets;
@@ -430,7 +430,7 @@ async fn reconcile_all(
 /// ImageSets by condition, and the share of (image, targeted node) pairs available.
 fn observe(metrics: &ControllerMetrics, sets: &[&ImageSet], aggregator: &Mutex<Aggregator>) {
     let mut by_condition: std::collections::BTreeMap<(String, String), i64> = Default::default();
-    for kind in ["Ready", "Progressing", "Degraded"] {
+    for kind in ["Ready", "Progressing", "Degraded", DIGEST_DRIFT_CONDITION] {
         for status in ["True", "False"] {
             by_condition.insert((kind.to_string(), status.to_string()), 0);
         }
@@ -451,7 +451,7 @@ fn observe(metrics: &ControllerMetrics, sets: &[&ImageSet], aggregator: &Mutex<A
             .set(count);
     }
     let aggregator = aggregator.lock().unwrap_or_else(PoisonError::into_inner);
-    let (mut available, mut targeted) = (0usize, 0usize);
+    let (mut available, mut targeted, mut drifting) = (0usize, 0usize, 0i64);
     for set in sets {
         let namespace = set.metadata.namespace.as_deref().unwrap_or_default();
         if let Some(summary) = aggregator.summary(namespace, &set.name_any()) {
@@ -459,8 +459,16 @@ fn observe(metrics: &ControllerMetrics, sets: &[&ImageSet], aggregator: &Mutex<A
                 available += counts.available;
                 targeted += summary.targeted;
             }
+            let images = set.status.iter().flat_map(|s| &s.images);
+            drifting += images
+                .zip(&summary.images)
+                .filter(|(image, (_, normalized, _, counts))| {
+                    image.normalized == *normalized && image_drift(image, counts).is_some()
+                })
+                .count() as i64;
         }
     }
+    metrics.drifting_images.set(drifting);
     metrics.available_ratio.set(if targeted == 0 {
         1.0
     } else {

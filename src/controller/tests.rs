@@ -225,11 +225,12 @@ async fn controller_adds_its_finalizer_patches_status_and_records_events() {
                 {"type": "Ready", "status": "False", "reason": "NotAllAvailable", "message": "0 of 1 image(s) are on all 2 targeted node(s)", "observedGeneration": 3},
                 {"type": "Progressing", "status": "True", "reason": "Pulling", "message": "1 pull(s) pending or under way on the targeted nodes", "observedGeneration": 3},
                 {"type": "Degraded", "status": "False", "reason": "AsExpected", "message": "no failures", "observedGeneration": 3},
+                {"type": "DigestDrift", "status": "False", "reason": "Consistent", "message": "every image is held under one digest", "observedGeneration": 3},
             ],
             "imageCount": 1, "nodesTargeted": 2, "imagesComplete": 0,
             "images": [{
                 "image": "nginx:1.27", "normalized": "docker.io/library/nginx:1.27", "label": key("nginx:1.27"),
-                "nodesTargeted": 2, "nodesAvailable": 1, "nodesPulling": 1, "nodesFailed": 0,
+                "nodesTargeted": 2, "nodesAvailable": 1, "nodesPulling": 1, "nodesFailed": 0, "nodesDiffering": 0,
             }],
             "retiring": null,
         }})

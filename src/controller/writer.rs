@@ -17,7 +17,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::aggregate::{Aggregator, Problems, image_set_status, transitions};
+use super::aggregate::{Aggregator, Problems, image_set_status, transitions, with_drift};
 use super::mirroring::with_mirror;
 use super::patches::{
     add_finalizer_patch, has_finalizer, orphan_labels, remove_finalizer_patch, status_patch,
@@ -132,6 +132,7 @@ impl Writer {
                 &Time(now),
             );
             let status = with_mirror(status, set, copies, set.status.as_ref(), &Time(now));
+            let status = with_drift(status, &summary, set.status.as_ref(), &Time(now));
             let notices = transitions(set.status.as_ref(), &status, &summary);
             (status, notices)
         };

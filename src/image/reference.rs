@@ -343,6 +343,20 @@ fn is_valid_tag(tag: &str) -> bool {
 }
 
 /// Validates an OCI digest (`algorithm:encoded`) and returns it.
+/// Whether `digest` is a content digest as references carry them (`sha256:` and 64 hex digits).
+pub fn is_digest(digest: &str) -> bool {
+    parse_digest(digest, digest).is_ok()
+}
+
+/// The reference without its digest, when it has a tag too (`nginx:1.27@sha256:…` gives
+/// `nginx:1.27`): the image a pinned reference pins.
+pub fn unpinned(reference: &ImageReference) -> Option<ImageReference> {
+    (reference.tag.is_some() && reference.digest.is_some()).then(|| ImageReference {
+        digest: None,
+        ..reference.clone()
+    })
+}
+
 fn parse_digest(reference: &str, digest: &str) -> Result<String, ReferenceError> {
     let invalid = |reason: String| ReferenceError::InvalidDigest {
         reference: reference.to_string(),

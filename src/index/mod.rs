@@ -51,13 +51,21 @@ pub enum ImageSetError {
     NoImages,
     #[error("spec.nodeSelector.{0}")]
     Selector(SelectorError),
+    #[error("spec.refresh: {0}")]
+    Refresh(String),
 }
+
+/// The shortest `spec.refresh`: each period costs every targeted node a manifest request per
+/// tag.
+pub const MIN_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// An ImageSet's images, normalized, and its compiled selector.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidImageSet {
     pub images: Vec<ImageReference>,
     pub selector: Selector,
+    /// How often tags are resolved again, when they are.
+    pub refresh: Option<std::time::Duration>,
 }
 
 /// Checks an ImageSet spec: every reference parses, no image appears twice after
@@ -84,7 +92,25 @@ pub fn validate_image_set(spec: &ImageSetSpec) -> Result<ValidImageSet, ImageSet
         seen.insert(normalized, index);
         images.push(reference);
     }
-    Ok(ValidImageSet { images, selector })
+    let refresh = spec
+        .refresh
+        .as_deref()
+        .map(|text| {
+            let period = crate::agent::parse_duration(text).map_err(ImageSetError::Refresh)?;
+            if period < MIN_REFRESH {
+                return Err(ImageSetError::Refresh(format!(
+                    "{text:?} is shorter than the least period, {}s",
+                    MIN_REFRESH.as_secs()
+                )));
+            }
+            Ok(period)
+        })
+        .transpose()?;
+    Ok(ValidImageSet {
+        images,
+        selector,
+        refresh,
+    })
 }
 
 /// What the index holds of one ImageSet.
@@ -98,6 +124,8 @@ struct IndexedImageSet {
     credentials: bool,
     /// The copies its status records in its mirror Registry, by normalized source reference.
     copies: BTreeMap<String, IndexedCopy>,
+    /// The digests its status says the targeted nodes hold, by normalized reference.
+    digests: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// One image's copy in a mirror, as an ImageSet's status records it.
@@ -106,6 +134,8 @@ struct IndexedCopy {
     registry: String,
     reference: String,
     digest: Option<String>,
+    /// The source digest it was copied from.
+    source_digest: Option<String>,
     /// The mirror holds it (state `mirrored`).
     mirrored: bool,
 }
@@ -159,6 +189,9 @@ pub struct ImageAvailability {
     /// Its copy in a mirror, when an ImageSet managing it mirrors it: a ready copy first, of
     /// the first such ImageSet (by namespace and name).
     pub mirror: Option<MirrorAvailability>,
+    /// Every digest it is held under: by the nodes (as the ImageSets' status or the state
+    /// file says), and the source digest of a mirrored copy.
+    pub digests: BTreeSet<String>,
 }
 
 /// The cluster state, keyed for cheap updates. Node labels are interned: a clone shares them,
@@ -170,6 +203,9 @@ pub struct ClusterIndex {
     /// Normalized references whose pulls failed, by node (from NodeImages). Read for the
     /// nodes the index knows only: a NodeImage may outlive its node for a while.
     failed: BTreeMap<String, BTreeSet<String>>,
+    /// What the nodes of a state file say they hold: by normalized reference, each digest
+    /// with how many nodes hold it. (In a cluster the ImageSets' status says it.)
+    node_digests: BTreeMap<String, BTreeMap<String, usize>>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     registries: BTreeMap<String, RegistryHealth>,
     symbols: Symbols,
@@ -213,6 +249,7 @@ impl ClusterIndex {
                             registry: mirror.registry.clone(),
                             reference: copy.reference.clone(),
                             digest: copy.digest.clone(),
+                            source_digest: copy.source_digest.clone(),
                             mirrored: copy.state == crate::api::MirrorState::Mirrored,
                         },
                     ))
@@ -220,11 +257,25 @@ impl ClusterIndex {
                 .collect(),
             None => BTreeMap::new(),
         };
+        let digests = set
+            .status
+            .iter()
+            .flat_map(|status| &status.images)
+            .filter_map(|image| {
+                let digests: BTreeSet<String> = if image.digests.is_empty() {
+                    image.digest.iter().cloned().collect()
+                } else {
+                    image.digests.iter().cloned().collect()
+                };
+                (!digests.is_empty()).then(|| (image.normalized.clone(), digests))
+            })
+            .collect();
         let indexed = IndexedImageSet {
             images,
             selector,
             credentials: !set.spec.image_pull_secrets.is_empty(),
             copies,
+            digests,
         };
         let key = (namespace, name);
         if self.image_sets.get(&key) == Some(&indexed) {
@@ -317,6 +368,18 @@ impl ClusterIndex {
         }
     }
 
+    /// Adds what one node of a state file holds: a digest per normalized reference.
+    pub fn add_node_digests(&mut self, digests: impl IntoIterator<Item = (String, String)>) {
+        for (normalized, digest) in digests {
+            *self
+                .node_digests
+                .entry(normalized)
+                .or_default()
+                .entry(digest)
+                .or_insert(0) += 1;
+        }
+    }
+
     /// Records the images whose pulls failed on a node (what its NodeImage says).
     pub fn set_node_failures(&mut self, name: &str, failed: BTreeSet<String>) -> bool {
         if failed.is_empty() {
@@ -390,6 +453,12 @@ impl ClusterIndex {
             unschedulable: node.unschedulable,
         }))
         .with_mirrors(self.mirror_sources())
+        .with_managed(
+            self.image_sets
+                .values()
+                .flat_map(|set| &set.images)
+                .map(ToString::to_string),
+        )
     }
 
     /// For each Coral image label key, the number of nodes labelled as holding the image.
@@ -454,7 +523,15 @@ impl ClusterIndex {
                 if set.credentials && !entry.private_to.contains(namespace) {
                     entry.private_to.push(namespace.clone());
                 }
+                if let Some(digests) = set.digests.get(&image.to_string()) {
+                    entry.digests.extend(digests.iter().cloned());
+                }
                 if let Some(copy) = set.copies.get(&image.to_string()) {
+                    if copy.mirrored
+                        && let Some(digest) = &copy.source_digest
+                    {
+                        entry.digests.insert(digest.clone());
+                    }
                     let ready = copy.mirrored
                         && self
                             .registries
@@ -481,6 +558,9 @@ impl ClusterIndex {
                     .filter(|&n| sets.iter().any(|&s| targets[s][n]))
                     .count();
                 entry.nodes_available = label_counts.get(&entry.label).copied().unwrap_or(0);
+                if let Some(digests) = self.node_digests.get(&normalized) {
+                    entry.digests.extend(digests.keys().cloned());
+                }
                 entry.nodes_failed = self
                     .failed
                     .iter()

@@ -167,6 +167,8 @@ pub struct Placement {
     aliases: HashMap<String, String>,
     /// A mirror reference → its source image, both normalized.
     sources: HashMap<String, String>,
+    /// The images ImageSets manage, normalized.
+    managed: std::collections::HashSet<String>,
 }
 
 /// The image labels a pod spec requires, and where it can run with them.
@@ -216,12 +218,34 @@ impl Placement {
         self
     }
 
+    /// The same placement, knowing which images ImageSets manage (normalized).
+    pub fn with_managed(mut self, managed: impl IntoIterator<Item = String>) -> Self {
+        self.managed = managed.into_iter().collect();
+        self
+    }
+
     /// The managed image a normalized reference stands for: the source of a mirror
-    /// reference, else the reference itself.
-    pub fn image_key<'a>(&'a self, normalized: &'a str) -> &'a str {
-        self.sources
-            .get(normalized)
-            .map_or(normalized, String::as_str)
+    /// reference; for a pinned reference (`repo:tag@digest`) that no ImageSet manages as
+    /// such, the image it pins (`repo:tag`, or its source when that is a mirror reference);
+    /// else the reference itself.
+    pub fn image_key<'a>(&'a self, normalized: &'a str) -> std::borrow::Cow<'a, str> {
+        if let Some(source) = self.sources.get(normalized) {
+            return source.as_str().into();
+        }
+        if !self.managed.contains(normalized)
+            && normalized.contains('@')
+            && let Some(tagged) = ImageReference::parse(normalized)
+                .ok()
+                .as_ref()
+                .and_then(crate::image::unpinned)
+        {
+            let tagged = tagged.to_string();
+            return match self.sources.get(&tagged) {
+                Some(source) => source.clone().into(),
+                None => tagged.into(),
+            };
+        }
+        normalized.into()
     }
 
     /// Indexes nodes; their order fixes nothing the answers depend on.
@@ -264,6 +288,7 @@ impl Placement {
         Self {
             aliases: HashMap::new(),
             sources: HashMap::new(),
+            managed: Default::default(),
             nodes,
             names,
             labels: labels

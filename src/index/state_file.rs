@@ -55,6 +55,15 @@ pub enum StateError {
         source: ReferenceError,
     },
     #[error(
+        "state file {path}: node {node:?}: digests[{image:?}]: {digest:?} is not a digest (sha256: and 64 hex digits)"
+    )]
+    Digest {
+        path: String,
+        node: String,
+        image: String,
+        digest: String,
+    },
+    #[error(
         "state file {path}: node {node:?}: taints[{index}]: {reason} (a taint needs a key and an effect NoSchedule, PreferNoSchedule or NoExecute)"
     )]
     Taint {
@@ -102,6 +111,10 @@ pub struct StateNode {
     pub images: Vec<Sym>,
     #[serde(default)]
     pub failed: Vec<String>,
+    /// The digest the node holds each image under (`"nginx:1.27": "sha256:…"`), as its
+    /// NodeImage reports: what pinning and drift are decided from.
+    #[serde(default)]
+    pub digests: BTreeMap<String, String>,
     #[serde(default)]
     pub taints: Vec<NodeTaint>,
     #[serde(default)]
@@ -209,6 +222,21 @@ impl StateFile {
                 })?;
                 valid.insert(image);
             }
+            for (image, digest) in &node.digests {
+                ImageReference::parse(image).map_err(|source| StateError::NodeImage {
+                    path: origin.to_string(),
+                    node: node.name.clone(),
+                    source,
+                })?;
+                if !crate::image::is_digest(digest) {
+                    return Err(StateError::Digest {
+                        path: origin.to_string(),
+                        node: node.name.clone(),
+                        image: image.clone(),
+                        digest: digest.clone(),
+                    });
+                }
+            }
             for (index, taint) in node.taints.iter().enumerate() {
                 let reason = if taint.key.is_empty() {
                     "the key is empty".to_string()
@@ -285,6 +313,10 @@ impl StateFile {
                 .filter_map(|image| ImageReference::parse(image).ok())
                 .map(|reference| reference.to_string())
                 .collect();
+            index.add_node_digests(node.digests.iter().filter_map(|(image, digest)| {
+                let reference = ImageReference::parse(image).ok()?;
+                Some((reference.to_string(), digest.clone()))
+            }));
             index.node_mut(&node.name).labels = Labels::from_syms(labels);
             index.set_node_failures(&node.name, failed);
             index.set_node_scheduling(&node.name, node.taints.clone(), node.unschedulable);

@@ -36,6 +36,9 @@ pub struct Wanted {
     pub platforms: Vec<Platform>,
     /// `(namespace, name)` of the ImageSet's pull secrets.
     pub pull_secrets: Vec<(String, String)>,
+    /// How often the source tag is compared with the copy (`spec.refresh`), when the
+    /// ImageSet says.
+    pub refresh: Option<Duration>,
 }
 
 /// The copies `set` asks for: none unless it mirrors and is not being deleted. References
@@ -56,6 +59,13 @@ pub fn wanted(set: &ImageSet) -> Result<Vec<Wanted>, String> {
                 .map_err(|e| format!("spec.mirror.platforms: {e}"))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let refresh = set
+        .spec
+        .refresh
+        .as_deref()
+        .map(|text| crate::agent::parse_duration(text).map_err(|e| format!("spec.refresh: {e}")))
+        .transpose()?
+        .map(|period| period.max(crate::index::MIN_REFRESH));
     let namespace = set.namespace().unwrap_or_default();
     let pull_secrets: Vec<(String, String)> = set
         .spec
@@ -80,6 +90,7 @@ pub fn wanted(set: &ImageSet) -> Result<Vec<Wanted>, String> {
             registry: mirror.registry.clone(),
             platforms: platforms.clone(),
             pull_secrets: pull_secrets.clone(),
+            refresh,
         })
         .collect())
 }
@@ -174,6 +185,8 @@ struct Entry {
     failures: u32,
     /// When the copy is due again; `None` while it runs.
     due: Option<Instant>,
+    /// The ImageSet's `spec.refresh`, instead of the book's recheck period.
+    refresh: Option<Duration>,
 }
 
 /// How a finished attempt went.
@@ -225,6 +238,7 @@ impl Book {
                 platforms: Vec::new(),
                 failures: 0,
                 due: Some(now),
+                refresh: None,
             });
         }
     }
@@ -262,7 +276,15 @@ impl Book {
                     platforms: want.platforms.clone(),
                     failures: 0,
                     due: Some(now),
+                    refresh: want.refresh,
                 });
+            if entry.refresh != want.refresh {
+                // A shorter period applies from now on, not after the current wait.
+                if let (Some(period), Some(due)) = (want.refresh, entry.due) {
+                    entry.due = Some(due.min(now + period));
+                }
+                entry.refresh = want.refresh;
+            }
             let seeded = entry.target.is_none() && entry.status.reference == reference;
             if seeded {
                 // Taken up from a status: the same copy, if the reference still matches.
@@ -283,6 +305,7 @@ impl Book {
                     platforms: want.platforms.clone(),
                     failures: 0,
                     due: Some(now),
+                    refresh: want.refresh,
                 };
             }
             if entry.due.is_some_and(|at| at <= now) {
@@ -316,7 +339,7 @@ impl Book {
                 entry.status.source_digest = Some(copied.source_digest.clone());
                 entry.status.digest = Some(copied.mirror_digest.clone());
                 entry.status.last_error = None;
-                entry.due = Some(now + self.recheck);
+                entry.due = Some(now + entry.refresh.unwrap_or(self.recheck));
             }
             Attempt::Unusable(error) => {
                 entry.failures += 1;

@@ -337,6 +337,72 @@ mod book {
     }
 
     #[test]
+    fn spec_refresh_sets_how_often_the_source_tag_is_checked() {
+        let mut refreshing = set(&["nginx:1.27"], "local", &[]);
+        refreshing.spec.refresh = Some("30s".into());
+        let want = wanted(&refreshing).expect("wanted");
+        assert_eq!(want[0].refresh, Some(Duration::from_secs(30)));
+        let mut book = Book::new(RECHECK);
+        let start = Instant::now();
+        assert_eq!(book.due(&want, &targets("localhost:5000"), start).len(), 1);
+        book.finish(
+            &want[0].key,
+            &copied(&want[0], "sha256:1"),
+            start,
+            &wall(),
+            0.5,
+        );
+        let at = |s| start + Duration::from_secs(s);
+        assert!(
+            book.due(&want, &targets("localhost:5000"), at(29))
+                .is_empty()
+        );
+        assert_eq!(book.due(&want, &targets("localhost:5000"), at(30)).len(), 1);
+        book.finish(
+            &want[0].key,
+            &copied(&want[0], "sha256:1"),
+            at(30),
+            &wall(),
+            0.5,
+        );
+
+        // Without spec.refresh the recheck period applies; a shorter refresh set later
+        // applies from then on.
+        let plain = wanted(&set(&["nginx:1.27"], "local", &[])).expect("wanted");
+        assert!(
+            book.due(&plain, &targets("localhost:5000"), at(45))
+                .is_empty()
+        );
+        assert_eq!(
+            book.due(&plain, &targets("localhost:5000"), at(60)).len(),
+            1
+        );
+        book.finish(
+            &plain[0].key,
+            &copied(&plain[0], "sha256:1"),
+            at(60),
+            &wall(),
+            0.5,
+        );
+        assert!(
+            book.due(&plain, &targets("localhost:5000"), at(100))
+                .is_empty()
+        );
+        assert!(
+            book.due(&want, &targets("localhost:5000"), at(100))
+                .is_empty()
+        );
+        assert_eq!(
+            book.due(&want, &targets("localhost:5000"), at(130)).len(),
+            1
+        );
+
+        refreshing.spec.refresh = Some("soon".into());
+        let error = wanted(&refreshing).expect_err("bad refresh");
+        assert!(error.starts_with("spec.refresh: "), "{error}");
+    }
+
+    #[test]
     fn a_copy_is_due_once_then_after_its_recheck_or_backoff() {
         let want = wanted(&set(&["nginx:1.27"], "local", &[])).expect("wanted");
         let mut book = Book::new(RECHECK);

@@ -4,6 +4,9 @@
 //! An image is `private` when an ImageSet pulls it with `imagePullSecrets`; `namespaces` are
 //! then the namespaces of those ImageSets, whose pods may use it.
 //!
+//! `digests` are the digests an image is held under, by the nodes and (its source digest) by
+//! the mirror; `digest` is the one digest when they agree, else null.
+//!
 //! An image an ImageSet mirrors has `mirror: {reference, digest, registry, ready}` (`ready`:
 //! the mirror holds it and its Registry answered the controller's last probe);
 //! `registries` has each Registry's endpoint and reachability, and `mirrors` the source image
@@ -22,8 +25,14 @@ pub fn coral_data(index: &ClusterIndex, settings: &Settings) -> Value {
         .image_availability()
         .into_iter()
         .map(|(normalized, image)| {
+            // Pinned only to a digest every holder agrees on.
+            let agreed = (image.digests.len() == 1)
+                .then(|| image.digests.first().cloned())
+                .flatten();
             let value = json!({
                 "label": image.label,
+                "digest": agreed,
+                "digests": image.digests,
                 "imageSets": image.image_sets,
                 "private": !image.private_to.is_empty(),
                 "namespaces": image.private_to,

@@ -273,16 +273,26 @@ pub fn containers_after(object: &Value, kind: WorkloadKind, previous: &[Value]) 
 }
 
 /// Gives each container entry with a valid reference its `key`: the managed image it runs,
-/// the source image for a mirror reference (as `placement` knows them), else its normalized
-/// reference. Policies look images up by it, so a copy is the same image as its source.
+/// the source image for a mirror reference, the tagged image for a pinned one (as
+/// `placement` knows them), else its normalized reference. Policies look images up by it, so
+/// a copy, or a pinned reference, is the same image as its source. A container whose key is
+/// another image gets that image's `label` too: it needs the nodes holding that image.
 pub fn with_keys(entries: &mut [Value], placement: &Placement) {
     for entry in entries {
-        let key = entry
-            .get("normalized")
-            .and_then(Value::as_str)
-            .map(|normalized| placement.image_key(normalized).to_string());
-        if let (Some(key), Some(fields)) = (key, entry.as_object_mut()) {
+        let Some(normalized) = entry.get("normalized").and_then(Value::as_str) else {
+            continue;
+        };
+        let key = placement.image_key(normalized);
+        let label = (key != normalized)
+            .then(|| ImageReference::parse(&key).ok())
+            .flatten()
+            .map(|reference| label_key(&reference));
+        let key = key.into_owned();
+        if let Some(fields) = entry.as_object_mut() {
             fields.insert("key".into(), key.into());
+            if let Some(label) = label {
+                fields.insert("label".into(), label.into());
+            }
         }
     }
 }

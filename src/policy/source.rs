@@ -12,7 +12,7 @@ use super::{PolicyError, Settings};
 pub const SETTINGS_FILE: &str = "settings.json";
 
 /// The default policies, compiled into the binary from `policies/`.
-const EMBEDDED: [(&str, &str); 5] = [
+const EMBEDDED: [(&str, &str); 6] = [
     ("common.rego", include_str!("../../policies/common.rego")),
     (
         "feasibility.rego",
@@ -23,6 +23,7 @@ const EMBEDDED: [(&str, &str); 5] = [
         "node_selector.rego",
         include_str!("../../policies/node_selector.rego"),
     ),
+    ("pin.rego", include_str!("../../policies/pin.rego")),
     (
         "pull_policy.rego",
         include_str!("../../policies/pull_policy.rego"),

@@ -841,3 +841,74 @@ fn the_data_says_where_each_image_is_mirrored_and_whether_its_copy_is_ready() {
         );
     }
 }
+
+/// The mirrored state with what each node says it holds nginx:1.27 under.
+fn pinned_decision(digest_a: &str, digest_b: &str, object: Value) -> Decision {
+    let mut state = StateFile::parse(&mirrored_state(true), "test").expect("state");
+    for (node, digest) in state.nodes.iter_mut().zip([digest_a, digest_b]) {
+        node.digests = BTreeMap::from([("nginx:1.27".to_string(), digest.to_string())]);
+    }
+    let index = state.to_index();
+    let policies = CompiledPolicies::compile(&PolicySet::embedded()).expect("compile");
+    let evaluator = Evaluator::new(
+        &policies,
+        coral_data(&index, &Settings::default()),
+        EvaluatorOptions::default(),
+    )
+    .expect("evaluator");
+    assert!(evaluator.uses_vm());
+    let request = PolicyRequest::create(object, "shop").expect("request");
+    evaluator
+        .decide(&request, &BTreeMap::new(), &index.placement())
+        .expect("decision")
+}
+
+#[test]
+fn the_pin_injection_pins_agreed_digests_keeps_placement_and_converges_on_the_compiled_policies() {
+    let a = format!("sha256:{}", "1".repeat(64));
+    let b = format!("sha256:{}", "2".repeat(64));
+    let mirror = format!("sha256:{}", "a".repeat(64));
+    // A workload: its template runs nginx by the digest both nodes hold, steered to them.
+    let deployment = annotate(fixture("deployment-web.json"), "selectors,pin");
+    let pinned = pinned_decision(&a, &a, deployment);
+    let spec = &pinned.object["spec"]["template"]["spec"];
+    assert_eq!(
+        spec["containers"][0]["image"],
+        format!("nginx:1.27@{a}"),
+        "{:?}",
+        pinned.warnings
+    );
+    assert_eq!(spec["nodeSelector"][NGINX_LABEL], "available");
+    let again = pinned_decision(&a, &a, pinned.object.clone());
+    assert!(again.patch.0.is_empty(), "{:?}", again.patch);
+    assert!(
+        again.warnings.iter().all(|w| !w.contains("not managed")),
+        "the pinned reference is the managed image: {:?}",
+        again.warnings
+    );
+
+    // Drift: no pin, and the warning names both digests.
+    let deployment = annotate(fixture("deployment-web.json"), "selectors,pin");
+    let drift = pinned_decision(&a, &b, deployment);
+    let spec = &drift.object["spec"]["template"]["spec"];
+    assert_eq!(spec["containers"][0]["image"], "nginx:1.27");
+    assert!(
+        drift
+            .warnings
+            .iter()
+            .any(|w| w.contains("held under different digests")
+                && w.contains(&a)
+                && w.contains(&b)),
+        "{:?}",
+        drift.warnings
+    );
+
+    // A Pod run from the mirror: the mirror reference by the digest the mirror serves.
+    let pod = pinned_decision(&a, &a, nginx_pod("mirror,pin"));
+    assert_eq!(
+        pod.object["spec"]["containers"][0]["image"],
+        format!("localhost:30500/docker.io/library/nginx:1.27@{mirror}")
+    );
+    let again = pinned_decision(&a, &a, pod.object.clone());
+    assert!(again.patch.0.is_empty(), "{:?}", again.patch);
+}

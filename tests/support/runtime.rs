@@ -45,9 +45,19 @@ pub struct Containerd {
 
 impl Containerd {
     pub fn start() -> Self {
+        Self::start_with_sandbox(None)
+    }
+
+    /// A containerd whose pod sandboxes run `sandbox_image` (see [`Registry::push_pause`]), so
+    /// tests can create CRI containers without network access.
+    pub fn start_with_sandbox(sandbox_image: Option<&str>) -> Self {
         require("containerd", "containerd");
         let dir = tempfile::Builder::new().prefix("ctd").tempdir().unwrap();
         let d = dir.path().display();
+        // Sandboxes may not lower their OOM score below containerd's in this environment.
+        let sandbox = sandbox_image.map_or(String::new(), |i| {
+            format!("sandbox_image = {i:?}\n  restrict_oom_score_adj = true")
+        });
         for sub in ["cni/bin", "cni/net.d", "certs.d", "opt"] {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
@@ -59,6 +69,7 @@ root = "{d}/root"
 state = "{d}/state"
 [plugins."io.containerd.grpc.v1.cri"]
   stats_collect_period = 1
+  {sandbox}
 [grpc]
   address = "{d}/containerd.sock"
 [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -161,6 +172,70 @@ pub fn coral(args: &[&str]) -> (bool, String) {
 impl Drop for Containerd {
     fn drop(&mut self) {
         self.stop();
+        self.kill_shims();
+    }
+}
+
+impl Containerd {
+    /// Kills the shims this containerd started (they outlive it by design) and the container
+    /// processes under them, and waits until they are gone. Only processes whose command line
+    /// names this containerd's directory, and their descendants, are touched.
+    fn kill_shims(&self) {
+        let dir = self.dir.path().display().to_string();
+        let processes: Vec<(u32, u32, String)> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+                let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+                let ppid: u32 = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()?;
+                let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+                Some((
+                    pid,
+                    ppid,
+                    String::from_utf8_lossy(&cmdline).replace('\0', " "),
+                ))
+            })
+            .collect();
+        let mut ours: Vec<u32> = processes
+            .iter()
+            .filter(|(_, _, cmdline)| cmdline.contains("containerd-shim") && cmdline.contains(&dir))
+            .map(|(pid, _, _)| *pid)
+            .collect();
+        let mut i = 0;
+        while i < ours.len() {
+            let parent = ours[i];
+            ours.extend(
+                processes
+                    .iter()
+                    .filter(|(_, ppid, _)| *ppid == parent)
+                    .map(|(pid, _, _)| *pid),
+            );
+            i += 1;
+        }
+        for pid in &ours {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ours.iter().any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                !stat
+                    .rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+        }) && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -261,6 +336,40 @@ impl Registry {
 
     /// [`Registry::push`] with any bytes as the file's content.
     pub fn push_bytes(&self, name: &str, tag: &str, content: &[u8]) -> String {
+        self.push_files(name, tag, &[("data/content", content, 0o644)], None)
+    }
+
+    /// Pushes a pause image: a static program (built with Go) that waits for a signal, its
+    /// entrypoint. A sandbox image for [`Containerd::start_with_sandbox`].
+    pub fn push_pause(&self, name: &str, tag: &str) -> String {
+        require("go", "golang");
+        let work = tempfile::tempdir().unwrap();
+        std::fs::write(
+            work.path().join("main.go"),
+            "package main\n\nimport (\n\t\"os\"\n\t\"os/signal\"\n\t\"syscall\"\n)\n\nfunc main() {\n\tc := make(chan os.Signal, 1)\n\tsignal.Notify(c, syscall.SIGTERM, syscall.SIGINT)\n\t<-c\n}\n",
+        )
+        .unwrap();
+        std::fs::write(work.path().join("go.mod"), "module pause\n\ngo 1.22\n").unwrap();
+        let status = Command::new("go")
+            .args(["build", "-ldflags=-s -w", "-o", "pause", "."])
+            .env("CGO_ENABLED", "0")
+            .current_dir(work.path())
+            .status()
+            .expect("go runs");
+        assert!(status.success(), "go build of the pause program failed");
+        let binary = std::fs::read(work.path().join("pause")).unwrap();
+        self.push_files(name, tag, &[("pause", &binary, 0o755)], Some("/pause"))
+    }
+
+    /// Pushes an image of `files` (path in the root filesystem, content, mode), with an
+    /// optional entrypoint; returns its reference.
+    pub fn push_files(
+        &self,
+        name: &str,
+        tag: &str,
+        files: &[(&str, &[u8], u32)],
+        entrypoint: Option<&str>,
+    ) -> String {
         require("umoci", "umoci");
         require("skopeo", "skopeo");
         let work = tempfile::tempdir().unwrap();
@@ -284,13 +393,30 @@ impl Registry {
             ],
             None,
         );
-        std::fs::create_dir_all(bundle.join("rootfs/data")).unwrap();
-        std::fs::write(bundle.join("rootfs/data/content"), content).unwrap();
+        for (path, content, mode) in files {
+            use std::os::unix::fs::PermissionsExt;
+            let file = bundle.join("rootfs").join(path);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(&file, content).unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(*mode)).unwrap();
+        }
         run(
             "umoci",
             &["repack", "--image", &image, &bundle.display().to_string()],
             None,
         );
+        if let Some(entrypoint) = entrypoint {
+            run(
+                "umoci",
+                &[
+                    "config",
+                    "--image",
+                    &image,
+                    &format!("--config.entrypoint={entrypoint}"),
+                ],
+                None,
+            );
+        }
         let reference = format!("{}/{name}:{tag}", self.host());
         let mut args = vec![
             "copy".to_string(),

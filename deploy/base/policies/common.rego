@@ -24,7 +24,7 @@ requested_injections := annotation_list("coral.dev/inject") if {
 	is_string(annotations["coral.dev/inject"])
 } else := {name | some name in settings.defaultInject}
 
-known_injections := {"selectors", "pull-policy", "mirror"}
+known_injections := {"selectors", "pull-policy", "mirror", "pin"}
 
 # "none" opts an object out of a cluster-wide defaultInject.
 opt_out := "none"
@@ -34,6 +34,8 @@ inject_selectors if "selectors" in requested_injections
 inject_pull_policy if "pull-policy" in requested_injections
 
 inject_mirror if "mirror" in requested_injections
+
+inject_pin if "pin" in requested_injections
 
 opted_out if opt_out in requested_injections
 
@@ -104,7 +106,7 @@ warn contains msg if {
 	some name in requested_injections
 	not name in known_injections
 	name != opt_out
-	msg := sprintf("coral.dev/inject: unknown injection %q ignored (known: none, mirror, pull-policy, selectors)", [name])
+	msg := sprintf("coral.dev/inject: unknown injection %q ignored (known: none, mirror, pin, pull-policy, selectors)", [name])
 }
 
 warn contains msg if {

@@ -159,7 +159,7 @@ fn start_agent() -> (Api, Arc<Engine>) {
             resync: Duration::from_secs(3600),
             ..EngineOptions::default()
         },
-        remove_unwanted: false,
+        retention: crate::agent::retention::RetentionPolicy::KEEP,
         pull_through_mirror: true,
         probe_listen: "127.0.0.1:0".parse().expect("address"),
         debounce: Duration::from_millis(10),

@@ -307,3 +307,110 @@ fn controller_aggregation_at_5000_nodes_and_1000_images() {
         50
     );
 }
+
+#[test]
+fn controller_reports_digest_drift_across_nodes_and_with_the_mirror() {
+    const OTHER: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+    let mut aggregator = Aggregator::new();
+    let entry = |digest: &str| json!([{"image": "nginx:1.27", "label": key("nginx:1.27"), "state": "available", "digest": digest, "attempts": 0}]);
+    for (node, digest) in [("a", DIGEST), ("b", DIGEST), ("c", OTHER)] {
+        aggregator.apply_node_labels(node, labels("web", &["nginx:1.27"]));
+        aggregator.apply_node_image(&node_image(node, entry(digest)));
+    }
+    aggregator.apply_image_set(&set("web", &["nginx:1.27"], "web"));
+    let status_of = |aggregator: &Aggregator, previous: Option<&ImageSetStatus>| {
+        let summary = aggregator.summary("shop", "web").expect("known");
+        let status = image_set_status(Some(2), &summary, &Problems::default(), previous, &now());
+        let status = with_drift(status, &summary, previous, &now());
+        let notices = transitions(previous, &status, &summary);
+        (status, notices)
+    };
+    let drift = |status: &ImageSetStatus| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == DIGEST_DRIFT_CONDITION)
+            .cloned()
+            .expect("DigestDrift")
+    };
+    let (status, notices) = status_of(&aggregator, None);
+    assert_eq!(status.images[0].digest.as_deref(), Some(DIGEST));
+    assert_eq!(status.images[0].nodes_differing, 1);
+    let condition = drift(&status);
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("True", "DigestsDiffer")
+    );
+    assert!(
+        condition
+            .message
+            .contains(&format!("{DIGEST} on 2 node(s)"))
+            && condition.message.contains(&format!("{OTHER} on c")),
+        "{}",
+        condition.message
+    );
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.warning && n.reason == "DigestDrift"),
+        "{notices:?}"
+    );
+
+    // Node c pulls the tag again and gets the majority's digest: consistent.
+    aggregator.apply_node_image(&node_image("c", entry(DIGEST)));
+    let (consistent, notices) = status_of(&aggregator, Some(&status));
+    assert_eq!(consistent.images[0].nodes_differing, 0);
+    assert_eq!(drift(&consistent).status, "False");
+    assert!(!notices.iter().any(|n| n.reason == "DigestDrift"));
+
+    // The mirror copied another digest (the tag moved at the source): drift again.
+    let summary = aggregator.summary("shop", "web").expect("known");
+    let mut mirrored = consistent.clone();
+    mirrored.images[0].mirror = Some(crate::api::ImageMirrorStatus {
+        reference: "localhost:5000/docker.io/library/nginx:1.27".into(),
+        state: crate::api::MirrorState::Mirrored,
+        source_digest: Some(OTHER.into()),
+        digest: Some(OTHER.into()),
+        ..Default::default()
+    });
+    let mirrored = with_drift(mirrored, &summary, Some(&consistent), &now());
+    let condition = drift(&mirrored);
+    assert_eq!(condition.status, "True");
+    assert!(
+        condition
+            .message
+            .contains(&format!("the mirror copied {OTHER}"))
+            && condition.message.contains(&format!("{DIGEST} on a, b, c")),
+        "{}",
+        condition.message
+    );
+}
+
+#[test]
+fn controller_drift_messages_name_at_most_ten_nodes_per_digest() {
+    let mut aggregator = Aggregator::new();
+    for n in 0..15 {
+        let node = format!("n{n:02}");
+        aggregator.apply_node_labels(&node, labels("web", &["nginx:1.27"]));
+        aggregator.apply_node_image(&node_image(
+            &node,
+            json!([{"image": "nginx:1.27", "label": key("nginx:1.27"), "state": "available", "digest": DIGEST, "attempts": 0}]),
+        ));
+    }
+    aggregator.apply_image_set(&set("web", &["nginx:1.27"], "web"));
+    let summary = aggregator.summary("shop", "web").expect("known");
+    let mut status = image_set_status(Some(2), &summary, &Problems::default(), None, &now());
+    status.images[0].mirror = Some(crate::api::ImageMirrorStatus {
+        state: crate::api::MirrorState::Mirrored,
+        source_digest: Some("sha256:3333".into()),
+        ..Default::default()
+    });
+    let status = with_drift(status, &summary, None, &now());
+    let message = &status.conditions.last().expect("condition").message;
+    assert!(
+        message.contains(&format!(
+            "{DIGEST} on n00, n01, n02, n03, n04, n05, n06, n07, n08, n09 and 5 more; the mirror copied sha256:3333"
+        )),
+        "{message}"
+    );
+}
