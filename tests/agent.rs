@@ -1056,3 +1056,70 @@ async fn an_unwanted_image_a_container_uses_stays_until_the_container_goes() {
         .unwrap();
     runner.abort();
 }
+
+#[tokio::test]
+async fn spec_refresh_pulls_a_moved_tag_again_and_nothing_when_it_has_not_moved() {
+    let containerd = Containerd::start();
+    let registry = Registry::start(None);
+    let app = registry.push("shop/app", "1", "first");
+    let engine = engine(&containerd, fast_retry(3));
+    engine.set_wanted([(reference(&app), Arc::new(Keyring::new()))]);
+    engine.set_refresh(HashMap::from([(
+        reference(&app),
+        Duration::from_millis(300),
+    )]));
+    let runner = tokio::spawn(engine.clone().run());
+    wait_for(&engine, &app, "available", |r| {
+        r.state == ImageState::Available
+    })
+    .await;
+    let first = engine
+        .snapshot()
+        .get(&reference(&app))
+        .unwrap()
+        .held
+        .clone()
+        .unwrap();
+
+    // Refreshed a few times with the tag where it was: the same image, no pull counted.
+    let deadline = Instant::now() + WAIT;
+    while metric(&engine, "coral_agent_refreshes_total{result=\"unchanged\"}") < 2.0 {
+        assert!(Instant::now() < deadline, "never refreshed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let record = engine.snapshot().get(&reference(&app)).unwrap().clone();
+    assert_eq!(record.pulls, 1);
+    assert_eq!(record.held.as_ref(), Some(&first));
+    assert_eq!(
+        metric(&engine, "coral_agent_refreshes_total{result=\"moved\"}"),
+        0.0
+    );
+
+    // The tag moves in the registry: the next refresh pulls the new content.
+    registry.push("shop/app", "1", "second");
+    let moved = registry.manifest_digest(&app);
+    assert_ne!(first.digest.as_deref(), Some(moved.as_str()));
+    wait_for(&engine, &app, "pulled the moved tag", |r| {
+        r.held.as_ref().and_then(|h| h.digest.as_deref()) == Some(moved.as_str())
+    })
+    .await;
+    assert_eq!(
+        metric(&engine, "coral_agent_refreshes_total{result=\"moved\"}"),
+        1.0
+    );
+    assert_eq!(engine.snapshot().get(&reference(&app)).unwrap().pulls, 2);
+    let status = node_image_status(&engine.snapshot(), None, None, None);
+    assert_eq!(status.images[0].digest.as_deref(), Some(moved.as_str()));
+
+    // The registry goes away: refreshes fail, and the node keeps what it holds.
+    drop(registry);
+    let deadline = Instant::now() + WAIT;
+    while metric(&engine, "coral_agent_refreshes_total{result=\"failed\"}") < 1.0 {
+        assert!(Instant::now() < deadline, "a refresh never failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let record = engine.snapshot().get(&reference(&app)).unwrap().clone();
+    assert_eq!(record.state, ImageState::Available);
+    assert_eq!(record.held.and_then(|h| h.digest), Some(moved));
+    runner.abort();
+}
