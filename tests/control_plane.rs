@@ -1283,9 +1283,14 @@ struct AgentNode {
 
 impl AgentNode {
     fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    fn start_agent_with(&mut self, extra: &[&str]) {
         self.agent = Some(support::process::Kill(
             std::process::Command::new(env!("CARGO_BIN_EXE_coral"))
                 .args(["agent", "--node-name", &self.name, "--debounce", "50ms"])
+                .args(extra)
                 .args(["--cri-socket", &self.containerd.address()])
                 .args(["--probe-listen", &self.metrics.to_string()])
                 .args(["--initial-backoff", "500ms", "--max-backoff", "2s"])
@@ -2586,4 +2591,111 @@ fn a_moved_tag_drifts_across_two_nodes_until_spec_refresh_and_pin_runs_the_agree
     for node in &mut nodes {
         node.kill_agent();
     }
+}
+
+/// The NodeImage status of a node.
+fn node_image_status(plane: &ControlPlane, node: &str) -> Value {
+    let output = plane.kubectl(&["get", "nodeimage", node, "-o", "json"]);
+    serde_json::from_slice::<Value>(&output.stdout)
+        .map(|n| n["status"].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// Whether the containerd of `node` holds `image`.
+fn runtime_holds(node: &AgentNode, image: &str) -> bool {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        coral::agent::cri::Cri::new(&node.containerd.address())
+            .unwrap()
+            .image_status(image)
+            .await
+            .unwrap()
+            .is_some()
+    })
+}
+
+#[test]
+#[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
+fn the_agent_removes_an_unwanted_image_after_its_grace_period_across_a_restart() {
+    let plane = coral_control_plane(&[]);
+    let registry = runtime::Registry::start(None);
+    let keep = registry.push("shop/keep", "1", "keep");
+    let old = registry.push("shop/old", "1", "old");
+    plane.node("node-a", json!({"pool": "web"}), json!([]), false);
+    let mut node = AgentNode {
+        name: "node-a".into(),
+        containerd: runtime::Containerd::start(),
+        metrics: free_address(),
+        kubeconfig: plane.service_account_kubeconfig("coral-system", "coral-agent"),
+        agent: None,
+        pulls_before: 0,
+    };
+    let image_set = |images: &[&String]| {
+        json!({
+            "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+            "metadata": {"name": "retention", "namespace": "shop"},
+            "spec": {"images": images, "nodeSelector": {"matchLabels": {"pool": "web"}}},
+        })
+    };
+    apply(&plane, &image_set(&[&keep, &old]));
+    let _controller = start_controller(&plane, "controller-0");
+    let grace = ["--unwanted-grace", "8s"];
+    node.start_agent_with(&grace);
+    wait_until("both images held", Duration::from_secs(60), || {
+        node_image_status(&plane, "node-a")["available"] == 2
+    });
+
+    // `old` leaves the ImageSet: unwanted, recorded with its time, still on the runtime.
+    apply(&plane, &image_set(&[&keep]));
+    let left = Instant::now();
+    wait_until("old recorded unwanted", Duration::from_secs(30), || {
+        node_image_status(&plane, "node-a")["unwanted"][0]["image"] == old.as_str()
+    });
+    let since = node_image_status(&plane, "node-a")["unwanted"][0]["since"].clone();
+    assert!(since.is_string());
+    assert!(
+        runtime_holds(&node, &old),
+        "removed within its grace period"
+    );
+
+    // A restart within the grace period keeps when it became unwanted: the image goes once
+    // the grace period that began before the restart ends.
+    std::thread::sleep(Duration::from_secs(2));
+    node.kill_agent();
+    node.start_agent_with(&grace);
+    wait_until(
+        "the restarted agent took it up",
+        Duration::from_secs(30),
+        || http_get(node.metrics, "/metrics").contains("coral_agent_unwanted_images 1"),
+    );
+    assert_eq!(
+        node_image_status(&plane, "node-a")["unwanted"][0]["since"],
+        since
+    );
+    wait_until("old removed", Duration::from_secs(60), || {
+        node_image_status(&plane, "node-a")["removals"][0]["image"] == old.as_str()
+    });
+    let waited = left.elapsed();
+    assert!(
+        waited >= Duration::from_secs(7) && waited < Duration::from_secs(20),
+        "removed {waited:?} after it left"
+    );
+    assert!(!runtime_holds(&node, &old));
+    assert!(runtime_holds(&node, &keep));
+    let status = node_image_status(&plane, "node-a");
+    assert_eq!(status["removals"][0]["reason"], "grace", "{status}");
+    assert!(status["unwanted"].is_null(), "{status}");
+    let metrics = http_get(node.metrics, "/metrics");
+    assert_eq!(
+        metric(
+            &metrics,
+            "coral_agent_removed_images_total{reason=\"grace\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    node.kill_agent();
 }

@@ -233,6 +233,18 @@ impl NodeAgent {
     }
 }
 
+/// The merge patch that makes a NodeImage's status `status`: lists it leaves out (empty) are
+/// cleared, not left as they were.
+pub fn status_patch(status: &NodeImageStatus) -> serde_json::Value {
+    let mut value = serde_json::to_value(status).unwrap_or_default();
+    if let Some(fields) = value.as_object_mut() {
+        for list in ["conditions", "images", "unwanted", "removals"] {
+            fields.entry(list).or_insert(serde_json::Value::Null);
+        }
+    }
+    json!({ "status": value })
+}
+
 fn own_node(nodes: &Store<Node>, name: &str) -> Option<Arc<Node>> {
     nodes.state().into_iter().find(|n| n.name_any() == name)
 }
@@ -376,7 +388,7 @@ impl Recorder {
             .patch_status(
                 &self.node_name,
                 &PatchParams::default(),
-                &Patch::Merge(json!({ "status": status })),
+                &Patch::Merge(status_patch(&status)),
             )
             .await
             .map(drop);

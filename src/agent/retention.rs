@@ -202,6 +202,7 @@ impl Retention {
             .map(|u| UnwantedImage {
                 image: u.reference.to_string(),
                 since: time(u.since),
+                digest: u.digest.clone(),
                 size_bytes: i64::try_from(u.size).ok(),
                 kept: u.kept.clone(),
             })
@@ -332,7 +333,7 @@ mod tests {
     fn a_restart_keeps_when_images_became_unwanted_and_the_latest_removals() {
         let mut retention = Retention::default();
         retention.left(reference("a:1"), 10, Some("sha256:a".into()), at(0));
-        retention.left(reference("b:1"), 20, None, at(5));
+        retention.left(reference("b:1"), 20, Some("sha256:b".into()), at(5));
         let gone = retention.forget(&reference("a:1")).unwrap();
         for _ in 0..MAX_REMOVALS + 3 {
             retention.removed(&gone, RemovalReason::Grace, at(7));

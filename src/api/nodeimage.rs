@@ -95,6 +95,9 @@ pub struct UnwantedImage {
     pub image: String,
     /// When the last ImageSet stopped wanting it.
     pub since: Time,
+    /// Digest it is held under, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
     /// Size in bytes, as the runtime reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<i64>,

@@ -244,6 +244,8 @@ async fn agent_watches_image_sets_and_its_node_and_writes_exact_records() {
                 {"image": "docker.io/library/nginx:1.27", "label": label_key_nginx, "state": "pulling", "attempts": 0},
                 {"image": "docker.io/library/redis:7", "label": label_key_redis, "state": "pulling", "attempts": 0},
             ],
+            // Lists with nothing to say are cleared, not left as they were.
+            "unwanted": null, "removals": null,
         }})
     );
     status
