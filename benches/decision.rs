@@ -142,12 +142,13 @@ fn main() {
     let before =
         Evaluator::new(&before, data.clone(), EvaluatorOptions::default()).expect("evaluator");
     let no_nodes = Placement::default();
-    // The same policies without mirror.rego, to tell the mirror injection's cost (its rules
-    // run, and fail early, on every decision) from placement's.
+    // The same policies without mirror.rego and pin.rego (which builds on it), to tell the
+    // cost of the mirror and pin injections (their rules run, and fail early, on every
+    // decision) from placement's.
     let mut unmirrored = set.clone();
     unmirrored
         .files
-        .retain(|f| !f.name.ends_with("/mirror.rego"));
+        .retain(|f| !f.name.ends_with("/mirror.rego") && !f.name.ends_with("/pin.rego"));
     assert!(
         unmirrored.files.len() < set.files.len() || std::env::var("CORAL_BENCH_POLICIES").is_ok()
     );
@@ -255,18 +256,21 @@ fn main() {
         "decision (Deployment, 3 containers, its own nodeSelector, selectors + pull-policy), {samples} samples:"
     );
     println!("  with placement:    {}", with.line());
-    println!("  the same without mirror.rego: {}", without_mirror.line());
+    println!(
+        "  the same without mirror.rego and pin.rego: {}",
+        without_mirror.line()
+    );
     println!("  without placement: {}", without.line());
     println!(
         "  of which input.placement (Rust, per pass; two passes per decision): {}",
         rust_placement.line()
     );
     println!(
-        "  placement costs {:+.0} % on the median (both without mirror.rego)   target: at most +30 %",
+        "  placement costs {:+.0} % on the median (both without mirror.rego and pin.rego)   target: at most +30 %",
         (without_mirror.at(0.5) / without.at(0.5) - 1.0) * 100.0
     );
     println!(
-        "  mirror.rego costs {:+.0} % on the median (not asked for here: its rules fail early)",
+        "  mirror.rego and pin.rego cost {:+.0} % on the median (not asked for here: their rules fail early)",
         (with.at(0.5) / without_mirror.at(0.5) - 1.0) * 100.0
     );
 
