@@ -337,15 +337,30 @@ impl Engine {
         }
     }
 
+    /// The credentials to pull a wanted image with.
+    fn keyring_of(&self, image: &ImageReference) -> Arc<Keyring> {
+        self.tracker()
+            .get(image)
+            .map(|record| record.keyring.clone())
+            .unwrap_or_default()
+    }
+
+    /// What the runtime holds of an image now, when it says.
+    async fn held_now(&self, image: &ImageReference) -> Option<super::tracker::Held> {
+        match self.cri.image_status(&image.to_string()).await {
+            Ok(found) => found.map(|found| held(&found, image)),
+            Err(error) => {
+                self.cri_error(&error);
+                None
+            }
+        }
+    }
+
     async fn pull(self: Arc<Self>, image: ImageReference) {
         let Ok(_permit) = self.pulls.acquire().await else {
             return;
         };
-        let keyring = self
-            .tracker()
-            .get(&image)
-            .map(|record| record.keyring.clone())
-            .unwrap_or_default();
+        let keyring = self.keyring_of(&image);
         let started = Instant::now();
         let via = self
             .mirrors
@@ -375,13 +390,7 @@ impl Engine {
         let result = pull_with(&self.cri, &image, &keyring.lookup(&image)).await;
         match result {
             Ok(()) => {
-                let held = match self.cri.image_status(&image.to_string()).await {
-                    Ok(found) => found.map(|found| held(&found, &image)),
-                    Err(error) => {
-                        self.cri_error(&error);
-                        None
-                    }
-                };
+                let held = self.held_now(&image).await;
                 let seconds = started.elapsed().as_secs_f64();
                 self.metrics.pulls.with_label_values(&["success"]).inc();
                 self.metrics.pull_seconds.observe(seconds);
@@ -513,23 +522,13 @@ impl Engine {
         let Ok(_permit) = self.pulls.acquire().await else {
             return;
         };
-        let keyring = self
-            .tracker()
-            .get(&image)
-            .map(|record| record.keyring.clone())
-            .unwrap_or_default();
+        let keyring = self.keyring_of(&image);
         let before = self
             .tracker()
             .get(&image)
             .and_then(|r| r.held.as_ref().and_then(|h| h.digest.clone()));
         let held = match pull_with(&self.cri, &image, &keyring.lookup(&image)).await {
-            Ok(()) => match self.cri.image_status(&image.to_string()).await {
-                Ok(found) => found.map(|found| held(&found, &image)),
-                Err(error) => {
-                    self.cri_error(&error);
-                    None
-                }
-            },
+            Ok(()) => self.held_now(&image).await,
             Err(error) => {
                 self.cri_error(&error.cri);
                 warn!(%image, %error, "cannot resolve the tag again; keeping what the node holds");
