@@ -59,6 +59,7 @@ async fn through_engine(address: &str, images: &[String], concurrency: usize) ->
             retry: RetryPolicy::default(),
             resync: Duration::from_secs(60),
             image_fs_budget: None,
+            pin_images: false,
         },
         AgentMetrics::new(),
     );

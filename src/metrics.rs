@@ -201,6 +201,8 @@ pub struct AgentMetrics {
     pub unwanted_bytes: IntGauge,
     /// Tags resolved again under `spec.refresh`, by result (`unchanged`, `moved`, `failed`).
     pub refreshes: IntCounterVec,
+    /// Wanted images this agent pinned on containerd.
+    pub pinned_images: IntGauge,
     /// Writes to the API server by what (`node_labels`, `nodeimage`) and result.
     pub writes: IntCounterVec,
     /// Pulls of a mirror's copy before the source (`success`, `failure`: the source is
@@ -273,6 +275,11 @@ impl AgentMetrics {
                 "Tags resolved again under spec.refresh, by result.",
                 &["result"],
             ),
+            pinned_images: IntGauge::new(
+                "coral_agent_pinned_images",
+                "Wanted images this agent pinned on containerd, out of the kubelet's image garbage collection.",
+            )
+            .expect("valid metric definition"),
             writes: counter(
                 "coral_agent_api_writes_total",
                 "Writes to the API server by what and result.",
@@ -302,6 +309,7 @@ impl AgentMetrics {
             Box::new(metrics.unwanted_images.clone()),
             Box::new(metrics.unwanted_bytes.clone()),
             Box::new(metrics.refreshes.clone()),
+            Box::new(metrics.pinned_images.clone()),
             Box::new(metrics.writes.clone()),
             Box::new(metrics.mirror_pulls.clone()),
         ]
@@ -381,8 +389,10 @@ pub struct ControllerMetrics {
     /// Seconds one image's copy (or check) took, by registry.
     pub mirror_seconds: HistogramVec,
     /// Failed copies by registry and reason (`source`, `mirror`, `digest`, `invalid`,
-    /// `registry`: the Registry missing or unusable).
+    /// `registry`: the Registry missing or unusable; `delete`: a retired copy not deleted).
     pub mirror_failures: IntCounterVec,
+    /// Copies no ImageSet mirrors any more deleted from their Registry, by registry.
+    pub mirror_deleted: IntCounterVec,
     /// Images of mirroring ImageSets by state (`copying`, `mirrored`, `failed`).
     pub mirror_images: IntGaugeVec,
     /// 1 while a Registry's last probe answered, by registry.
@@ -453,8 +463,13 @@ impl ControllerMetrics {
             ),
             mirror_failures: counter(
                 "coral_mirror_failures_total",
-                "Failed copies by registry and reason (source, mirror, digest, invalid, registry).",
+                "Failed copies by registry and reason (source, mirror, digest, invalid, registry, delete).",
                 &["registry", "reason"],
+            ),
+            mirror_deleted: counter(
+                "coral_mirror_deleted_total",
+                "Copies no ImageSet mirrors any more deleted from their Registry, by registry.",
+                &["registry"],
             ),
             mirror_images: IntGaugeVec::new(
                 Opts::new(
@@ -484,6 +499,7 @@ impl ControllerMetrics {
             Box::new(metrics.mirror_blobs.clone()),
             Box::new(metrics.mirror_seconds.clone()),
             Box::new(metrics.mirror_failures.clone()),
+            Box::new(metrics.mirror_deleted.clone()),
             Box::new(metrics.mirror_images.clone()),
             Box::new(metrics.registry_reachable.clone()),
             Box::new(metrics.reconciles.clone()),

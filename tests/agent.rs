@@ -57,6 +57,7 @@ fn engine(containerd: &Containerd, retry: RetryPolicy) -> Arc<Engine> {
             retry,
             resync: Duration::from_millis(200),
             image_fs_budget: None,
+            pin_images: false,
         },
         AgentMetrics::new(),
     )
@@ -1121,5 +1122,108 @@ async fn spec_refresh_pulls_a_moved_tag_again_and_nothing_when_it_has_not_moved(
     let record = engine.snapshot().get(&reference(&app)).unwrap().clone();
     assert_eq!(record.state, ImageState::Available);
     assert_eq!(record.held.and_then(|h| h.digest), Some(moved));
+    runner.abort();
+}
+
+/// The labels containerd's own CLI shows for an image of the CRI's namespace.
+fn containerd_labels(containerd: &Containerd, image: &str) -> String {
+    let output = Command::new("ctr")
+        .args(["--address", &containerd.socket().display().to_string()])
+        .args(["--namespace", "k8s.io", "images", "ls"])
+        .output()
+        .expect("ctr runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(image))
+        .map(|line| {
+            line.split_whitespace()
+                .last()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether the CRI reports the image pinned.
+async fn cri_pinned(containerd: &Containerd, image: &str) -> bool {
+    let cri = Cri::new(&containerd.address()).unwrap();
+    k8s_cri::v1::image_service_client::ImageServiceClient::new(cri.channel())
+        .image_status(k8s_cri::v1::ImageStatusRequest {
+            image: Some(k8s_cri::v1::ImageSpec {
+                image: image.to_string(),
+                ..Default::default()
+            }),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+        .is_some_and(|i| i.pinned)
+}
+
+#[tokio::test]
+async fn wanted_images_are_pinned_on_containerd_and_unwanted_ones_released() {
+    let containerd = Containerd::start();
+    let registry = Registry::start(None);
+    let app = registry.push("shop/app", "1", "app");
+    let other = registry.push("shop/other", "1", "other");
+    let engine = Engine::new(
+        Cri::new(&containerd.address()).unwrap(),
+        EngineOptions {
+            max_concurrent_pulls: 2,
+            retry: fast_retry(3),
+            resync: Duration::from_millis(200),
+            image_fs_budget: None,
+            pin_images: true,
+        },
+        AgentMetrics::new(),
+    );
+    let keyring = Arc::new(Keyring::new());
+    engine.set_wanted([
+        (reference(&app), keyring.clone()),
+        (reference(&other), keyring.clone()),
+    ]);
+    let runner = tokio::spawn(engine.clone().run());
+    let pinned = "io.cri-containerd.pinned=pinned";
+    let deadline = Instant::now() + WAIT;
+    while !(containerd_labels(&containerd, &app).contains(pinned)
+        && containerd_labels(&containerd, &other).contains(pinned))
+    {
+        assert!(Instant::now() < deadline, "never pinned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&engine, "coral_agent_pinned_images"), 2.0);
+    // What this containerd makes of the label (1.7 and later report it to the kubelet).
+    let reported = cri_pinned(&containerd, &app).await;
+    println!("containerd reports the labelled image pinned over the CRI: {reported}");
+
+    // `other` is no longer wanted: it loses the label, `app` keeps it.
+    engine.set_wanted([(reference(&app), keyring.clone())]);
+    let deadline = Instant::now() + WAIT;
+    while containerd_labels(&containerd, &other).contains(pinned) {
+        assert!(Instant::now() < deadline, "never released");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(containerd_labels(&containerd, &app).contains(pinned));
+    assert_eq!(metric(&engine, "coral_agent_pinned_images"), 1.0);
+
+    // Removed behind the engine's back and pulled again: pinned again.
+    Cri::new(&containerd.address())
+        .unwrap()
+        .remove(&app)
+        .await
+        .unwrap();
+    wait_for(&engine, &app, "pulled again", |r| r.pulls == 2).await;
+    let deadline = Instant::now() + WAIT;
+    while !containerd_labels(&containerd, &app).contains(pinned) {
+        assert!(Instant::now() < deadline, "never pinned again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     runner.abort();
 }

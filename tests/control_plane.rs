@@ -2699,3 +2699,151 @@ fn the_agent_removes_an_unwanted_image_after_its_grace_period_across_a_restart()
     );
     node.kill_agent();
 }
+
+/// The digests of the layers of an image manifest.
+fn layer_digests(manifest: &[u8]) -> Vec<String> {
+    let manifest: Value = serde_json::from_slice(manifest).unwrap();
+    manifest["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["digest"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+#[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
+fn a_copy_no_imageset_mirrors_is_deleted_after_its_retention_unless_a_pod_runs_it() {
+    let plane = coral_control_plane(&[]);
+    let source = runtime::Registry::start(None);
+    let mut mirror = runtime::Registry::start(None);
+    let images: Vec<String> = ["kept", "running", "gone"]
+        .iter()
+        .map(|name| source.push(&format!("shop/{name}"), "1", name))
+        .collect();
+    let mirror_host = mirror.host();
+    let copy = |image: &str| {
+        format!(
+            "{mirror_host}/{}",
+            image.replace(&source.host(), &source.host().replace(':', "_"))
+        )
+    };
+    apply(
+        &plane,
+        &json!({
+            "apiVersion": "coral.dev/v1alpha1", "kind": "Registry",
+            "metadata": {"name": "local"}, "spec": {"endpoint": mirror.host()},
+        }),
+    );
+    let image_set = |images: &[String]| {
+        json!({
+            "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+            "metadata": {"name": "mirrored", "namespace": "shop"},
+            "spec": {"images": images, "mirror": {"registry": "local"},
+                     "nodeSelector": {"matchLabels": {"coral.dev/mirror-only": "true"}}},
+        })
+    };
+    apply(&plane, &image_set(&images));
+    let probe = free_address();
+    let flags = [
+        "--mirror-retention",
+        "3s",
+        "--registry-probe-interval",
+        "1s",
+        "--probe-listen",
+        &probe.to_string(),
+    ];
+    let _controller = start_controller_with(&plane, "controller-0", &flags);
+    wait_until("all three mirrored", Duration::from_secs(60), || {
+        let status = registry_object(&plane, "local")["status"].clone();
+        status["mirroredImages"] == 3 && status["mirroredBytes"].as_i64().is_some_and(|b| b > 0)
+    });
+    let bytes_of_three = registry_object(&plane, "local")["status"]["mirroredBytes"]
+        .as_i64()
+        .unwrap();
+    let gone_layers = layer_digests(&mirror.manifest(&copy(&images[2])));
+    let kept_layers = layer_digests(&mirror.manifest(&copy(&images[0])));
+
+    // A Pod (no kubelet here: it stays Pending, which counts as running) runs one copy.
+    apply(
+        &plane,
+        &json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "runner", "namespace": "shop"},
+            "spec": {"containers": [{"name": "app", "image": copy(&images[1])}]},
+        }),
+    );
+    // Two images leave the ImageSet: retired, then deleted once 3 s have passed, except the
+    // one the Pod runs.
+    apply(&plane, &image_set(&images[..1]));
+    wait_until("the unused copy deleted", Duration::from_secs(60), || {
+        !mirror.manifest_exists(&copy(&images[2]))
+    });
+    let status = registry_object(&plane, "local")["status"].clone();
+    assert!(mirror.manifest_exists(&copy(&images[0])), "{status}");
+    assert!(mirror.manifest_exists(&copy(&images[1])), "{status}");
+    wait_until("the kept copy says why", Duration::from_secs(30), || {
+        let status = registry_object(&plane, "local")["status"].clone();
+        status["retiring"].as_array().is_some_and(|r| {
+            r.len() == 1
+                && r[0]["reference"] == copy(&images[1])
+                && r[0]["kept"] == "Pod shop/runner runs it"
+        })
+    });
+    let status = registry_object(&plane, "local")["status"].clone();
+    assert_eq!(status["mirroredImages"], 1, "{status}");
+    assert!(
+        status["mirroredBytes"].as_i64().unwrap() < bytes_of_three,
+        "{status}"
+    );
+
+    // The Pod goes: so does its copy.
+    // (No kubelet confirms a graceful deletion here.)
+    plane.kubectl_ok(&[
+        "delete",
+        "pod",
+        "runner",
+        "-n",
+        "shop",
+        "--grace-period=0",
+        "--force",
+    ]);
+    wait_until(
+        "the copy the Pod ran deleted",
+        Duration::from_secs(60),
+        || !mirror.manifest_exists(&copy(&images[1])),
+    );
+    wait_until("nothing retiring", Duration::from_secs(30), || {
+        registry_object(&plane, "local")["status"]["retiring"].is_null()
+    });
+    let metrics = http_get(probe, "/metrics");
+    assert_eq!(
+        metric(&metrics, "coral_mirror_deleted_total{registry=\"local\"}"),
+        Some(2.0),
+        "{metrics}"
+    );
+
+    // The registry's own garbage collection, run while it does not serve (as the managed
+    // registry's init container does), frees the deleted images' layers and only those.
+    let gc = manifests("deploy/overlays/registry/registry.yaml")
+        .into_iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "coral-registry-gc")
+        .expect("the garbage collection's ConfigMap");
+    for layer in &gone_layers {
+        assert!(
+            mirror.blob_path(layer).exists(),
+            "{layer} is stored before the sweep"
+        );
+    }
+    let output = mirror.garbage_collect(gc["data"]["gc.yml"].as_str().unwrap());
+    for layer in &gone_layers {
+        assert!(
+            !mirror.blob_path(layer).exists(),
+            "{layer} stayed: {output}"
+        );
+    }
+    for layer in &kept_layers {
+        assert!(mirror.blob_path(layer).exists(), "{layer} went: {output}");
+    }
+    assert!(mirror.manifest_exists(&copy(&images[0])));
+}

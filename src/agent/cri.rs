@@ -119,6 +119,7 @@ impl From<k8s_cri::v1::Image> for RuntimeImage {
 pub struct Cri {
     images: ImageServiceClient<Channel>,
     runtime: RuntimeServiceClient<Channel>,
+    channel: Channel,
     socket: PathBuf,
 }
 
@@ -145,9 +146,15 @@ impl Cri {
             }));
         Ok(Self {
             images: ImageServiceClient::new(channel.clone()),
-            runtime: RuntimeServiceClient::new(channel),
+            runtime: RuntimeServiceClient::new(channel.clone()),
+            channel,
             socket,
         })
+    }
+
+    /// The channel to the runtime's socket (containerd serves more than the CRI on it).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// The runtime service, for calls the agent does not make itself (tests run pod

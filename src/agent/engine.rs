@@ -12,8 +12,10 @@ use tracing::{info, warn};
 
 use super::auth::{Credential, Keyring};
 use super::cri::{Cri, CriError, RuntimeImage, RuntimeVersion};
+use super::pin::{PinError, Pinner};
 use super::retention::{RemovalReason, RetentionPolicy};
 use super::tracker::{ImageRecord, Inventory, RetryPolicy, Tracker, held};
+use crate::api::ImageState;
 use crate::image::ImageReference;
 use crate::metrics::AgentMetrics;
 
@@ -27,6 +29,8 @@ pub struct EngineOptions {
     pub resync: Duration,
     /// No new pulls while the image filesystems use more than this many bytes.
     pub image_fs_budget: Option<u64>,
+    /// Pin wanted images on containerd, out of the kubelet's image garbage collection.
+    pub pin_images: bool,
 }
 
 impl Default for EngineOptions {
@@ -36,6 +40,7 @@ impl Default for EngineOptions {
             retry: RetryPolicy::default(),
             resync: Duration::from_secs(60),
             image_fs_budget: None,
+            pin_images: false,
         }
     }
 }
@@ -62,6 +67,17 @@ pub struct Engine {
     mirrors: Mutex<HashMap<ImageReference, ImageReference>>,
     /// How often wanted tags are resolved again (`spec.refresh`).
     refresh: Mutex<HashMap<ImageReference, Duration>>,
+    /// Pins wanted images on containerd; `None` when not asked, or the runtime cannot.
+    pinner: Mutex<Option<Pinner>>,
+    /// Images pinned, and unwanted images unpinned, by this engine (by name).
+    pins: Mutex<Pins>,
+}
+
+/// What the engine pinned and released.
+#[derive(Debug, Default)]
+struct Pins {
+    pinned: std::collections::HashSet<String>,
+    released: std::collections::HashSet<String>,
 }
 
 /// A removal of an unwanted image that did not happen.
@@ -85,6 +101,7 @@ impl std::fmt::Display for Kept {
 impl Engine {
     pub fn new(cri: Cri, options: EngineOptions, metrics: AgentMetrics) -> Arc<Self> {
         let (changes, _) = watch::channel(0);
+        let pinner = options.pin_images.then(|| Pinner::new(cri.channel()));
         Arc::new(Self {
             tracker: Mutex::new(Tracker::new(options.retry)),
             pulls: Semaphore::new(options.max_concurrent_pulls.max(1)),
@@ -98,6 +115,8 @@ impl Engine {
             metrics,
             mirrors: Mutex::new(HashMap::new()),
             refresh: Mutex::new(HashMap::new()),
+            pinner: Mutex::new(pinner),
+            pins: Mutex::new(Pins::default()),
         })
     }
 
@@ -298,6 +317,7 @@ impl Engine {
             if observed.changed || !due.is_empty() {
                 self.changed();
             }
+            self.sync_pins().await;
             for image in due {
                 tokio::spawn(self.clone().pull(image));
             }
@@ -552,6 +572,84 @@ impl Engine {
         }
         self.changed();
         self.wake.notify_one();
+    }
+
+    /// Pins the available wanted images not pinned yet and releases the unwanted ones, on a
+    /// runtime with containerd's images service. An image pulled again (it vanished) is
+    /// pinned again; after a restart every image is pinned or released once more.
+    async fn sync_pins(&self) {
+        let Some(pinner) = self
+            .pinner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        else {
+            return;
+        };
+        let (pin, release) = {
+            let tracker = self.tracker();
+            let mut pins = self.pins.lock().unwrap_or_else(PoisonError::into_inner);
+            let available: std::collections::HashSet<String> = tracker
+                .records()
+                .filter(|r| r.state == ImageState::Available && r.held.is_some())
+                .map(|r| r.reference.to_string())
+                .collect();
+            let unwanted: std::collections::HashSet<String> = tracker
+                .retention()
+                .unwanted()
+                .map(|u| u.reference.to_string())
+                .collect();
+            pins.pinned.retain(|name| available.contains(name));
+            pins.released.retain(|name| unwanted.contains(name));
+            let pin: Vec<String> = available
+                .iter()
+                .filter(|name| !pins.pinned.contains(*name))
+                .cloned()
+                .collect();
+            let release: Vec<String> = unwanted
+                .iter()
+                .filter(|name| !pins.released.contains(*name))
+                .cloned()
+                .collect();
+            (pin, release)
+        };
+        for (names, pinned) in [(pin, true), (release, false)] {
+            for name in names {
+                match pinner.set(&name, pinned).await {
+                    Ok(()) | Err(PinError::NotFound) => {
+                        let mut pins = self.pins.lock().unwrap_or_else(PoisonError::into_inner);
+                        if pinned {
+                            pins.pinned.insert(name);
+                        } else {
+                            pins.released.insert(name);
+                        }
+                    }
+                    Err(PinError::Unsupported) => {
+                        info!(
+                            "the runtime has no containerd images service: images are not pinned against the kubelet's image garbage collection"
+                        );
+                        *self.pinner.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                        return;
+                    }
+                    Err(error) => {
+                        self.metrics
+                            .cri_errors
+                            .with_label_values(&["Images.Update", "failed"])
+                            .inc();
+                        warn!(image = %name, pinned, %error, "cannot change the image's pinned label; trying again on the next resync");
+                    }
+                }
+            }
+        }
+        let count = self
+            .pins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pinned
+            .len();
+        self.metrics
+            .pinned_images
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Takes up the unwanted images and removals a NodeImage recorded.

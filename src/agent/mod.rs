@@ -5,6 +5,7 @@ pub mod auth;
 pub mod cri;
 pub mod engine;
 pub mod node;
+pub mod pin;
 pub mod prefetch;
 pub mod record;
 pub mod retention;

@@ -232,6 +232,10 @@ pub struct ImageMirrorStatus {
     /// When the source was last compared with the mirror.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checked: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Size of the copy, as its manifests give it (config and layers of every platform
+    /// copied), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
     /// The last failure, kept while a mirrored copy stays usable (a source that is down).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,

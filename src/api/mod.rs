@@ -14,7 +14,7 @@ pub use nodeimage::{
     ImageRemoval, ImageState, NodeImage, NodeImageEntry, NodeImageSpec, NodeImageStatus,
     UnwantedImage,
 };
-pub use registry::{Registry, RegistrySpec, RegistryStatus, RegistryTls, SecretKey};
+pub use registry::{Registry, RegistrySpec, RegistryStatus, RegistryTls, RetiringCopy, SecretKey};
 
 /// API group of Coral's resources.
 pub const GROUP: &str = "coral.dev";

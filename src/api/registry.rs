@@ -1,6 +1,6 @@
 //! `Registry`: an internal registry Coral mirrors images into, and pods may pull them from.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -142,4 +142,29 @@ pub struct RegistryStatus {
     /// Images that ImageSets mirror into this registry and that it holds.
     #[serde(default)]
     pub mirrored_images: i32,
+
+    /// Size of those images, as their manifests give it (config and layers of every platform
+    /// copied; a layer several images share counts once per image), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirrored_bytes: Option<i64>,
+
+    /// Copies no ImageSet mirrors any more, deleted from the registry once the controller's
+    /// `--mirror-retention` has passed since and no Pod runs them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retiring: Vec<RetiringCopy>,
+}
+
+/// A copy in a registry that no ImageSet mirrors any more.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetiringCopy {
+    /// The mirror reference.
+    pub reference: String,
+    /// The digest the registry serves under it, which is deleted.
+    pub digest: String,
+    /// When the last ImageSet stopped mirroring it.
+    pub since: Time,
+    /// Why it is still there after its retention period: a Pod runs it, or deleting failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<String>,
 }

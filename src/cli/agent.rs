@@ -60,6 +60,7 @@ impl PullArgs {
             },
             resync,
             image_fs_budget: self.image_fs_budget,
+            pin_images: false,
         }
     }
 }
@@ -188,6 +189,12 @@ pub struct AgentArgs {
     /// for it, as pods pull), then from the source, which then only sends its manifest.
     #[arg(long, env = "CORAL_SKIP_MIRROR")]
     skip_mirror: bool,
+    /// Leave the images unpinned. By default each wanted image is labelled
+    /// `io.cri-containerd.pinned=pinned` through containerd's images service (containerd 1.7
+    /// and later then report it pinned, and the kubelet's image garbage collection skips it);
+    /// unwanted images lose the label. A runtime without that service (CRI-O) is left alone.
+    #[arg(long, env = "CORAL_SKIP_PIN")]
+    skip_pin: bool,
     /// Plain-HTTP address of /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:8080", env = "CORAL_PROBE_LISTEN")]
     probe_listen: std::net::SocketAddr,
@@ -231,7 +238,10 @@ pub fn run_agent(args: AgentArgs) -> Result<ExitCode> {
         node_name: args.node_name,
         coral_namespace: args.coral_namespace,
         cri_socket: args.pull.cri_socket.clone(),
-        engine: args.pull.engine_options(args.resync),
+        engine: EngineOptions {
+            pin_images: !args.skip_pin,
+            ..args.pull.engine_options(args.resync)
+        },
         retention,
         pull_through_mirror: !args.skip_mirror,
         probe_listen: args.probe_listen,

@@ -78,6 +78,13 @@ pub struct ControllerArgs {
     /// `Reachable` condition.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, env = "CORAL_REGISTRY_PROBE_INTERVAL")]
     registry_probe_interval: Duration,
+    /// How long a copy that no ImageSet mirrors any more stays in its Registry before it is
+    /// deleted (its manifest, through the registry API; never while a Pod runs it).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration, env = "CORAL_MIRROR_RETENTION")]
+    mirror_retention: Duration,
+    /// Never delete copies from Registries.
+    #[arg(long, env = "CORAL_MIRROR_KEEP_UNWANTED")]
+    mirror_keep_unwanted: bool,
 }
 
 pub fn run_controller(args: ControllerArgs) -> Result<ExitCode> {
@@ -101,6 +108,7 @@ pub fn run_controller(args: ControllerArgs) -> Result<ExitCode> {
             concurrency: usize::from(args.mirror_concurrency),
             recheck: args.mirror_recheck.max(Duration::from_secs(1)),
             probe_every: args.registry_probe_interval.max(Duration::from_secs(1)),
+            retention: (!args.mirror_keep_unwanted).then_some(args.mirror_retention),
         },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -24,6 +24,7 @@ use super::secrets::copy_name;
 use crate::agent::auth::Keyring;
 use crate::api::{
     ImageMirrorStatus, ImageSet, ImageSetStatus, MirrorState, Registry, RegistryStatus,
+    RetiringCopy,
 };
 use crate::metrics::ControllerMetrics;
 use crate::mirror::book::{self, Attempt, Book, Destination, Wanted};
@@ -124,6 +125,8 @@ pub struct MirrorOptions {
     pub recheck: Duration,
     /// How often every Registry is probed.
     pub probe_every: Duration,
+    /// How long a copy no ImageSet mirrors any more stays in its Registry; `None`: for ever.
+    pub retention: Option<Duration>,
 }
 
 /// The last probe of one Registry.
@@ -207,10 +210,16 @@ impl Mirroring {
                 for set in &sets {
                     book.seed(set, now);
                 }
+                for registry in registries.state() {
+                    if let Some(status) = &registry.status {
+                        book.seed_retired(&registry.name_any(), &status.retiring);
+                    }
+                }
                 seeded = true;
             }
             if probed.is_none_or(|at| now.duration_since(at) >= self.options.probe_every) {
                 probed = Some(now);
+                self.delete_retired(&registries, &leading).await;
                 self.probe_all(&registries, &leading).await;
             }
             let wanted: Vec<Wanted> = sets
@@ -231,6 +240,8 @@ impl Mirroring {
                 .collect();
             let due = {
                 let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
+                book.retire(&wanted, &Time(Timestamp::now()));
+                book.keep_retired_of(&targets.keys().cloned().collect());
                 let due = book.due(&wanted, &targets, Instant::now());
                 self.observe_states(&book);
                 due
@@ -480,6 +491,125 @@ impl Mirroring {
         })
     }
 
+    /// Deletes from their Registries the retired copies past the retention period that no Pod
+    /// runs (a Pod that does keeps its copy, and the Registry's status says so).
+    async fn delete_retired(&self, registries: &Store<Registry>, leading: &AtomicBool) {
+        let Some(retention) = self.options.retention else {
+            return;
+        };
+        let due = self
+            .book
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retired_due(retention, std::time::SystemTime::now());
+        if due.is_empty() {
+            return;
+        }
+        let running = match self.pod_images().await {
+            Ok(running) => running,
+            Err(error) => {
+                warn!(%error, "cannot list the Pods; no retired copy is deleted until they can be listed");
+                return;
+            }
+        };
+        for (name, copy) in due {
+            if !leading.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Some((pod, _)) = running.iter().find(|(_, image)| runs_copy(image, &copy)) {
+                self.book
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .set_retired_kept(&name, &copy.reference, Some(format!("Pod {pod} runs it")));
+                continue;
+            }
+            let Some(registry) = registries.get(&ObjectRef::new(&name)) else {
+                continue;
+            };
+            let result = match self.access(&registry).await {
+                Ok(access) => {
+                    let named = access.destination.target.to_string();
+                    match self.copier(access, None) {
+                        Ok((copier, push)) => {
+                            // Named by the endpoint, deleted through the push endpoint.
+                            let pushed = copy
+                                .reference
+                                .strip_prefix(&named)
+                                .map(|rest| format!("{push}{rest}"))
+                                .unwrap_or_else(|| copy.reference.clone());
+                            match crate::image::ImageReference::parse(&pushed) {
+                                Ok(reference) => copier.delete(&reference, &copy.digest).await,
+                                Err(error) => Err(format!("{pushed}: {error}")),
+                            }
+                        }
+                        Err(error) => Err(error),
+                    }
+                }
+                Err(error) => Err(error),
+            };
+            let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
+            match result {
+                Ok(found) => {
+                    book.forget_retired(&name, &copy.reference);
+                    self.metrics
+                        .mirror_deleted
+                        .with_label_values(&[&name])
+                        .inc();
+                    info!(registry = %name, reference = %copy.reference, digest = %copy.digest, found, "deleted a copy no ImageSet mirrors");
+                }
+                Err(error) => {
+                    warn!(registry = %name, reference = %copy.reference, %error, "cannot delete a retired copy; trying again later");
+                    self.metrics
+                        .mirror_failures
+                        .with_label_values(&[&name, "delete"])
+                        .inc();
+                    book.set_retired_kept(&name, &copy.reference, Some(error));
+                }
+            }
+        }
+    }
+
+    /// `(namespace/name, image)` of every container of every Pod not yet finished.
+    async fn pod_images(&self) -> Result<Vec<(String, String)>, kube::Error> {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(self.client.clone());
+        let mut params = kube::api::ListParams::default()
+            .fields("status.phase!=Succeeded,status.phase!=Failed")
+            .limit(500);
+        let mut images = Vec::new();
+        loop {
+            let page = pods.list(&params).await?;
+            for pod in &page.items {
+                let name = format!(
+                    "{}/{}",
+                    pod.metadata.namespace.as_deref().unwrap_or_default(),
+                    pod.metadata.name.as_deref().unwrap_or_default()
+                );
+                let Some(spec) = &pod.spec else {
+                    continue;
+                };
+                let containers = spec
+                    .containers
+                    .iter()
+                    .chain(spec.init_containers.iter().flatten())
+                    .filter_map(|c| c.image.clone());
+                let ephemeral = spec
+                    .ephemeral_containers
+                    .iter()
+                    .flatten()
+                    .filter_map(|c| c.image.clone());
+                images.extend(
+                    containers
+                        .chain(ephemeral)
+                        .map(|image| (name.clone(), image)),
+                );
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => return Ok(images),
+            }
+        }
+    }
+
     /// Probes every Registry and writes the status of those whose picture changed.
     async fn probe_all(&self, registries: &Store<Registry>, leading: &AtomicBool) {
         for registry in registries.state() {
@@ -509,14 +639,17 @@ impl Mirroring {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(name.clone());
-            let mirrored = self
-                .book
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .mirrored_in(&name);
+            let held = {
+                let book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
+                Held {
+                    images: book.mirrored_in(&name),
+                    bytes: book.mirrored_bytes_in(&name),
+                    retiring: book.retiring_in(&name),
+                }
+            };
             let status = registry_status(
                 &health,
-                mirrored,
+                held,
                 registry.status.as_ref(),
                 &Time(Timestamp::now()),
             );
@@ -526,7 +659,7 @@ impl Mirroring {
                     .patch_status(
                         &name,
                         &PatchParams::default(),
-                        &Patch::Merge(json!({ "status": status })),
+                        &Patch::Merge(registry_status_patch(&status)),
                     )
                     .await
                 {
@@ -549,11 +682,32 @@ impl Mirroring {
     }
 }
 
+/// What the worker knows a Registry holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Distinct mirror references it holds.
+    pub images: usize,
+    /// Their size, when every one is known.
+    pub bytes: Option<u64>,
+    pub retiring: Vec<RetiringCopy>,
+}
+
+/// The merge patch that makes a Registry's status `status`, clearing what it leaves out.
+fn registry_status_patch(status: &RegistryStatus) -> serde_json::Value {
+    let mut value = serde_json::to_value(status).unwrap_or_default();
+    if let Some(fields) = value.as_object_mut() {
+        for field in ["lastError", "mirroredBytes", "retiring"] {
+            fields.entry(field).or_insert(serde_json::Value::Null);
+        }
+    }
+    json!({ "status": value })
+}
+
 /// A Registry's status after a probe; the condition keeps its transition time while its
 /// status stays.
 pub fn registry_status(
     health: &Health,
-    mirrored: usize,
+    held: Held,
     previous: Option<&RegistryStatus>,
     now: &Time,
 ) -> RegistryStatus {
@@ -573,8 +727,24 @@ pub fn registry_status(
             now,
         )],
         last_error: health.error.clone(),
-        mirrored_images: i32::try_from(mirrored).unwrap_or(i32::MAX),
+        mirrored_images: i32::try_from(held.images).unwrap_or(i32::MAX),
+        mirrored_bytes: held.bytes.and_then(|b| i64::try_from(b).ok()),
+        retiring: held.retiring,
     }
+}
+
+/// Whether a container image (as a Pod names it) runs the mirror reference `copy` (by its
+/// tag, or by the digest it serves).
+pub fn runs_copy(image: &str, copy: &RetiringCopy) -> bool {
+    let (Ok(image), Ok(reference)) = (
+        crate::image::ImageReference::parse(image),
+        crate::image::ImageReference::parse(&copy.reference),
+    ) else {
+        return false;
+    };
+    image.name() == reference.name()
+        && (image.digest() == Some(copy.digest.as_str())
+            || (image.digest().is_none() && image.tag() == reference.tag()))
 }
 
 #[cfg(test)]
@@ -707,20 +877,28 @@ mod tests {
                 generation: Some(1),
                 error: None,
             },
-            2,
+            Held {
+                images: 2,
+                bytes: Some(300),
+                retiring: Vec::new(),
+            },
             None,
             &now(),
         );
         assert_eq!(
-            (up.conditions[0].status.as_str(), up.mirrored_images),
-            ("True", 2)
+            (
+                up.conditions[0].status.as_str(),
+                up.mirrored_images,
+                up.mirrored_bytes
+            ),
+            ("True", 2, Some(300))
         );
         let down = registry_status(
             &Health {
                 generation: Some(1),
                 error: Some("GET http://localhost:5000/v2/: connection refused".into()),
             },
-            2,
+            Held::default(),
             Some(&up),
             &now(),
         );
@@ -730,5 +908,48 @@ mod tests {
             down.last_error.as_deref(),
             Some("GET http://localhost:5000/v2/: connection refused")
         );
+        // What it leaves out, the merge patch clears.
+        let patch = registry_status_patch(&down);
+        assert!(patch["status"]["mirroredBytes"].is_null());
+        assert!(patch["status"]["retiring"].is_null());
+    }
+
+    #[test]
+    fn a_pod_runs_a_copy_by_its_tag_or_the_digest_it_serves() {
+        let copy = RetiringCopy {
+            reference: "localhost:5000/docker.io/library/nginx:1.27".into(),
+            digest: format!("sha256:{}", "a".repeat(64)),
+            since: now(),
+            kept: None,
+        };
+        let digest = &copy.digest;
+        assert!(runs_copy(
+            "localhost:5000/docker.io/library/nginx:1.27",
+            &copy
+        ));
+        assert!(runs_copy(
+            &format!("localhost:5000/docker.io/library/nginx:1.27@{digest}"),
+            &copy
+        ));
+        assert!(runs_copy(
+            &format!("localhost:5000/docker.io/library/nginx@{digest}"),
+            &copy
+        ));
+        assert!(!runs_copy(
+            "localhost:5000/docker.io/library/nginx:1.28",
+            &copy
+        ));
+        assert!(
+            !runs_copy("nginx:1.27", &copy),
+            "the source is not the copy"
+        );
+        assert!(!runs_copy(
+            &format!(
+                "localhost:5000/docker.io/library/nginx:1.27@sha256:{}",
+                "b".repeat(64)
+            ),
+            &copy
+        ));
+        assert!(!runs_copy("not a reference", &copy));
     }
 }

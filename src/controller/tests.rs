@@ -43,6 +43,7 @@ fn options() -> ControllerOptions {
             concurrency: 2,
             recheck: Duration::from_secs(600),
             probe_every: Duration::from_secs(30),
+            retention: None,
         },
     }
 }

@@ -11,7 +11,7 @@ use kube::ResourceExt;
 
 use super::copy::{Copied, MirrorError};
 use super::plan::{MirrorTarget, Platform, mirror_reference};
-use crate::api::{ImageMirrorStatus, ImageSet, MirrorState, Registry};
+use crate::api::{ImageMirrorStatus, ImageSet, MirrorState, Registry, RetiringCopy};
 use crate::image::ImageReference;
 
 /// The longest wait between two attempts at a failing copy.
@@ -204,6 +204,8 @@ pub struct Book {
     entries: BTreeMap<ImageKey, Entry>,
     /// How often a mirrored image's source tag is compared with the mirror.
     recheck: Duration,
+    /// Copies no ImageSet mirrors any more, by Registry and mirror reference.
+    retired: BTreeMap<(String, String), RetiringCopy>,
 }
 
 impl Book {
@@ -211,6 +213,7 @@ impl Book {
         Self {
             entries: BTreeMap::new(),
             recheck,
+            retired: BTreeMap::new(),
         }
     }
 
@@ -313,6 +316,7 @@ impl Book {
                 due.push(want.clone());
             }
         }
+        self.unretire_held();
         due
     }
 
@@ -338,6 +342,9 @@ impl Book {
                 entry.status.reference = copied.mirror.to_string();
                 entry.status.source_digest = Some(copied.source_digest.clone());
                 entry.status.digest = Some(copied.mirror_digest.clone());
+                if let Some(size) = copied.size_bytes {
+                    entry.status.size_bytes = i64::try_from(size).ok();
+                }
                 entry.status.last_error = None;
                 entry.due = Some(now + entry.refresh.unwrap_or(self.recheck));
             }
@@ -383,6 +390,138 @@ impl Book {
             .map(|e| &e.status.reference)
             .collect::<BTreeSet<_>>()
             .len()
+    }
+
+    /// The size of the distinct mirror references `registry` holds, when every one is known.
+    pub fn mirrored_bytes_in(&self, registry: &str) -> Option<u64> {
+        let sizes: BTreeMap<&String, Option<i64>> = self
+            .entries
+            .values()
+            .filter(|e| e.registry == registry && e.status.state == MirrorState::Mirrored)
+            .map(|e| (&e.status.reference, e.status.size_bytes))
+            .collect();
+        sizes
+            .values()
+            .map(|size| size.and_then(|s| u64::try_from(s).ok()))
+            .sum()
+    }
+
+    /// Moves the mirrored copies no ImageSet wants any more (given what is wanted now) to the
+    /// retired ones, as of `wall`. Call it before [`Book::due`], which forgets the entries no
+    /// longer wanted, and takes a copy wanted again out of the retired ones.
+    pub fn retire(&mut self, wanted: &[Wanted], wall: &Time) {
+        let by_key: BTreeMap<&ImageKey, &Wanted> = wanted.iter().map(|w| (&w.key, w)).collect();
+        for (key, entry) in &self.entries {
+            let stays = by_key
+                .get(key)
+                .is_some_and(|want| want.registry == entry.registry);
+            if stays || entry.status.state != MirrorState::Mirrored {
+                continue;
+            }
+            let Some(digest) = entry.status.digest.clone() else {
+                continue;
+            };
+            self.retired
+                .entry((entry.registry.clone(), entry.status.reference.clone()))
+                .or_insert_with(|| RetiringCopy {
+                    reference: entry.status.reference.clone(),
+                    digest,
+                    since: wall.clone(),
+                    kept: None,
+                });
+        }
+    }
+
+    /// Retired copies that are (again) the copy of a wanted image are not retired.
+    fn unretire_held(&mut self) {
+        let held: BTreeSet<(&String, &String)> = self
+            .entries
+            .values()
+            .map(|entry| (&entry.registry, &entry.status.reference))
+            .collect();
+        self.retired
+            .retain(|(registry, reference), _| !held.contains(&(registry, reference)));
+    }
+
+    /// Takes up the retiring copies a Registry's status records (after a restart, or a new
+    /// leader): they keep the time they were retired.
+    pub fn seed_retired(&mut self, registry: &str, copies: &[RetiringCopy]) {
+        for copy in copies {
+            self.retired
+                .entry((registry.to_string(), copy.reference.clone()))
+                .or_insert_with(|| copy.clone());
+        }
+    }
+
+    /// The retired copies of `registry`, for its status.
+    pub fn retiring_in(&self, registry: &str) -> Vec<RetiringCopy> {
+        self.retired
+            .iter()
+            .filter(|((r, _), _)| r == registry)
+            .map(|(_, copy)| copy.clone())
+            .collect()
+    }
+
+    /// The retired copies past `retention` at `now`, as `(registry, copy)`. A copy whose
+    /// digest a wanted copy in the same repository serves too stays (deleting a manifest
+    /// deletes it under every tag), with the reason.
+    pub fn retired_due(
+        &mut self,
+        retention: Duration,
+        now: std::time::SystemTime,
+    ) -> Vec<(String, RetiringCopy)> {
+        let served: BTreeSet<(String, String, String)> = self
+            .entries
+            .values()
+            .filter(|e| e.status.state == MirrorState::Mirrored)
+            .filter_map(|e| {
+                let reference = ImageReference::parse(&e.status.reference).ok()?;
+                Some((
+                    e.registry.clone(),
+                    reference.name(),
+                    e.status.digest.clone()?,
+                ))
+            })
+            .collect();
+        let mut due = Vec::new();
+        for ((registry, _), copy) in &mut self.retired {
+            let since = std::time::SystemTime::from(copy.since.0);
+            if now.duration_since(since).unwrap_or_default() < retention {
+                continue;
+            }
+            let name = ImageReference::parse(&copy.reference)
+                .map(|r| r.name())
+                .unwrap_or_default();
+            if served.contains(&(registry.clone(), name, copy.digest.clone())) {
+                copy.kept =
+                    Some("a reference ImageSets still mirror serves the same digest".to_string());
+                continue;
+            }
+            due.push((registry.clone(), copy.clone()));
+        }
+        due
+    }
+
+    /// Records why a retired copy stays (`None`: it is being deleted).
+    pub fn set_retired_kept(&mut self, registry: &str, reference: &str, why: Option<String>) {
+        if let Some(copy) = self
+            .retired
+            .get_mut(&(registry.to_string(), reference.to_string()))
+        {
+            copy.kept = why;
+        }
+    }
+
+    /// Forgets a retired copy (deleted, or its Registry gone).
+    pub fn forget_retired(&mut self, registry: &str, reference: &str) {
+        self.retired
+            .remove(&(registry.to_string(), reference.to_string()));
+    }
+
+    /// Forgets the retired copies of Registries that are gone.
+    pub fn keep_retired_of(&mut self, registries: &BTreeSet<String>) {
+        self.retired
+            .retain(|(registry, _), _| registries.contains(registry));
     }
 
     /// Copies by state, for the metric.

@@ -90,6 +90,10 @@ pub struct Copied {
     pub blobs_copied: usize,
     pub blobs_skipped: usize,
     pub bytes_copied: u64,
+    /// Size of the image as its manifests give it (config and layers of every platform
+    /// copied, and the manifests); `None` for an index the mirror held already (its children
+    /// are not read again).
+    pub size_bytes: Option<u64>,
     pub took: Duration,
 }
 
@@ -305,6 +309,44 @@ impl Copier {
         Ok(response.status().is_success())
     }
 
+    /// Deletes the manifest `digest` of `reference`'s repository from its registry (`DELETE
+    /// /v2/<name>/manifests/<digest>`): what the registry's garbage collection then frees.
+    /// `Ok(false)` when the registry had no such manifest.
+    pub async fn delete(&self, reference: &ImageReference, digest: &str) -> Result<bool, String> {
+        let endpoint = reference.registry();
+        let scheme = if self.plain_http.iter().any(|r| r == endpoint) {
+            "http"
+        } else {
+            "https"
+        };
+        let url = format!(
+            "{scheme}://{endpoint}/v2/{}/manifests/{digest}",
+            reference.repository()
+        );
+        let auth = self.auth(reference);
+        let token = self
+            .client
+            .auth(&oci_reference(reference), &auth, RegistryOperation::Push)
+            .await
+            .map_err(|e| format!("DELETE {url}: the registry's token service refused: {e}"))?;
+        let mut request = self.http.delete(&url);
+        if let Some(header) = authorization(&auth, token) {
+            request = request.header(reqwest::header::AUTHORIZATION, header);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("DELETE {url}: {}", error_chain(&e)))?;
+        match response.status() {
+            status if status.is_success() => Ok(true),
+            reqwest::StatusCode::NOT_FOUND => Ok(false),
+            reqwest::StatusCode::METHOD_NOT_ALLOWED => Err(format!(
+                "DELETE {url}: 405: the registry does not allow deletes (distribution: storage.delete.enabled: true, or REGISTRY_STORAGE_DELETE_ENABLED=true)"
+            )),
+            _ => Err(refusal(&format!("DELETE {url}"), response).await.0),
+        }
+    }
+
     fn auth(&self, image: &ImageReference) -> RegistryAuth {
         match self.keyring.lookup(image).first() {
             Some(credential) if !credential.registry_token.is_empty() => {
@@ -373,6 +415,7 @@ impl Copier {
             blobs_copied: 0,
             blobs_skipped: 0,
             bytes_copied: 0,
+            size_bytes: None,
             took: Duration::ZERO,
         };
         // The mirror serves this very manifest under the reference already: nothing to do.
@@ -383,6 +426,12 @@ impl Copier {
             .is_ok_and(|digest| digest == top_digest)
         {
             copied.already = true;
+            // A single image's size is in the manifest at hand; an index's children are not
+            // read again for it.
+            if let Content::Image { .. } = top.content {
+                copied.size_bytes =
+                    Some(top.bytes.len() as u64 + top.blobs().iter().map(|b| b.size).sum::<u64>());
+            }
             copied.took = started.elapsed();
             return Ok(copied);
         }
@@ -407,9 +456,15 @@ impl Copier {
             None => Vec::new(),
         };
         let single = matches!(top.content, Content::Image { .. });
+        let mut size = top_bytes.len() as u64;
         for image in images.iter().chain(single.then_some(&top)) {
+            size += image.blobs().iter().map(|b| b.size).sum::<u64>();
+            if !single {
+                size += image.bytes.len() as u64;
+            }
             self.copy_blobs(image, &route, &mut copied).await?;
         }
+        copied.size_bytes = Some(size);
         // Children by digest, then the top manifest under the reference (tag last).
         for image in &images {
             self.push_manifest(

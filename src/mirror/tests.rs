@@ -247,7 +247,7 @@ fn uploads_authenticate_with_the_registry_token_or_the_credential() {
 }
 
 mod book {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::time::{Duration, Instant};
 
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -293,8 +293,96 @@ mod book {
             blobs_copied: 2,
             blobs_skipped: 0,
             bytes_copied: 10,
+            size_bytes: Some(100),
             took: Duration::from_millis(5),
         }))
+    }
+
+    fn wall_at(seconds: i64) -> Time {
+        Time(Timestamp::from_second(1_800_000_000 + seconds).expect("time"))
+    }
+
+    fn system_at(seconds: u64) -> std::time::SystemTime {
+        std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + seconds)
+    }
+
+    #[test]
+    fn a_copy_no_imageset_wants_retires_and_is_due_for_deletion_after_the_retention() {
+        let both = wanted(&set(&["nginx:1.27", "redis:7"], "local", &[])).expect("wanted");
+        let mut book = Book::new(RECHECK);
+        let start = Instant::now();
+        book.retire(&both, &wall_at(0));
+        for want in book.due(&both, &targets("localhost:5000"), start) {
+            book.finish(&want.key, &copied(&want, "sha256:1"), start, &wall(), 0.5);
+        }
+        assert_eq!(book.mirrored_bytes_in("local"), Some(200));
+        // A copy of a digest several tags of one repository share: redis gets its own.
+        let redis = both
+            .iter()
+            .find(|w| w.key.image.contains("redis"))
+            .expect("redis");
+        book.finish(&redis.key, &copied(redis, "sha256:2"), start, &wall(), 0.5);
+
+        // redis leaves the set: retired as of now, forgotten by the book's entries.
+        let nginx = wanted(&set(&["nginx:1.27"], "local", &[])).expect("wanted");
+        book.retire(&nginx, &wall_at(10));
+        assert!(
+            book.due(&nginx, &targets("localhost:5000"), start)
+                .is_empty()
+        );
+        let retiring = book.retiring_in("local");
+        assert_eq!(retiring.len(), 1);
+        assert_eq!(
+            retiring[0].reference,
+            "localhost:5000/docker.io/library/redis:7"
+        );
+        assert_eq!(retiring[0].digest, "sha256:2");
+        assert_eq!(book.mirrored_in("local"), 1);
+        assert_eq!(book.mirrored_bytes_in("local"), Some(100));
+
+        let retention = Duration::from_secs(60);
+        assert!(book.retired_due(retention, system_at(69)).is_empty());
+        let due = book.retired_due(retention, system_at(70));
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].0, "local");
+
+        // Wanted again before it went: no longer retired.
+        book.retire(&both, &wall_at(80));
+        book.due(&both, &targets("localhost:5000"), start);
+        assert!(book.retiring_in("local").is_empty());
+        book.retire(&nginx, &wall_at(90));
+        book.forget_retired("local", "localhost:5000/docker.io/library/redis:7");
+        assert!(book.retiring_in("local").is_empty());
+
+        // A restart takes up what the Registry's status recorded, with its time.
+        let mut restarted = Book::new(RECHECK);
+        restarted.seed_retired("local", &retiring);
+        assert_eq!(restarted.retiring_in("local"), retiring);
+        restarted.keep_retired_of(&BTreeSet::new());
+        assert!(restarted.retiring_in("local").is_empty());
+    }
+
+    #[test]
+    fn a_retired_digest_another_wanted_tag_serves_is_not_deleted() {
+        let both = wanted(&set(&["nginx:1.27", "nginx:1"], "local", &[])).expect("wanted");
+        let mut book = Book::new(RECHECK);
+        let start = Instant::now();
+        for want in book.due(&both, &targets("localhost:5000"), start) {
+            book.finish(&want.key, &copied(&want, "sha256:1"), start, &wall(), 0.5);
+        }
+        let one = wanted(&set(&["nginx:1"], "local", &[])).expect("wanted");
+        book.retire(&one, &wall_at(0));
+        book.due(&one, &targets("localhost:5000"), start);
+        assert!(
+            book.retired_due(Duration::ZERO, system_at(1)).is_empty(),
+            "deleting sha256:1 would delete nginx:1 too"
+        );
+        assert!(
+            book.retiring_in("local")[0]
+                .kept
+                .as_deref()
+                .is_some_and(|k| k.contains("serves the same digest"))
+        );
     }
 
     fn source_down() -> Attempt {

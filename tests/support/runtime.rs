@@ -270,7 +270,7 @@ impl Registry {
         let dir = tempfile::Builder::new().prefix("reg").tempdir().unwrap();
         let port = free_port();
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.path().join("data").display()
         );
         if let Some((certificate, key)) = tls {
@@ -310,6 +310,32 @@ impl Registry {
 
     pub fn stop(&mut self) {
         stop(&mut self.child);
+    }
+
+    /// The registry's own blob garbage collection, run while it is stopped (as the managed
+    /// registry's init container runs it before the registry serves), with the configuration
+    /// `config` where `/var/lib/registry` stands for this registry's storage: what it printed.
+    pub fn garbage_collect(&mut self, config: &str) -> String {
+        self.stop();
+        let file = self.dir.path().join("gc.yml");
+        let data = self.dir.path().join("data");
+        std::fs::write(
+            &file,
+            config.replace("/var/lib/registry", &data.display().to_string()),
+        )
+        .unwrap();
+        let output = Command::new("docker-registry")
+            .arg("garbage-collect")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "garbage-collect failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        self.resume();
+        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
     pub fn resume(&mut self) {
