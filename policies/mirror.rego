@@ -63,6 +63,7 @@ pinnable contains i if {
 
 # ...or one whose copy is ready (a copy that is not goes back to its source, unpinned).
 pinnable contains i if {
+	mirroring
 	some i in pin_candidates
 	source := data.coral.mirrors[input.containers[i].normalized]
 	data.coral.images[source].mirror.ready
@@ -73,6 +74,7 @@ pinnable contains i if {
 runs_copy contains i if some i in from_mirror
 
 runs_copy contains i if {
+	mirroring
 	some i in selected
 	source := data.coral.mirrors[input.containers[i].normalized]
 	data.coral.images[source].mirror.ready
@@ -82,6 +84,7 @@ runs_copy contains i if {
 # mirror serves. (Separate rules rather than one function with `else`, which the compiled VM
 # of regorus gets wrong here.)
 mirror_pinned contains i if {
+	inject_pin
 	some i in runs_copy
 	i in pinnable
 	is_string(mirror_of(input.containers[i]).digest)

@@ -10,9 +10,8 @@
 # from the mirror is pinned to the mirror reference and the digest the mirror serves.
 package coral.mutate
 
-# Containers to pin: selected, managed, usable, by tag only, with one agreed digest, and not
-# going back from a mirror that is not ready to their source (mirror.rego: `pinnable`).
-pinned := pinnable
+# Containers to pin (mirror.rego: `pinnable`): selected, managed, usable, by tag only, with
+# one agreed digest, and not going back from a mirror that is not ready to their source.
 
 # A pinned container that runs the mirror's copy gets its patch in mirror.rego (the mirror
 # reference by the digest the mirror serves); any other, its image as written by the agreed
@@ -22,7 +21,8 @@ patch contains {
 	"path": concat("", [input.containers[i].path, "/image"]),
 	"value": concat("", [input.containers[i].image, "@", data.coral.images[input.containers[i].key].digest]),
 } if {
-	some i in pinned
+	inject_pin
+	some i in pinnable
 	not i in runs_copy
 }
 
