@@ -245,11 +245,7 @@ impl Copier {
     /// under the target. The error says what failed.
     pub async fn probe(&self, target: &MirrorTarget) -> Result<(), String> {
         let endpoint = target.endpoint();
-        let scheme = if self.plain_http.iter().any(|r| r == endpoint) {
-            "http"
-        } else {
-            "https"
-        };
+        let scheme = self.scheme(endpoint);
         let probe = ImageReference::parse(&format!("{target}/coral-probe"))
             .map_err(|e| format!("the endpoint {target} does not make a reference: {e}"))?;
         let auth = self.auth(&probe);
@@ -294,11 +290,7 @@ impl Copier {
     /// tokens is trusted to check them for each repository.
     pub async fn serves_anonymously(&self, target: &MirrorTarget) -> Result<bool, String> {
         let endpoint = target.endpoint();
-        let scheme = if self.plain_http.iter().any(|r| r == endpoint) {
-            "http"
-        } else {
-            "https"
-        };
+        let scheme = self.scheme(endpoint);
         let url = format!("{scheme}://{endpoint}/v2/");
         let response = self
             .http
@@ -314,11 +306,7 @@ impl Copier {
     /// `Ok(false)` when the registry had no such manifest.
     pub async fn delete(&self, reference: &ImageReference, digest: &str) -> Result<bool, String> {
         let endpoint = reference.registry();
-        let scheme = if self.plain_http.iter().any(|r| r == endpoint) {
-            "http"
-        } else {
-            "https"
-        };
+        let scheme = self.scheme(endpoint);
         let url = format!(
             "{scheme}://{endpoint}/v2/{}/manifests/{digest}",
             reference.repository()
@@ -344,6 +332,15 @@ impl Copier {
                 "DELETE {url}: 405: the registry does not allow deletes (distribution: storage.delete.enabled: true, or REGISTRY_STORAGE_DELETE_ENABLED=true)"
             )),
             _ => Err(refusal(&format!("DELETE {url}"), response).await.0),
+        }
+    }
+
+    /// `http` for a registry spoken to over plain HTTP, else `https`.
+    fn scheme(&self, registry: &str) -> &'static str {
+        if self.plain_http.iter().any(|r| r == registry) {
+            "http"
+        } else {
+            "https"
         }
     }
 
@@ -631,11 +628,7 @@ impl Copier {
         S: futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Unpin + 'static,
     {
         let registry = to.resolve_registry();
-        let scheme = if self.plain_http.iter().any(|r| r == registry) {
-            "http"
-        } else {
-            "https"
-        };
+        let scheme = self.scheme(registry);
         let start = format!(
             "{scheme}://{registry}/v2/{}/blobs/uploads/",
             to.repository()
