@@ -10,12 +10,10 @@
 # from the mirror is pinned to the mirror reference and the digest the mirror serves.
 package coral.mutate
 
-# Containers to pin (mirror.rego: `pinnable`): selected, managed, usable, by tag only, with
-# one agreed digest, and not going back from a mirror that is not ready to their source.
-
-# A pinned container that runs the mirror's copy gets its patch in mirror.rego (the mirror
-# reference by the digest the mirror serves); any other, its image as written by the agreed
-# digest.
+# The containers to pin are mirror.rego's `pinnable`: selected, managed, usable, by tag only,
+# with one agreed digest, and not going back from a mirror that is not ready to their source.
+# One that runs the mirror's copy gets its patch in mirror.rego (the mirror reference by the
+# digest the mirror serves); any other, its image as written by the agreed digest.
 patch contains {
 	"op": "replace",
 	"path": concat("", [input.containers[i].path, "/image"]),
