@@ -2846,4 +2846,17 @@ fn a_copy_no_imageset_mirrors_is_deleted_after_its_retention_unless_a_pod_runs_i
         assert!(mirror.blob_path(layer).exists(), "{layer} went: {output}");
     }
     assert!(mirror.manifest_exists(&copy(&images[0])));
+
+    // The ImageSet itself is deleted: its last copy retires before its finalizer goes, and
+    // is deleted after the retention.
+    plane.kubectl_ok(&["delete", "imageset", "mirrored", "-n", "shop"]);
+    wait_until(
+        "the deleted set's copy deleted",
+        Duration::from_secs(60),
+        || !mirror.manifest_exists(&copy(&images[0])),
+    );
+    wait_until("nothing mirrored", Duration::from_secs(30), || {
+        let status = registry_object(&plane, "local")["status"].clone();
+        status["mirroredImages"] == 0 && status["retiring"].is_null()
+    });
 }

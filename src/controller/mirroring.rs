@@ -173,6 +173,18 @@ impl Mirroring {
         })
     }
 
+    /// Retires the mirrored copies of an ImageSet being deleted, from what its status says
+    /// (seeded first, should the worker not have read it yet).
+    pub fn retire_deleted(&self, set: &ImageSet) {
+        let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
+        book.seed(set, Instant::now());
+        book.retire_set(
+            &set.namespace().unwrap_or_default(),
+            &set.name_any(),
+            &Time(Timestamp::now()),
+        );
+    }
+
     /// The copies of one ImageSet, for its status.
     pub fn copies(&self, namespace: &str, name: &str) -> BTreeMap<String, ImageMirrorStatus> {
         self.book

@@ -389,6 +389,11 @@ async fn reconcile_all(
             // Leadership lost mid-pass: the new leader takes over from here.
             return;
         }
+        if set.metadata.deletion_timestamp.is_some() {
+            // Its copies are retired before its finalizer can go, so that a set deleted while
+            // no controller ran leaves nothing behind in the mirror.
+            watched.mirroring.retire_deleted(set);
+        }
         let namespace = set.metadata.namespace.clone().unwrap_or_default();
         let problems = Problems {
             secrets: set

@@ -411,11 +411,25 @@ impl Book {
     /// longer wanted, and takes a copy wanted again out of the retired ones.
     pub fn retire(&mut self, wanted: &[Wanted], wall: &Time) {
         let by_key: BTreeMap<&ImageKey, &Wanted> = wanted.iter().map(|w| (&w.key, w)).collect();
-        for (key, entry) in &self.entries {
-            let stays = by_key
+        self.retire_where(wall, |key, entry| {
+            by_key
                 .get(key)
-                .is_some_and(|want| want.registry == entry.registry);
-            if stays || entry.status.state != MirrorState::Mirrored {
+                .is_none_or(|want| want.registry != entry.registry)
+        });
+    }
+
+    /// Retires the mirrored copies of one ImageSet (being deleted), as of `wall`; the entries
+    /// go at the next [`Book::due`], which keeps a copy another ImageSet wants.
+    pub fn retire_set(&mut self, namespace: &str, name: &str, wall: &Time) {
+        self.retire_where(wall, |key, _| {
+            key.namespace == namespace && key.name == name
+        });
+    }
+
+    /// Retires, as of `wall`, the mirrored copies of the entries `gone` picks.
+    fn retire_where(&mut self, wall: &Time, gone: impl Fn(&ImageKey, &Entry) -> bool) {
+        for (key, entry) in &self.entries {
+            if !gone(key, entry) || entry.status.state != MirrorState::Mirrored {
                 continue;
             }
             let Some(digest) = entry.status.digest.clone() else {

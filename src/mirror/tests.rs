@@ -363,6 +363,35 @@ mod book {
     }
 
     #[test]
+    fn the_copies_of_a_set_being_deleted_retire_unless_another_set_holds_them() {
+        let mut deleted = set(&["nginx:1.27", "redis:7"], "local", &[]);
+        let mut other = set(&["nginx:1.27"], "local", &[]);
+        other.metadata.name = Some("other".into());
+        let mut book = Book::new(RECHECK);
+        let start = Instant::now();
+        let mut wanted_now: Vec<Wanted> = wanted(&deleted).expect("wanted");
+        wanted_now.extend(wanted(&other).expect("wanted"));
+        for want in book.due(&wanted_now, &targets("localhost:5000"), start) {
+            book.finish(&want.key, &copied(&want, "sha256:1"), start, &wall(), 0.5);
+        }
+        deleted.metadata.deletion_timestamp = Some(wall());
+        book.retire_set("team-a", "cache", &wall_at(0));
+        // The deleted set wants nothing; the other still holds nginx's copy.
+        let still: Vec<Wanted> = wanted(&deleted)
+            .expect("wanted")
+            .into_iter()
+            .chain(wanted(&other).expect("wanted"))
+            .collect();
+        book.due(&still, &targets("localhost:5000"), start);
+        let retiring: Vec<String> = book
+            .retiring_in("local")
+            .into_iter()
+            .map(|c| c.reference)
+            .collect();
+        assert_eq!(retiring, ["localhost:5000/docker.io/library/redis:7"]);
+    }
+
+    #[test]
     fn a_retired_digest_another_wanted_tag_serves_is_not_deleted() {
         let both = wanted(&set(&["nginx:1.27", "nginx:1"], "local", &[])).expect("wanted");
         let mut book = Book::new(RECHECK);
