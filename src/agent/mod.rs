@@ -56,6 +56,17 @@ pub fn mirror_copies(
     copies
 }
 
+/// The valid ImageSets whose selector matches a node with `labels`, each with its checked spec.
+fn targeting<'a>(
+    sets: &'a [&'a ImageSet],
+    labels: &'a BTreeMap<String, String>,
+) -> impl Iterator<Item = (&'a ImageSet, crate::index::ValidImageSet)> + 'a {
+    sets.iter().filter_map(move |set| {
+        let valid = validate_image_set(&set.spec).ok()?;
+        valid.selector.matches(labels).then_some((*set, valid))
+    })
+}
+
 /// The images wanted on a node with `labels`: the union of the ImageSets whose selector
 /// matches, each with the pull secrets of those ImageSets. An ImageSet's retiring images (in
 /// its status: gone from it while workloads still require their labels) stay wanted, and are
@@ -65,13 +76,7 @@ pub fn wanted_images(
     labels: &BTreeMap<String, String>,
 ) -> BTreeMap<ImageReference, SecretRefs> {
     let mut wanted: BTreeMap<ImageReference, SecretRefs> = BTreeMap::new();
-    for set in sets {
-        let Ok(valid) = validate_image_set(&set.spec) else {
-            continue;
-        };
-        if !valid.selector.matches(labels) {
-            continue;
-        }
+    for (set, valid) in targeting(sets, labels) {
         let retiring = set
             .status
             .iter()
@@ -103,14 +108,11 @@ pub fn refresh_periods(
     labels: &BTreeMap<String, String>,
 ) -> std::collections::HashMap<ImageReference, Duration> {
     let mut periods = std::collections::HashMap::new();
-    for set in sets {
-        let Ok(valid) = validate_image_set(&set.spec) else {
-            continue;
-        };
+    for (set, valid) in targeting(sets, labels) {
         let Some(period) = valid.refresh else {
             continue;
         };
-        if set.metadata.deletion_timestamp.is_some() || !valid.selector.matches(labels) {
+        if set.metadata.deletion_timestamp.is_some() {
             continue;
         }
         for image in valid.images {
@@ -209,6 +211,39 @@ mod tests {
             names(&wanted_images(&[&deleting], &BTreeMap::new())),
             ["docker.io/library/nginx:1.27"]
         );
+    }
+
+    #[test]
+    fn each_image_refreshes_at_the_shortest_period_of_the_sets_that_want_it_here() {
+        let set = |name: &str, images: &[&str], pool: &str, refresh: Option<&str>| -> ImageSet {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"images": images, "nodeSelector": {"matchLabels": {"pool": pool}},
+                         "refresh": refresh},
+            }))
+            .expect("ImageSet")
+        };
+        let hourly = set("hourly", &["nginx:1.27", "redis:7"], "web", Some("1h"));
+        let often = set("often", &["nginx:1.27"], "web", Some("10m"));
+        let elsewhere = set("elsewhere", &["redis:7"], "batch", Some("1m"));
+        let never = set("never", &["busybox"], "web", None);
+        let mut deleting = set("deleting", &["redis:7"], "web", Some("30s"));
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        let labels = BTreeMap::from([("pool".to_string(), "web".to_string())]);
+        let periods = refresh_periods(&[&hourly, &often, &elsewhere, &never, &deleting], &labels);
+        let of = |image: &str| {
+            periods
+                .get(&ImageReference::parse(image).expect("valid"))
+                .copied()
+        };
+        assert_eq!(of("nginx:1.27"), Some(Duration::from_secs(600)));
+        assert_eq!(of("redis:7"), Some(Duration::from_secs(3600)));
+        assert_eq!(of("busybox"), None);
+        assert_eq!(periods.len(), 2);
     }
 
     #[test]
