@@ -524,6 +524,8 @@ impl Mirroring {
                 return;
             }
         };
+        let mut copiers: BTreeMap<String, Result<(Copier, String, String), String>> =
+            BTreeMap::new();
         for (name, copy) in due {
             if !leading.load(Ordering::SeqCst) {
                 return;
@@ -538,26 +540,32 @@ impl Mirroring {
             let Some(registry) = registries.get(&ObjectRef::new(&name)) else {
                 continue;
             };
-            let result = match self.access(&registry).await {
-                Ok(access) => {
-                    let named = access.destination.target.to_string();
-                    match self.copier(access, None) {
-                        Ok((copier, push)) => {
-                            // Named by the endpoint, deleted through the push endpoint.
-                            let pushed = copy
-                                .reference
-                                .strip_prefix(&named)
-                                .map(|rest| format!("{push}{rest}"))
-                                .unwrap_or_else(|| copy.reference.clone());
-                            match crate::image::ImageReference::parse(&pushed) {
-                                Ok(reference) => copier.delete(&reference, &copy.digest).await,
-                                Err(error) => Err(format!("{pushed}: {error}")),
-                            }
-                        }
-                        Err(error) => Err(error),
+            // One copier per Registry and pass: its Secrets are read once.
+            if !copiers.contains_key(&name) {
+                let copier = match self.access(&registry).await {
+                    Ok(access) => {
+                        let named = access.destination.target.to_string();
+                        self.copier(access, None)
+                            .map(|(copier, push)| (copier, named, push.to_string()))
+                    }
+                    Err(error) => Err(error),
+                };
+                copiers.insert(name.clone(), copier);
+            }
+            let result = match &copiers[&name] {
+                Ok((copier, named, push)) => {
+                    // Named by the endpoint, deleted through the push endpoint.
+                    let pushed = copy
+                        .reference
+                        .strip_prefix(named.as_str())
+                        .map(|rest| format!("{push}{rest}"))
+                        .unwrap_or_else(|| copy.reference.clone());
+                    match crate::image::ImageReference::parse(&pushed) {
+                        Ok(reference) => copier.delete(&reference, &copy.digest).await,
+                        Err(error) => Err(format!("{pushed}: {error}")),
                     }
                 }
-                Err(error) => Err(error),
+                Err(error) => Err(error.clone()),
             };
             let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
             match result {
