@@ -23,10 +23,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coral::agent::auth::Keyring;
 use coral::agent::cri::Cri;
 use coral::agent::engine::{Engine, EngineOptions};
 use coral::agent::tracker::RetryPolicy;
+use coral::credentials::Keyring;
 use coral::image::ImageReference;
 use coral::metrics::AgentMetrics;
 use serde_json::json;

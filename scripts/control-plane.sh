@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the pinned Kubernetes control plane the control-plane tests run: kube-apiserver,
 # kube-scheduler and kube-controller-manager (module k8s.io/kubernetes) and an etcd server
-# (go.etcd.io/etcd/server/v3), from the Go module in tools/control-plane, with the machine's Go,
-# into a cache directory keyed by those versions, so that a second run builds nothing. Prints
-# the directory holding the four binaries on its last line.
+# (go.etcd.io/etcd/server/v3), and the kubelet of the real nodes from the same module, from the
+# Go module in tools/control-plane, with the machine's Go, in one build (the five share most of
+# their packages), into a cache directory keyed by those versions, so that a second run builds
+# nothing. Prints the directory holding the five binaries on its last line.
 #
 # Exit status: 0 built (or cached); 3 Go is missing (the tests are then not run, and say so);
 # anything else, the build failed.
@@ -14,7 +15,7 @@ kubernetes=$(awk '$1 == "k8s.io/kubernetes" {print $2; exit}' "$module/go.mod")
 etcd=$(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2; exit}' "$module/go.mod")
 cache=${CORAL_CONTROL_PLANE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/coral/control-plane}
 bin="$cache/kubernetes-$kubernetes-etcd-$etcd"
-binaries=(etcd kube-apiserver kube-scheduler kube-controller-manager)
+binaries=(etcd kube-apiserver kube-scheduler kube-controller-manager kubelet)
 
 cached=yes
 for binary in "${binaries[@]}"; do
@@ -26,7 +27,7 @@ if [ "$cached" = yes ]; then
   exit 0
 fi
 if ! command -v go >/dev/null 2>&1; then
-  echo "control plane: Go is not installed; the control-plane tests need it to build kube-apiserver, kube-scheduler, kube-controller-manager and etcd." >&2
+  echo "control plane: Go is not installed; the control-plane tests need it to build kube-apiserver, kube-scheduler, kube-controller-manager, etcd and the kubelet." >&2
   echo "Install Go 1.26 or newer (https://go.dev/doc/install) and run this again." >&2
   exit 3
 fi
@@ -42,7 +43,8 @@ mkdir -p "$bin.partial"
     ./cmd/etcd \
     k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kube-scheduler \
-    k8s.io/kubernetes/cmd/kube-controller-manager
+    k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kubelet
 )
 rm -rf "$bin"
 mv "$bin.partial" "$bin"

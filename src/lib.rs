@@ -16,6 +16,7 @@ pub mod agent;
 pub mod api;
 pub mod cluster;
 pub mod controller;
+pub mod credentials;
 /// The tower-test scripted API server of the unit tests that check exact requests; it lives in
 /// the test tree.
 #[cfg(test)]
@@ -28,4 +29,5 @@ pub mod mirror;
 pub mod policy;
 pub mod probe;
 pub mod report;
+pub mod time;
 pub mod webhook;

@@ -21,13 +21,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use coral::agent::auth::Keyring;
 use coral::agent::cri::Cri;
 use coral::agent::engine::{Engine, EngineOptions, Kept};
 use coral::agent::record::node_image_status;
 use coral::agent::retention::RetentionPolicy;
 use coral::agent::tracker::RetryPolicy;
 use coral::api::ImageState;
+use coral::credentials::Keyring;
 use coral::image::ImageReference;
 use coral::metrics::AgentMetrics;
 use k8s_openapi::api::core::v1::Secret;

@@ -9,10 +9,10 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use coral::agent::auth::Keyring;
 use coral::agent::cri::RuntimeImage;
 use coral::agent::record::node_image_status;
 use coral::agent::tracker::{Inventory, RetryPolicy, Tracker};
+use coral::credentials::Keyring;
 use coral::image::{ImageReference, is_image_label, label_key};
 use coral::index::{ClusterIndex, StateFile};
 use coral::policy::{

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, Semaphore, watch};
 use tracing::{info, warn};
 
-use super::auth::{Credential, Keyring};
 use super::cri::{Cri, CriError, RuntimeImage, RuntimeVersion};
 use super::pin::{PinError, Pinner};
 use super::retention::{RemovalReason, RetentionPolicy};
 use super::tracker::{ImageRecord, Inventory, RetryPolicy, Tracker, held};
 use crate::api::ImageState;
+use crate::credentials::{Credential, Keyring};
 use crate::image::ImageReference;
 use crate::metrics::AgentMetrics;
 

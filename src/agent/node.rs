@@ -19,7 +19,6 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
-use super::auth::Keyring;
 use super::cri::Cri;
 use super::engine::{Engine, EngineOptions};
 use super::record::{desired_labels, label_patch, node_image_status, node_pressure};
@@ -28,6 +27,7 @@ use super::tracker::Tracker;
 use super::wanted_images;
 use crate::api::{ImageSet, NodeImage, NodeImageSpec, NodeImageStatus};
 use crate::controller::secrets::copy_name;
+use crate::credentials::Keyring;
 use crate::metrics::AgentMetrics;
 
 /// Everything `coral agent` is configured with.

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use super::auth::Keyring;
 use super::cri::Cri;
 use super::engine::{Engine, EngineOptions};
 use super::tracker::Tracker;
 use super::wanted_images;
 use crate::api::{ImageSet, ImageState};
+use crate::credentials::Keyring;
 use crate::index::validate_image_set;
 use crate::metrics::AgentMetrics;
 

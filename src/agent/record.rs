@@ -135,9 +135,9 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::agent::auth::Keyring;
     use crate::agent::cri::RuntimeImage;
     use crate::agent::tracker::{Inventory, RetryPolicy};
+    use crate::credentials::Keyring;
     use crate::image::ImageReference;
 
     fn tracker() -> Tracker {

@@ -5,10 +5,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::auth::Keyring;
 use super::cri::RuntimeImage;
 use super::retention::Retention;
 use crate::api::ImageState;
+use crate::credentials::Keyring;
 use crate::image::ImageReference;
 
 /// Backoff between failed pulls of one image.

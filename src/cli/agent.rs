@@ -10,10 +10,10 @@ use clap::Args;
 
 use coral::agent::cri::DEFAULT_CRI_SOCKET;
 use coral::agent::engine::EngineOptions;
-use coral::agent::parse_duration;
 use coral::agent::prefetch::{PrefetchOptions, prefetch};
 use coral::agent::retention::RetentionPolicy;
 use coral::agent::tracker::RetryPolicy;
+use coral::time::parse_duration;
 
 /// How images are pulled: shared by the agent and `coral prefetch`.
 #[derive(Debug, Args)]

@@ -6,9 +6,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use coral::agent::parse_duration;
 use coral::controller::mirroring::MirrorOptions;
 use coral::controller::{CertTargets, ControllerOptions};
+use coral::time::parse_duration;
 
 #[derive(Debug, Args)]
 pub struct ControllerArgs {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use coral::agent::auth::Keyring;
 use coral::agent::prefetch::load_image_sets;
+use coral::credentials::Keyring;
 use coral::image::ImageReference;
 use coral::mirror::{Copier, DEFAULT_BLOB_CONCURRENCY, MirrorTarget, Platform};
 use coral::report::{human_size, table};

@@ -21,11 +21,11 @@ use tracing::{info, warn};
 
 use super::aggregate::{condition, previous_conditions};
 use super::secrets::copy_name;
-use crate::agent::auth::Keyring;
 use crate::api::{
     ImageMirrorStatus, ImageSet, ImageSetStatus, MirrorState, Registry, RegistryStatus,
     RetiringCopy,
 };
+use crate::credentials::Keyring;
 use crate::metrics::ControllerMetrics;
 use crate::mirror::book::{self, Attempt, Book, Destination, Wanted};
 use crate::mirror::{Copier, DEFAULT_BLOB_CONCURRENCY, MirrorTarget};

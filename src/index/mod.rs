@@ -96,7 +96,7 @@ pub fn validate_image_set(spec: &ImageSetSpec) -> Result<ValidImageSet, ImageSet
         .refresh
         .as_deref()
         .map(|text| {
-            let period = crate::agent::parse_duration(text).map_err(ImageSetError::Refresh)?;
+            let period = crate::time::parse_duration(text).map_err(ImageSetError::Refresh)?;
             if period < MIN_REFRESH {
                 return Err(ImageSetError::Refresh(format!(
                     "{text:?} is shorter than the least period, {}s",

@@ -63,7 +63,7 @@ pub fn wanted(set: &ImageSet) -> Result<Vec<Wanted>, String> {
         .spec
         .refresh
         .as_deref()
-        .map(|text| crate::agent::parse_duration(text).map_err(|e| format!("spec.refresh: {e}")))
+        .map(|text| crate::time::parse_duration(text).map_err(|e| format!("spec.refresh: {e}")))
         .transpose()?
         .map(|period| period.max(crate::index::MIN_REFRESH));
     let namespace = set.namespace().unwrap_or_default();

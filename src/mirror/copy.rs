@@ -19,7 +19,7 @@ use super::plan::{
     Content, Descriptor, MANIFEST_TYPES, Manifest, MirrorTarget, PlanError, Platform,
     finished_digest, is_loopback, mirror_reference, sha256_digest,
 };
-use crate::agent::auth::Keyring;
+use crate::credentials::Keyring;
 use crate::image::ImageReference;
 
 /// Time to connect to a registry, and the longest silence while reading from one.

@@ -475,7 +475,7 @@ async fn rebuild(
                     .set(i64::try_from(count).unwrap_or(i64::MAX));
             }
             shared.replace_snapshot(snapshot);
-            metrics.index_built.set(super::server::unix_now());
+            metrics.index_built.set(crate::time::unix_now());
             metrics
                 .reloads
                 .with_label_values(&["state", "success"])

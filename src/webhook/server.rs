@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::Router;
@@ -28,6 +28,7 @@ use super::tls::{Reload, ReloadingCert};
 use super::{Shared, SnapshotSource, Source, WebhookOptions, load_snapshot};
 use crate::metrics::WebhookMetrics;
 use crate::policy::{Decision, PolicyRequest, WorkloadKind};
+use crate::time::unix_now;
 
 /// Time a client has to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -263,13 +264,6 @@ async fn poll_files(
             Err(error) => error!(%error, "reload task failed"),
         }
     }
-}
-
-pub(super) fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 fn json_response(value: &Value) -> Response {

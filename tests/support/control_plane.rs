@@ -5,9 +5,10 @@
 //!
 //! The API server authenticates client certificates and service-account tokens, authorizes
 //! with Node and RBAC, and runs the default admission plugins plus NodeRestriction, as a
-//! kubeadm cluster has them. No kubelet runs: Nodes are API objects ([`ControlPlane::node`]),
-//! which the scheduler binds Pods to. The node lifecycle controller is off, so nothing taints
-//! them for missing heartbeats.
+//! kubeadm cluster has them. Nodes are API objects ([`ControlPlane::node`]), which the scheduler
+//! binds Pods to, and the node lifecycle controller is off, so nothing taints them for missing
+//! heartbeats; a control plane started [`with real nodes`](ControlPlane::start_for_nodes) runs
+//! it, and its kubelets (`tests/support/node.rs`) register and heartbeat for themselves.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,8 @@ pub struct ControlPlane {
     /// Started components, stopped in reverse order.
     processes: Vec<Component>,
     dir: tempfile::TempDir,
+    /// The cluster's certificate authority: it signs the kubelets' client certificates.
+    ca: CertifiedIssuer<'static, KeyPair>,
     pub url: String,
     /// An admin (system:masters) kubeconfig.
     pub kubeconfig: PathBuf,
@@ -96,6 +99,16 @@ impl ControlPlane {
     /// Starts etcd, kube-apiserver, kube-scheduler and kube-controller-manager and waits until
     /// the API server is ready.
     pub fn start(bin: &Path) -> Self {
+        Self::start_with(bin, false)
+    }
+
+    /// The same for a cluster with kubelets: the node lifecycle controller runs (it lifts the
+    /// not-ready taint of a Node whose kubelet reports Ready, as in any cluster).
+    pub fn start_for_nodes(bin: &Path) -> Self {
+        Self::start_with(bin, true)
+    }
+
+    fn start_with(bin: &Path, kubelets: bool) -> Self {
         let started = Instant::now();
         let dir = tempfile::tempdir().unwrap();
         let path = |name: &str| dir.path().join(name);
@@ -125,24 +138,30 @@ impl ControlPlane {
 
         let [etcd_client, etcd_peer, api_port] = free_ports();
         let url = format!("https://127.0.0.1:{api_port}");
+        // The API server's client of the kubelets (logs, exec, the node proxy).
+        let (cert, key) = client_cert(&ca, "kube-apiserver-kubelet-client", &["system:masters"]);
+        write("kubelet-client.crt", &cert);
+        write("kubelet-client.key", &key);
         let mut plane = Self {
             processes: Vec::new(),
             url: url.clone(),
             kubeconfig: path("admin.kubeconfig"),
             startup: Duration::ZERO,
             dir,
+            ca,
         };
-        let (cert, key) = client_cert(&ca, "coral-test-admin", &["system:masters"]);
-        write_kubeconfig(&plane.kubeconfig, &url, &ca.pem(), cert_user(&cert, &key));
+        let (cert, key) = client_cert(&plane.ca, "coral-test-admin", &["system:masters"]);
+        let ca_pem = plane.ca.pem();
+        write_kubeconfig(&plane.kubeconfig, &url, &ca_pem, cert_user(&cert, &key));
         for (name, user) in [
             ("scheduler", "system:kube-scheduler"),
             ("controller-manager", "system:kube-controller-manager"),
         ] {
-            let (cert, key) = client_cert(&ca, user, &[]);
+            let (cert, key) = client_cert(&plane.ca, user, &[]);
             write_kubeconfig(
                 &plane.dir.path().join(format!("{name}.kubeconfig")),
                 &url,
-                &ca.pem(),
+                &ca_pem,
                 cert_user(&cert, &key),
             );
         }
@@ -188,6 +207,9 @@ impl ControlPlane {
                 format!("--cert-dir={}", arg("certs")),
                 "--allow-privileged=true".into(),
                 "--profiling=false".into(),
+                format!("--kubelet-client-certificate={}", arg("kubelet-client.crt")),
+                format!("--kubelet-client-key={}", arg("kubelet-client.key")),
+                "--kubelet-preferred-address-types=InternalIP".into(),
             ],
         );
         plane.wait_ready(Duration::from_secs(60));
@@ -223,10 +245,14 @@ impl ControlPlane {
                 format!("--service-account-private-key-file={}", arg("sa.key")),
                 format!("--root-ca-file={}", arg("ca.crt")),
                 "--use-service-account-credentials=true".into(),
-                // No kubelets: nothing would renew node leases, and no cloud, routes or
+                // Without kubelets nothing would renew node leases; no cloud, routes or
                 // service IPs to manage.
-                "--controllers=*,-nodelifecycle,-nodeipam,-route,-cloud-node-lifecycle,-service"
-                    .into(),
+                if kubelets {
+                    "--controllers=*,-nodeipam,-route,-cloud-node-lifecycle,-service".into()
+                } else {
+                    "--controllers=*,-nodelifecycle,-nodeipam,-route,-cloud-node-lifecycle,-service"
+                        .into()
+                },
             ],
         );
         plane.startup = started.elapsed();
@@ -363,6 +389,21 @@ impl ControlPlane {
             .write_all(object.to_string().as_bytes())
             .unwrap();
         child.wait_with_output().unwrap()
+    }
+
+    /// A kubeconfig for the kubelet of `node`: a client certificate for `system:node:<node>` in
+    /// `system:nodes`, so that the Node authorizer and NodeRestriction judge it as in a real
+    /// cluster.
+    pub fn node_kubeconfig(&self, node: &str) -> PathBuf {
+        let (cert, key) = client_cert(&self.ca, &format!("system:node:{node}"), &["system:nodes"]);
+        let path = self.dir.path().join(format!("kubelet-{node}.kubeconfig"));
+        write_kubeconfig(&path, &self.url, &self.ca.pem(), cert_user(&cert, &key));
+        path
+    }
+
+    /// The cluster CA's certificate file (PEM).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
     }
 
     /// A kubeconfig for a ServiceAccount, with a token from the TokenRequest API.

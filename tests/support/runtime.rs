@@ -51,15 +51,54 @@ impl Containerd {
     /// A containerd whose pod sandboxes run `sandbox_image` (see [`Registry::push_pause`]), so
     /// tests can create CRI containers without network access.
     pub fn start_with_sandbox(sandbox_image: Option<&str>) -> Self {
+        Self::start_in(
+            tempfile::Builder::new().prefix("ctd").tempdir().unwrap(),
+            sandbox_image,
+            None,
+        )
+    }
+
+    /// The containerd of a real node, in `dir`: its pod sandboxes run `sandbox_image`, and
+    /// pods get their network from the CNI configuration `conflist` with the machine's CNI
+    /// plugins (`/usr/lib/cni`).
+    pub fn start_for_node(dir: tempfile::TempDir, sandbox_image: &str, conflist: &str) -> Self {
+        Self::start_in(dir, Some(sandbox_image), Some(conflist))
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        sandbox_image: Option<&str>,
+        conflist: Option<&str>,
+    ) -> Self {
         require("containerd", "containerd");
-        let dir = tempfile::Builder::new().prefix("ctd").tempdir().unwrap();
         let d = dir.path().display();
         // Sandboxes may not lower their OOM score below containerd's in this environment.
         let sandbox = sandbox_image.map_or(String::new(), |i| {
             format!("sandbox_image = {i:?}\n  restrict_oom_score_adj = true")
         });
+        // A node's pod network namespaces live under its state directory, not /run/netns.
+        let netns = if conflist.is_some() {
+            "\n  netns_mounts_under_state_dir = true"
+        } else {
+            ""
+        };
         for sub in ["cni/bin", "cni/net.d", "certs.d", "opt"] {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        if let Some(conflist) = conflist {
+            assert!(
+                Path::new("/usr/lib/cni/bridge").is_file(),
+                "the CNI plugins are not installed: apt-get install containernetworking-plugins \
+                 (bash scripts/test.sh installs everything the tests need)"
+            );
+            for plugin in ["bridge", "host-local", "loopback", "portmap"] {
+                std::os::unix::fs::symlink(
+                    Path::new("/usr/lib/cni").join(plugin),
+                    dir.path().join("cni/bin").join(plugin),
+                )
+                .unwrap();
+            }
+            std::fs::write(dir.path().join("cni/net.d/10-coral.conflist"), conflist).unwrap();
         }
         std::fs::write(
             dir.path().join("config.toml"),
@@ -69,7 +108,7 @@ root = "{d}/root"
 state = "{d}/state"
 [plugins."io.containerd.grpc.v1.cri"]
   stats_collect_period = 1
-  {sandbox}
+  {sandbox}{netns}
 [grpc]
   address = "{d}/containerd.sock"
 [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -180,7 +219,7 @@ impl Containerd {
     /// Kills the shims this containerd started (they outlive it by design) and the container
     /// processes under them, and waits until they are gone. Only processes whose command line
     /// names this containerd's directory, and their descendants, are touched.
-    fn kill_shims(&self) {
+    pub fn kill_shims(&self) {
         let dir = self.dir.path().display().to_string();
         let processes: Vec<(u32, u32, String)> = std::fs::read_dir("/proc")
             .into_iter()
@@ -237,6 +276,29 @@ impl Containerd {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// A static program (built with Go once per test process) that waits for SIGTERM or SIGINT.
+pub fn pause_program() -> &'static [u8] {
+    static PROGRAM: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    PROGRAM.get_or_init(|| {
+        require("go", "golang");
+        let work = tempfile::tempdir().unwrap();
+        std::fs::write(
+            work.path().join("main.go"),
+            "package main\n\nimport (\n\t\"os\"\n\t\"os/signal\"\n\t\"syscall\"\n)\n\nfunc main() {\n\tc := make(chan os.Signal, 1)\n\tsignal.Notify(c, syscall.SIGTERM, syscall.SIGINT)\n\t<-c\n}\n",
+        )
+        .unwrap();
+        std::fs::write(work.path().join("go.mod"), "module pause\n\ngo 1.22\n").unwrap();
+        let status = Command::new("go")
+            .args(["build", "-ldflags=-s -w", "-o", "pause", "."])
+            .env("CGO_ENABLED", "0")
+            .current_dir(work.path())
+            .status()
+            .expect("go runs");
+        assert!(status.success(), "go build of the pause program failed");
+        std::fs::read(work.path().join("pause")).unwrap()
+    })
 }
 
 /// A `docker-registry` on a free port of 127.0.0.1, optionally with htpasswd auth.
@@ -368,23 +430,26 @@ impl Registry {
     /// Pushes a pause image: a static program (built with Go) that waits for a signal, its
     /// entrypoint. A sandbox image for [`Containerd::start_with_sandbox`].
     pub fn push_pause(&self, name: &str, tag: &str) -> String {
-        require("go", "golang");
-        let work = tempfile::tempdir().unwrap();
-        std::fs::write(
-            work.path().join("main.go"),
-            "package main\n\nimport (\n\t\"os\"\n\t\"os/signal\"\n\t\"syscall\"\n)\n\nfunc main() {\n\tc := make(chan os.Signal, 1)\n\tsignal.Notify(c, syscall.SIGTERM, syscall.SIGINT)\n\t<-c\n}\n",
+        self.push_files(
+            name,
+            tag,
+            &[("pause", pause_program(), 0o755)],
+            Some("/pause"),
         )
-        .unwrap();
-        std::fs::write(work.path().join("go.mod"), "module pause\n\ngo 1.22\n").unwrap();
-        let status = Command::new("go")
-            .args(["build", "-ldflags=-s -w", "-o", "pause", "."])
-            .env("CGO_ENABLED", "0")
-            .current_dir(work.path())
-            .status()
-            .expect("go runs");
-        assert!(status.success(), "go build of the pause program failed");
-        let binary = std::fs::read(work.path().join("pause")).unwrap();
-        self.push_files(name, tag, &[("pause", &binary, 0o755)], Some("/pause"))
+    }
+
+    /// An image that runs as a container: the pause program as its entrypoint, and a file
+    /// holding `content` (so that each such image has its own digest).
+    pub fn push_runnable(&self, name: &str, tag: &str, content: &str) -> String {
+        self.push_files(
+            name,
+            tag,
+            &[
+                ("pause", pause_program(), 0o755),
+                ("data/content", content.as_bytes(), 0o644),
+            ],
+            Some("/pause"),
+        )
     }
 
     /// Pushes an image of `files` (path in the root filesystem, content, mode), with an

@@ -2,7 +2,8 @@
 //! the kubelet matches them: the key's host (globs allowed per label, `*.example.com`) and port
 //! must match the image's registry, and the key's path must be a prefix of the image's path.
 //! Docker Hub's aliases (`index.docker.io`, `registry-1.docker.io`, `https://index.docker.io/v1/`)
-//! all mean `docker.io`. When several keys match, the most specific comes first.
+//! all mean `docker.io`. When several keys match, the most specific comes first. The agent
+//! pulls with them, the controller and the mirror copy with them.
 
 use std::collections::BTreeMap;
 

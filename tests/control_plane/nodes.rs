@@ -1,0 +1,250 @@
+//! Real nodes: kubelets and their containerds (`tests/support/node.rs`) start the Pods Coral
+//! steers, from the images Coral's agents put there, with nothing pulled from outside.
+
+use super::*;
+use crate::node::{Node, NodeOptions};
+
+/// A control plane for real nodes with Coral installed, the namespace `shop` opted in.
+fn node_control_plane() -> ControlPlane {
+    let plane = install_coral(
+        ControlPlane::start_for_nodes(&control_plane_binaries()),
+        &[],
+    );
+    plane.kubectl_ok(&["label", "namespace", "shop", "coral.dev/inject=enabled"]);
+    plane
+}
+
+/// A real node named `name` with the label `pool=<pool>`.
+fn real_node(plane: &ControlPlane, name: &str, pool: &str, sandbox: &str) -> Node {
+    let node = Node::start(
+        plane,
+        &control_plane_binaries(),
+        name,
+        sandbox,
+        &NodeOptions {
+            labels: vec![("pool".into(), pool.into())],
+            ..NodeOptions::default()
+        },
+    );
+    println!("node {name} ({}) is Ready", node.ip);
+    node
+}
+
+/// The policy ConfigMap `coral-system/coral-policies` as `deploy/` makes it (the default
+/// policies), with these settings.
+fn policy_configmap(plane: &ControlPlane, settings: &Value) {
+    let mut args: Vec<String> = [
+        "create",
+        "configmap",
+        "coral-policies",
+        "-n",
+        "coral-system",
+    ]
+    .map(String::from)
+    .to_vec();
+    for entry in std::fs::read_dir("policies").unwrap().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "rego") {
+            args.push(format!("--from-file={}", entry.path().display()));
+        }
+    }
+    args.push(format!("--from-literal=settings.json={settings}"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    plane.kubectl_ok(&args);
+}
+
+/// A Pod as the API server has it.
+fn pod(plane: &ControlPlane, namespace: &str, name: &str) -> Value {
+    let output = plane.kubectl(&["get", "pod", name, "-n", namespace, "-o", "json"]);
+    serde_json::from_slice(&output.stdout).unwrap_or(Value::Null)
+}
+
+/// The Pods of `app` in `shop`.
+fn pods_of(plane: &ControlPlane, app: &str) -> Vec<Value> {
+    let output = plane.kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        "shop",
+        "-l",
+        &format!("app={app}"),
+        "-o",
+        "json",
+    ]);
+    serde_json::from_slice::<Value>(&output.stdout)
+        .ok()
+        .and_then(|list| list["items"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// `reason: message` of the Events of one object, oldest first.
+fn events_of(plane: &ControlPlane, namespace: &str, name: &str) -> Vec<String> {
+    let output = plane.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        &format!("involvedObject.name={name}"),
+        "--sort-by=.lastTimestamp",
+        "-o",
+        "json",
+    ]);
+    serde_json::from_slice::<Value>(&output.stdout)
+        .ok()
+        .and_then(|list| list["items"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|event| {
+            format!(
+                "{}: {}",
+                event["reason"].as_str().unwrap_or_default(),
+                event["message"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+/// Whether a Pod is Running with every container ready.
+fn running_and_ready(pod: &Value) -> bool {
+    pod["status"]["phase"] == "Running"
+        && pod["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+#[test]
+#[ignore = "needs the control plane and kubelet built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN), in a network namespace of its own; scripts/test.sh runs it"]
+fn a_steered_pod_starts_from_the_image_the_agent_pulled_with_the_source_stopped() {
+    let plane = node_control_plane();
+    // The pause image of the sandboxes comes from a registry that stays; the application's
+    // from a source that is stopped before the workload is applied.
+    let infra = runtime::Registry::start(None);
+    let sandbox = infra.push_pause("pause", "1");
+    let mut source = runtime::Registry::start(None);
+    let app = source.push_runnable("shop/app", "1", "the application");
+    let nodes = [
+        real_node(&plane, "node-a", "a", &sandbox),
+        real_node(&plane, "node-b", "b", &sandbox),
+    ];
+
+    // The agents, one per node on its containerd; the ImageSet selects node-a only.
+    let kubeconfig = plane.service_account_kubeconfig("coral-system", "coral-agent");
+    let _agents: Vec<support::process::Kill> = nodes
+        .iter()
+        .map(|node| {
+            start_agent_process(
+                &node.name,
+                &node.containerd,
+                free_address(),
+                &kubeconfig,
+                &[],
+            )
+        })
+        .collect();
+    apply(
+        &plane,
+        &json!({
+            "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+            "metadata": {"name": "app", "namespace": "shop"},
+            "spec": {"images": [app], "nodeSelector": {"matchLabels": {"pool": "a"}}},
+        }),
+    );
+    // The default policies, with `pullPolicy: Never` in their settings.
+    policy_configmap(&plane, &json!({"pullPolicy": "Never"}));
+    let probe = deployment("probe", &[app.as_str()], json!({}));
+    let steering = Steering::start_with(
+        &plane,
+        &["--policies-configmap", "coral-system/coral-policies"],
+        &probe,
+        |object| {
+            let template = &object["spec"]["template"]["spec"];
+            template["nodeSelector"][label(&app)] == "available"
+                && template["containers"][0]["imagePullPolicy"] == "Never"
+        },
+    );
+    let node_labels = |name: &str| {
+        let node: Value =
+            serde_json::from_str(&plane.kubectl_ok(&["get", "node", name, "-o", "json"])).unwrap();
+        node["metadata"]["labels"].clone()
+    };
+    assert_eq!(node_labels("node-a")[label(&app)], "available");
+    assert!(node_labels("node-b").get(label(&app)).is_none());
+
+    // Nothing can be pulled from outside now.
+    source.stop();
+    let mut workload = deployment("app", &[app.as_str()], json!({}));
+    workload["spec"]["replicas"] = json!(1);
+    apply(&plane, &workload);
+    let mut started = Value::Null;
+    wait_until(
+        "the steered Pod Running and Ready",
+        Duration::from_secs(120),
+        || {
+            started = pods_of(&plane, "app")
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            running_and_ready(&started)
+        },
+    );
+    let name = started["metadata"]["name"].as_str().unwrap().to_string();
+    let events = events_of(&plane, "shop", &name);
+    println!(
+        "steered pod {name}: phase {}, events {events:#?}",
+        started["status"]["phase"]
+    );
+    assert_eq!(started["spec"]["nodeName"], "node-a", "{started}");
+    assert_eq!(
+        started["spec"]["containers"][0]["imagePullPolicy"], "Never",
+        "{started}"
+    );
+    assert!(
+        started["status"]["containerStatuses"][0]["state"]["running"].is_object(),
+        "{started}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("Pulled: ") && e.contains("already present on machine")),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e.starts_with("Started: ")),
+        "{events:?}"
+    );
+
+    // The control: the same container forced onto node-b, in a namespace Coral does not
+    // steer, cannot start there.
+    plane.kubectl_ok(&["create", "namespace", "elsewhere"]);
+    apply(
+        &plane,
+        &json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "forced", "namespace": "elsewhere"},
+            "spec": {
+                "nodeName": "node-b",
+                "containers": [{"name": "c0", "image": app, "imagePullPolicy": "Never"}],
+            },
+        }),
+    );
+    let mut forced = Value::Null;
+    wait_until(
+        "ErrImageNeverPull on node-b",
+        Duration::from_secs(60),
+        || {
+            forced = pod(&plane, "elsewhere", "forced");
+            forced["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                == "ErrImageNeverPull"
+        },
+    );
+    let events = events_of(&plane, "elsewhere", "forced");
+    println!(
+        "forced pod: phase {}, waiting {}, events {events:#?}",
+        forced["status"]["phase"],
+        forced["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+    );
+    assert_eq!(forced["status"]["phase"], "Pending", "{forced}");
+    drop(steering);
+}
