@@ -17,6 +17,7 @@ mod runtime;
 mod api_server;
 
 #[path = "../tests/support/process.rs"]
+#[allow(dead_code)] // the tests' helpers beside the benchmark's
 mod process;
 
 use std::collections::BTreeMap;

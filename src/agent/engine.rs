@@ -262,6 +262,9 @@ impl Engine {
     pub async fn run(self: Arc<Self>) {
         let mut runtime_delay = RUNTIME_BACKOFF_INITIAL;
         loop {
+            // Pulls and refreshes go on while the runtime lists its images: what ends
+            // meanwhile is judged by the next listing.
+            let listing = self.tracker().listing();
             let images = match self.cri.list_images().await {
                 Ok(images) => {
                     if !self.runtime_up.swap(true, Ordering::SeqCst) {
@@ -292,7 +295,7 @@ impl Engine {
                 .clone();
             let (due, refresh, observed, next) = {
                 let mut tracker = self.tracker();
-                let observed = tracker.observe(&inventory, now, paused);
+                let observed = tracker.observe_listing(&inventory, listing, now, paused);
                 let due = if paused { Vec::new() } else { tracker.due(now) };
                 let due: Vec<_> = due.into_iter().filter(|i| tracker.start(i)).collect();
                 let refresh = if paused {

@@ -128,6 +128,9 @@ pub struct ImageRecord {
     pub looked: bool,
     /// When the tag was last resolved: pulled, found held, or refreshed.
     pub resolved: Option<Instant>,
+    /// [`Tracker`]'s count of ended pulls and refreshes when this image's last one ended: a
+    /// listing of the runtime begun before that may not show what it brought.
+    pub ended_at: u64,
 }
 
 impl ImageRecord {
@@ -158,6 +161,11 @@ pub struct Observed {
     pub changed: bool,
 }
 
+/// Where the tracker stood when a listing of the runtime's images began
+/// ([`Tracker::listing`]): what [`Tracker::observe_listing`] may judge by that listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Listing(u64);
+
 /// The wanted images, by normalized reference.
 #[derive(Debug, Clone, Default)]
 pub struct Tracker {
@@ -165,6 +173,8 @@ pub struct Tracker {
     policy: RetryPolicy,
     /// Whether the runtime's images were listed at least once.
     listed: bool,
+    /// Pulls and refreshes ended so far.
+    ended: u64,
     /// Images held for ImageSets that no longer want them.
     retention: Retention,
 }
@@ -175,8 +185,21 @@ impl Tracker {
             records: BTreeMap::new(),
             policy,
             listed: false,
+            ended: 0,
             retention: Retention::default(),
         }
+    }
+
+    /// Marks the start of a listing of the runtime's images, to hand to
+    /// [`Tracker::observe_listing`] with what it returns.
+    pub fn listing(&self) -> Listing {
+        Listing(self.ended)
+    }
+
+    /// Counts an ended pull or refresh; returns its number.
+    fn end(&mut self) -> u64 {
+        self.ended += 1;
+        self.ended
     }
 
     pub fn retention(&self) -> &Retention {
@@ -210,6 +233,7 @@ impl Tracker {
                 keyring: keyring.clone(),
                 looked: false,
                 resolved: None,
+                ended_at: 0,
             });
             self.retention.wanted(&record.reference);
             next.insert(key, ImageRecord { keyring, ..record });
@@ -231,8 +255,24 @@ impl Tracker {
         removed
     }
 
-    /// Brings the records in line with what the runtime holds. `paused` holds back new pulls.
+    /// Brings the records in line with what the runtime holds now (a listing that saw every
+    /// pull and refresh ended so far). `paused` holds back new pulls.
     pub fn observe(&mut self, inventory: &Inventory, now: Instant, paused: bool) -> Observed {
+        let listing = self.listing();
+        self.observe_listing(inventory, listing, now, paused)
+    }
+
+    /// Brings the records in line with `inventory`, what a listing begun at `listing` found.
+    /// An image whose pull or refresh ended after the listing began is left as that ended:
+    /// the listing may predate it (an image pulled meanwhile would look gone, a tag refreshed
+    /// meanwhile would look unmoved), and the next listing judges it.
+    pub fn observe_listing(
+        &mut self,
+        inventory: &Inventory,
+        listing: Listing,
+        now: Instant,
+        paused: bool,
+    ) -> Observed {
         let mut observed = Observed {
             changed: !self.listed,
             ..Observed::default()
@@ -251,7 +291,7 @@ impl Tracker {
         }
         let policy = self.policy;
         for record in self.records.values_mut() {
-            if record.in_flight {
+            if record.in_flight || Listing(record.ended_at) > listing {
                 continue;
             }
             observed.changed |= !record.looked;
@@ -328,7 +368,9 @@ impl Tracker {
 
     /// Records a pull that succeeded.
     pub fn succeeded(&mut self, reference: &ImageReference, held: Option<Held>) {
+        let ended = self.end();
         if let Some(record) = self.records.get_mut(&reference.to_string()) {
+            record.ended_at = ended;
             record.in_flight = false;
             record.attempts = 0;
             record.last_error = None;
@@ -374,9 +416,11 @@ impl Tracker {
     /// or could not be (`held` is `None`; the image stays as it was, and is tried again after
     /// its period). Returns whether the digest moved.
     pub fn refreshed(&mut self, reference: &ImageReference, held: Option<Held>) -> bool {
+        let ended = self.end();
         let Some(record) = self.records.get_mut(&reference.to_string()) else {
             return false;
         };
+        record.ended_at = ended;
         record.in_flight = false;
         record.resolved = Some(Instant::now());
         let Some(held) = held else {
@@ -592,6 +636,53 @@ mod tests {
         assert_eq!(
             (record.state, record.attempts, record.last_error.clone()),
             (ImageState::Available, 0, None)
+        );
+    }
+
+    #[test]
+    fn a_listing_begun_before_a_pull_or_refresh_ended_does_not_judge_it() {
+        let mut tracker = tracker(&["nginx:1.27"]);
+        let image = reference("nginx:1.27");
+        let now = Instant::now();
+        let empty = Inventory::new(Vec::new());
+        tracker.observe(&empty, now, false);
+        assert!(tracker.start(&image));
+        // The engine lists the runtime while the pull is under way; the pull ends before
+        // the listing is read.
+        let listing = tracker.listing();
+        let held = |digest: &str| Held {
+            image_id: format!("sha256:{digest}"),
+            digest: Some(format!("sha256:{}", digest.repeat(64))),
+            size: 1,
+        };
+        tracker.succeeded(&image, Some(held("a")));
+        let observed = tracker.observe_listing(&empty, listing, now, false);
+        assert_eq!(observed.vanished, 0, "the listing predates the pull");
+        let record = tracker.get(&image).expect("wanted");
+        assert_eq!(record.state, ImageState::Available);
+        assert_eq!(record.held, Some(held("a")));
+        // A listing begun after the pull ended does judge it.
+        assert_eq!(tracker.observe(&empty, now, false).vanished, 1);
+
+        // The same for a refresh: a listing from before it ended still shows the old digest.
+        let mut tracker = self::tracker(&["nginx:1.27"]);
+        let old = Inventory::new(vec![runtime_image(
+            "sha256:a",
+            &["docker.io/library/nginx:1.27"],
+            &[&format!(
+                "docker.io/library/nginx@sha256:{}",
+                "a".repeat(64)
+            )],
+        )]);
+        tracker.observe(&old, now, false);
+        assert!(tracker.start(&image));
+        let listing = tracker.listing();
+        assert!(tracker.refreshed(&image, Some(held("b"))), "moved");
+        tracker.observe_listing(&old, listing, now, false);
+        assert_eq!(
+            tracker.get(&image).and_then(|r| r.held.clone()),
+            Some(held("b")),
+            "the refreshed digest stays"
         );
     }
 

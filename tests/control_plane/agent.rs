@@ -58,25 +58,13 @@ fn the_agent_labels_its_own_node_with_its_own_token_and_nothing_else() {
     ]);
     let kubeconfig =
         plane.service_account_kubeconfig_with_token(token.trim(), "coral-agent-node-a");
-    let _agent = support::process::Kill(
-        std::process::Command::new(env!("CARGO_BIN_EXE_coral"))
-            .args([
-                "agent",
-                "--node-name",
-                "node-a",
-                "--probe-listen",
-                "127.0.0.1:0",
-                "--debounce",
-                "50ms",
-            ])
-            .args(["--cri-socket", &containerd.address()])
-            .env("KUBECONFIG", &kubeconfig)
-            .env("KUBERNETES_SERVICE_HOST", "")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_coral"));
+    command
+        .args(["agent", "--node-name", "node-a", "--debounce", "50ms"])
+        .args(["--cri-socket", &containerd.address()])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("KUBERNETES_SERVICE_HOST", "");
+    let _agent = support::process::Daemon::spawn("agent of node-a", command);
 
     // It pulls the image through containerd, labels its Node and records its NodeImage.
     let key = label(&app);

@@ -98,7 +98,7 @@ struct System {
     plane: ControlPlane,
     registry: runtime::Registry,
     nodes: Vec<AgentNode>,
-    controllers: Vec<(String, Option<support::process::Kill>)>,
+    controllers: Vec<(String, Option<support::process::Daemon>)>,
     webhook: Option<Webhook>,
     webhook_kubeconfig: std::path::PathBuf,
     /// The images the ImageSet asks for, in order.
@@ -404,14 +404,7 @@ fn the_whole_system_converges_after_each_component_is_killed() {
         .map(|i| {
             let name = format!("node-{i}");
             plane.node(&name, json!({"pool": "web"}), json!([]), false);
-            AgentNode {
-                name,
-                containerd: runtime::Containerd::start(),
-                metrics: free_address(),
-                kubeconfig: agent_kubeconfig.clone(),
-                agent: None,
-                pulls_before: 0,
-            }
+            AgentNode::new(&name, &agent_kubeconfig)
         })
         .collect();
     let image_set = json!({

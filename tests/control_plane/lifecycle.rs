@@ -31,14 +31,7 @@ fn a_moved_tag_drifts_across_two_nodes_until_spec_refresh_and_pin_runs_the_agree
         .iter()
         .map(|name| {
             plane.node(name, json!({"pool": "web"}), json!([]), false);
-            AgentNode {
-                name: name.to_string(),
-                containerd: runtime::Containerd::start(),
-                metrics: free_address(),
-                kubeconfig: kubeconfig.clone(),
-                agent: None,
-                pulls_before: 0,
-            }
+            AgentNode::new(name, &kubeconfig)
         })
         .collect();
     let image_set = |refresh: Option<&str>| {
@@ -52,12 +45,8 @@ fn a_moved_tag_drifts_across_two_nodes_until_spec_refresh_and_pin_runs_the_agree
         })
     };
     apply(&plane, &image_set(None));
-    let probe = free_address();
-    let _controller = start_controller_with(
-        &plane,
-        "controller-0",
-        &["--probe-listen", &probe.to_string()],
-    );
+    let controller = start_controller(&plane, "controller-0");
+    let probe = controller.probes;
 
     // node-a pulls the tag, which then moves; node-b, starting later, pulls where it is now.
     nodes[0].start_agent();
@@ -131,6 +120,15 @@ fn a_moved_tag_drifts_across_two_nodes_until_spec_refresh_and_pin_runs_the_agree
         .unwrap_or(0.0)
     };
     assert_eq!(refreshes(&nodes[0], "moved"), 1.0);
+    // No image vanished: a pull that ended while the agent listed the runtime is not taken for
+    // gone and pulled again (which, with the tag moved meanwhile, would end the drift early).
+    for node in &nodes {
+        let vanished = metric(
+            &http_get(node.metrics, "/metrics"),
+            "coral_agent_vanished_images_total",
+        );
+        assert_eq!(vanished, Some(0.0), "{}", node.name);
+    }
     // node-b held the moved tag already: its refreshes find nothing to pull.
     wait_until("node-b refreshed", Duration::from_secs(30), || {
         refreshes(&nodes[1], "unchanged") >= 1.0
@@ -191,14 +189,10 @@ fn the_agent_removes_an_unwanted_image_after_its_grace_period_across_a_restart()
     let keep = registry.push("shop/keep", "1", "keep");
     let old = registry.push("shop/old", "1", "old");
     plane.node("node-a", json!({"pool": "web"}), json!([]), false);
-    let mut node = AgentNode {
-        name: "node-a".into(),
-        containerd: runtime::Containerd::start(),
-        metrics: free_address(),
-        kubeconfig: plane.service_account_kubeconfig("coral-system", "coral-agent"),
-        agent: None,
-        pulls_before: 0,
-    };
+    let mut node = AgentNode::new(
+        "node-a",
+        &plane.service_account_kubeconfig("coral-system", "coral-agent"),
+    );
     let image_set = |images: &[&String]| {
         json!({
             "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
@@ -310,16 +304,14 @@ fn a_copy_no_imageset_mirrors_is_deleted_after_its_retention_unless_a_pod_runs_i
         })
     };
     apply(&plane, &image_set(&images));
-    let probe = free_address();
     let flags = [
         "--mirror-retention",
         "3s",
         "--registry-probe-interval",
         "1s",
-        "--probe-listen",
-        &probe.to_string(),
     ];
-    let _controller = start_controller_with(&plane, "controller-0", &flags);
+    let controller = start_controller_with(&plane, "controller-0", &flags);
+    let probe = controller.probes;
     wait_until("all three mirrored", Duration::from_secs(60), || {
         let status = registry_object(&plane, "local")["status"].clone();
         status["mirroredImages"] == 3 && status["mirroredBytes"].as_i64().is_some_and(|b| b > 0)

@@ -149,13 +149,6 @@ fn image_set_status(plane: &ControlPlane) -> Value {
         .unwrap_or(Value::Null)
 }
 
-fn free_address() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// A plain HTTP GET; the whole answer, status line first (empty when nothing listens).
 fn http_get(address: std::net::SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
@@ -179,9 +172,10 @@ fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// A `coral controller` under the coral-controller ServiceAccount, killed when dropped.
-fn start_controller(plane: &ControlPlane, name: &str) -> support::process::Kill {
-    start_controller_with(plane, name, &["--probe-listen", "127.0.0.1:0"])
+/// A `coral controller` under the coral-controller ServiceAccount, killed when dropped; its
+/// probes and metrics at `.probes`.
+fn start_controller(plane: &ControlPlane, name: &str) -> support::process::Daemon {
+    start_controller_with(plane, name, &[])
 }
 
 /// The same, with more flags.
@@ -189,75 +183,72 @@ fn start_controller_with(
     plane: &ControlPlane,
     name: &str,
     extra: &[&str],
-) -> support::process::Kill {
-    support::process::Kill(
-        std::process::Command::new(env!("CARGO_BIN_EXE_coral"))
-            .args(["controller", "--pod-name", name, "--lease-duration", "3s"])
-            .args(["--debounce", "100ms", "--resync", "2s"])
-            .args(extra)
-            .env(
-                "KUBECONFIG",
-                plane.service_account_kubeconfig("coral-system", "coral-controller"),
-            )
-            .env("KUBERNETES_SERVICE_HOST", "")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+) -> support::process::Daemon {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_coral"));
+    command
+        .args(["controller", "--pod-name", name, "--lease-duration", "3s"])
+        .args(["--debounce", "100ms", "--resync", "2s"])
+        .args(extra)
+        .env(
+            "KUBECONFIG",
+            plane.service_account_kubeconfig("coral-system", "coral-controller"),
+        )
+        .env("KUBERNETES_SERVICE_HOST", "");
+    support::process::Daemon::spawn(&format!("controller {name}"), command)
 }
 
-/// `coral agent` for node `name` on `containerd`, its log in containerd's directory
-/// (`agent.log`).
+/// `coral agent` for node `name` on `containerd`; its probes and metrics at `.probes`.
 fn start_agent_process(
     name: &str,
     containerd: &runtime::Containerd,
-    metrics: std::net::SocketAddr,
     kubeconfig: &std::path::Path,
     extra: &[&str],
-) -> support::process::Kill {
-    let log = std::fs::File::create(containerd.dir.path().join("agent.log")).unwrap();
-    support::process::Kill(
-        std::process::Command::new(env!("CARGO_BIN_EXE_coral"))
-            .args(["agent", "--node-name", name, "--debounce", "50ms"])
-            .args(extra)
-            .args(["--cri-socket", &containerd.address()])
-            .args(["--probe-listen", &metrics.to_string()])
-            .args(["--initial-backoff", "500ms", "--max-backoff", "2s"])
-            .args(["--resync", "2s"])
-            .env("KUBECONFIG", kubeconfig)
-            .env("KUBERNETES_SERVICE_HOST", "")
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
+) -> support::process::Daemon {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_coral"));
+    command
+        .args(["agent", "--node-name", name, "--debounce", "50ms"])
+        .args(extra)
+        .args(["--cri-socket", &containerd.address()])
+        .args(["--initial-backoff", "500ms", "--max-backoff", "2s"])
+        .args(["--resync", "2s"])
+        .env("KUBECONFIG", kubeconfig)
+        .env("KUBERNETES_SERVICE_HOST", "");
+    support::process::Daemon::spawn(&format!("agent of {name}"), command)
 }
 
 /// One containerd "node" with its `coral agent`.
 struct AgentNode {
     name: String,
     containerd: runtime::Containerd,
+    /// Where the agent's metrics answer (its last life's, once killed).
     metrics: std::net::SocketAddr,
     kubeconfig: std::path::PathBuf,
-    agent: Option<support::process::Kill>,
+    agent: Option<support::process::Daemon>,
     /// Successful pulls of the agent's earlier lives.
     pulls_before: u64,
 }
 
 impl AgentNode {
+    /// A node `name` with a containerd of its own and no agent yet.
+    fn new(name: &str, kubeconfig: &std::path::Path) -> Self {
+        Self {
+            name: name.to_string(),
+            containerd: runtime::Containerd::start(),
+            metrics: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            kubeconfig: kubeconfig.to_path_buf(),
+            agent: None,
+            pulls_before: 0,
+        }
+    }
+
     fn start_agent(&mut self) {
         self.start_agent_with(&[]);
     }
 
     fn start_agent_with(&mut self, extra: &[&str]) {
-        self.agent = Some(start_agent_process(
-            &self.name,
-            &self.containerd,
-            self.metrics,
-            &self.kubeconfig,
-            extra,
-        ));
+        let agent = start_agent_process(&self.name, &self.containerd, &self.kubeconfig, extra);
+        self.metrics = agent.probes;
+        self.agent = Some(agent);
     }
 
     /// Successful pulls of the running agent, from its metrics.
@@ -376,7 +367,7 @@ fn webhook_configurations(port: u16) -> Vec<Value> {
 struct Steering {
     /// Both run until the Steering is dropped.
     _webhook: Webhook,
-    _controller: support::process::Kill,
+    _controller: support::process::Daemon,
     controller_probes: std::net::SocketAddr,
 }
 
@@ -417,36 +408,19 @@ impl Steering {
         }
         // The controller, under its own ServiceAccount: the webhook's certificate and caBundle,
         // status, stranded workloads, retiring.
-        let controller_probes = free_address();
-        let controller = support::process::Kill(
-            std::process::Command::new(env!("CARGO_BIN_EXE_coral"))
-                .args([
-                    "controller",
-                    "--pod-name",
-                    "controller-0",
-                    "--debounce",
-                    "100ms",
-                    "--resync",
-                    "2s",
-                    "--cleanup-timeout",
-                    "1s",
-                    "--manage-webhook-certs",
-                    // The certificate names the Service; here the webhook is reached as localhost.
-                    "--webhook-service",
-                    "localhost",
-                ])
-                .arg("--probe-listen")
-                .arg(controller_probes.to_string())
-                .env(
-                    "KUBECONFIG",
-                    plane.service_account_kubeconfig("coral-system", "coral-controller"),
-                )
-                .env("KUBERNETES_SERVICE_HOST", "")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap(),
+        let controller = start_controller_with(
+            plane,
+            "controller-0",
+            &[
+                "--cleanup-timeout",
+                "1s",
+                "--manage-webhook-certs",
+                // The certificate names the Service; here the webhook is reached as localhost.
+                "--webhook-service",
+                "localhost",
+            ],
         );
+        let controller_probes = controller.probes;
         wait_until(
             "the controller is ready (every watch listed: its RBAC is enough)",
             Duration::from_secs(30),

@@ -22,17 +22,11 @@ fn mirror_status(plane: &ControlPlane) -> (Value, String) {
 fn start_mirroring_controller(
     plane: &ControlPlane,
     name: &str,
-) -> (support::process::Kill, std::net::SocketAddr) {
-    let probe = free_address();
-    let flags = [
-        "--mirror-recheck",
-        "2s",
-        "--registry-probe-interval",
-        "1s",
-        "--probe-listen",
-        &probe.to_string(),
-    ];
-    (start_controller_with(plane, name, &flags), probe)
+) -> (support::process::Daemon, std::net::SocketAddr) {
+    let flags = ["--mirror-recheck", "2s", "--registry-probe-interval", "1s"];
+    let controller = start_controller_with(plane, name, &flags);
+    let probe = controller.probes;
+    (controller, probe)
 }
 
 #[test]
@@ -270,16 +264,8 @@ fn a_pod_runs_the_mirrors_copy_which_containerd_pulls_with_the_source_stopped() 
             }),
         );
     }
-    let _controller = start_controller_with(
-        &plane,
-        "controller-0",
-        &[
-            "--registry-probe-interval",
-            "1s",
-            "--probe-listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let _controller =
+        start_controller_with(&plane, "controller-0", &["--registry-probe-interval", "1s"]);
     wait_until("the public image mirrored", Duration::from_secs(60), || {
         image_set_status_of(&plane, "cache")["images"][0]["mirror"]["state"] == "mirrored"
     });

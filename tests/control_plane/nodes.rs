@@ -131,17 +131,9 @@ fn a_steered_pod_starts_from_the_image_the_agent_pulled_with_the_source_stopped(
 
     // The agents, one per node on its containerd; the ImageSet selects node-a only.
     let kubeconfig = plane.service_account_kubeconfig("coral-system", "coral-agent");
-    let _agents: Vec<support::process::Kill> = nodes
+    let _agents: Vec<support::process::Daemon> = nodes
         .iter()
-        .map(|node| {
-            start_agent_process(
-                &node.name,
-                &node.containerd,
-                free_address(),
-                &kubeconfig,
-                &[],
-            )
-        })
+        .map(|node| start_agent_process(&node.name, &node.containerd, &kubeconfig, &[]))
         .collect();
     apply(
         &plane,
