@@ -10,10 +10,11 @@ export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 . scripts/need-packages.sh
 # protoc builds the CRI types; the rest run for real in the tests: containerd with its CRI
 # plugin and runc, an OCI registry, umoci and skopeo to build and push images, htpasswd for
-# registry auth; the real nodes' pod network (the CNI plugins, ip, unshare).
+# registry auth; the real nodes' pod network (the CNI plugins, ip, unshare); strip for the
+# binary the Coral image is built from.
 need_packages protoc:protobuf-compiler containerd:containerd runc:runc \
   docker-registry:docker-registry umoci:umoci skopeo:skopeo htpasswd:apache2-utils \
-  /usr/lib/cni/bridge:containernetworking-plugins ip:iproute2 unshare:util-linux
+  /usr/lib/cni/bridge:containernetworking-plugins ip:iproute2 unshare:util-linux strip:binutils
 
 echo "== fuzz/Cargo.lock matches the crate's dependencies"
 if ! cargo metadata --quiet --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null; then
@@ -41,19 +42,24 @@ else
   echo "error: helm did not build" >&2
   exit "$status"
 fi
-echo "== control plane: kube-apiserver, etcd, kube-scheduler, kube-controller-manager"
+echo "== control plane and real nodes: kube-apiserver, etcd, kube-scheduler, kube-controller-manager, kubelet; BuildKit"
 status=0
+started=$(date +%s)
 bin=$(bash scripts/control-plane.sh) || status=$?
+echo "control plane and kubelet: ready in $(( $(date +%s) - started )) s"
 if [ "$status" -eq 0 ]; then
+  started=$(date +%s)
+  buildkit=$(bash scripts/buildkit.sh)
+  echo "BuildKit: ready in $(( $(date +%s) - started )) s"
   cargo test --locked --no-run --test control_plane
   started=$(date +%s)
   # One control plane at a time: two would share the two cores. The tests run in a network
   # namespace of their own, holding only loopback and the real nodes' veths and bridges: no
   # packet of theirs can leave the machine.
-  CORAL_CONTROL_PLANE_BIN="$bin" CORAL_HELM_BIN="$helm" \
+  CORAL_CONTROL_PLANE_BIN="$bin" CORAL_HELM_BIN="$helm" CORAL_BUILDKIT_BIN="$buildkit" \
     unshare --net -- sh -c 'ip link set lo up && exec "$@"' sh \
     cargo test --locked --offline --test control_plane -- --ignored --test-threads=1 --nocapture
-  echo "control-plane tests (real nodes among them) ran in $(( $(date +%s) - started )) s"
+  echo "control-plane tests (real nodes and the image build among them) ran in $(( $(date +%s) - started )) s"
 elif [ "$status" -eq 3 ]; then
   echo "control-plane tests: NOT RUN (Go is missing; see above)"
 else

@@ -32,6 +32,10 @@ use support::{Webhook, get_probe};
 #[allow(dead_code)]
 mod node;
 
+#[path = "../support/buildkit.rs"]
+#[allow(dead_code)]
+mod buildkit;
+
 mod agent;
 mod controller;
 mod install;

@@ -452,8 +452,43 @@ impl Registry {
         )
     }
 
-    /// Pushes an image of `files` (path in the root filesystem, content, mode), with an
-    /// optional entrypoint; returns its reference.
+    /// Pushes a base image for `binary` made from what the machine has: the shared libraries
+    /// `ldd` names for it, `/etc/passwd` and `/etc/group` with `nonroot` (65532) as distroless
+    /// has it, and `/tmp`. What a Dockerfile's `BASE_IMAGE` is given where no base can be
+    /// pulled.
+    pub fn push_base(&self, name: &str, tag: &str, binary: &Path) -> String {
+        let ldd = Command::new("ldd").arg(binary).output().expect("ldd runs");
+        assert!(ldd.status.success(), "ldd {}", binary.display());
+        let libraries: Vec<String> = String::from_utf8_lossy(&ldd.stdout)
+            .lines()
+            .filter_map(|line| {
+                let path = match line.split_once("=>") {
+                    Some((_, resolved)) => resolved.split_whitespace().next()?,
+                    None => line.split_whitespace().next()?,
+                };
+                path.starts_with('/').then(|| path.to_string())
+            })
+            .collect();
+        let contents: Vec<Vec<u8>> = libraries
+            .iter()
+            .map(|path| std::fs::read(path).unwrap())
+            .collect();
+        let passwd = b"root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n";
+        let group = b"root:x:0:\nnonroot:x:65532:\n";
+        let mut files: Vec<(&str, &[u8], u32)> = vec![
+            ("etc/passwd", passwd, 0o644),
+            ("etc/group", group, 0o644),
+            ("tmp/", b"", 0o1777),
+            ("home/nonroot/", b"", 0o755),
+        ];
+        for (path, content) in libraries.iter().zip(&contents) {
+            files.push((path.trim_start_matches('/'), content, 0o755));
+        }
+        self.push_files(name, tag, &files, None)
+    }
+
+    /// Pushes an image of `files` (path in the root filesystem, content, mode; a path ending
+    /// in `/` is a directory), with an optional entrypoint; returns its reference.
     pub fn push_files(
         &self,
         name: &str,
@@ -486,6 +521,13 @@ impl Registry {
         );
         for (path, content, mode) in files {
             use std::os::unix::fs::PermissionsExt;
+            if let Some(dir) = path.strip_suffix('/') {
+                // A directory of its own (with its mode: /tmp's 1777, say).
+                let dir = bundle.join("rootfs").join(dir);
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(*mode)).unwrap();
+                continue;
+            }
             let file = bundle.join("rootfs").join(path);
             std::fs::create_dir_all(file.parent().unwrap()).unwrap();
             std::fs::write(&file, content).unwrap();
