@@ -14,9 +14,15 @@
 //! runs with `failCgroupV1: false`, the `cgroupfs` driver, and a `cgroupRoot` of its own made
 //! beforehand in every hierarchy.
 //!
+//! **Mounts.** Each node's containerd and kubelet share a mount namespace of their own, with a
+//! private `/run` holding `/run/containerd/containerd.sock` (a link to that node's socket), so
+//! that a hostPath of that path, as Coral's agent DaemonSet has it, reaches the node's own
+//! runtime; what they mount for pods stays in that namespace.
+//!
 //! **Cleanup.** Dropping a node kills its kubelet, stops and removes its pods through the CRI,
-//! stops containerd and kills its shims and their processes, unmounts what was mounted under
-//! its directory, removes its cgroups, its veth and bridge and the kubelet's log links. A node
+//! stops containerd and kills its shims and their processes, ends its mount namespace (and so
+//! its mounts), unmounts what is still mounted under its directory, removes its cgroups, its
+//! veth and bridge and the kubelet's log links. A node
 //! whose cleanup failed leaves its name behind (in a cgroup, a mount, an interface); the next
 //! node refuses to start, naming it, so a leak fails the next run loudly.
 
@@ -435,7 +441,16 @@ impl Node {
             .append(true)
             .open(self.dir.join("kubelet.log"))
             .unwrap();
-        let child = Command::new(self.kubelet_command.as_ref().unwrap())
+        // In its containerd's mount namespace, as on a real node: what it mounts for pods
+        // (volumes, the service-account token) is what their containers get.
+        let namespace = self
+            .containerd
+            .mount_namespace()
+            .expect("a node's containerd");
+        let child = Command::new("nsenter")
+            .arg(format!("--mount={}", namespace.display()))
+            .arg("--")
+            .arg(self.kubelet_command.as_ref().unwrap())
             .args(&self.kubelet_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -675,6 +690,7 @@ impl Drop for Node {
         self.containerd.stop();
         self.containerd.kill_shims();
         self.kill_cgroup_processes();
+        self.containerd.end_mount_namespace();
         self.unmount();
         self.remove_cgroups();
         self.remove_interfaces();

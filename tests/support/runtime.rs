@@ -41,6 +41,9 @@ fn stop(child: &mut Option<Child>) {
 pub struct Containerd {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
+    /// The process holding the mount namespace a node's containerd runs in (see
+    /// [`Containerd::start_for_node`]).
+    namespace: Option<Child>,
 }
 
 impl Containerd {
@@ -60,7 +63,12 @@ impl Containerd {
 
     /// The containerd of a real node, in `dir`: its pod sandboxes run `sandbox_image`, and
     /// pods get their network from the CNI configuration `conflist` with the machine's CNI
-    /// plugins (`/usr/lib/cni`).
+    /// plugins (`/usr/lib/cni`). It runs in a mount namespace of its own, which outlives its
+    /// restarts (its kubelet joins it: [`Containerd::mount_namespace`]), with a `/run` of its
+    /// own where
+    /// `/run/containerd/containerd.sock` is its socket, as on a real node: a hostPath of that
+    /// path (Coral's agent DaemonSet) reaches each node's own runtime. What it and its
+    /// containers mount there goes with the namespace, when its last process ends.
     pub fn start_for_node(dir: tempfile::TempDir, sandbox_image: &str, conflist: &str) -> Self {
         Self::start_in(dir, Some(sandbox_image), Some(conflist))
     }
@@ -124,13 +132,49 @@ state = "{d}/state"
             ),
         )
         .unwrap();
-        let mut containerd = Self { child: None, dir };
+        let namespace = conflist.is_some().then(|| {
+            let socket = dir.path().join("containerd.sock");
+            // The holder is named after the node's directory, so that a leftover is found.
+            let holder = Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "--", "bash", "-c"])
+                .arg(concat!(
+                    "mount -t tmpfs -o mode=755 coral-node-run /run && mkdir /run/containerd ",
+                    "&& ln -s \"$1\" /run/containerd/containerd.sock ",
+                    "&& exec -a \"mount namespace of $1\" sleep infinity"
+                ))
+                .arg("bash")
+                .arg(&socket)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("unshare runs");
+            let link = format!("/proc/{}/root/run/containerd/containerd.sock", holder.id());
+            wait_until(
+                "the node's mount namespace",
+                Duration::from_secs(10),
+                || std::fs::symlink_metadata(&link).is_ok(),
+            );
+            holder
+        });
+        let mut containerd = Self {
+            child: None,
+            dir,
+            namespace,
+        };
         containerd.resume();
         containerd
     }
 
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("containerd.sock")
+    }
+
+    /// The mount namespace a node's containerd runs in (`/proc/PID/ns/mnt` of the process
+    /// holding it), for its kubelet to join.
+    pub fn mount_namespace(&self) -> Option<PathBuf> {
+        self.namespace
+            .as_ref()
+            .map(|holder| PathBuf::from(format!("/proc/{}/ns/mnt", holder.id())))
     }
 
     /// `unix://…` address of the CRI socket.
@@ -147,9 +191,20 @@ state = "{d}/state"
     /// Starts containerd again on the same directory and socket.
     pub fn resume(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(self.dir.path().join("config.toml"))
+        let config = self.dir.path().join("config.toml");
+        let mut command = match self.mount_namespace() {
+            Some(namespace) => {
+                let mut command = Command::new("nsenter");
+                command
+                    .arg(format!("--mount={}", namespace.display()))
+                    .arg("--");
+                command.arg("containerd");
+                command
+            }
+            None => Command::new("containerd"),
+        };
+        command.arg("--config").arg(&config);
+        let child = command
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -212,6 +267,15 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         self.stop();
         self.kill_shims();
+        self.end_mount_namespace();
+    }
+}
+
+impl Containerd {
+    /// Ends a node's mount namespace: what was mounted in it goes with its last process
+    /// (call once containerd, its shims and the kubelet are gone).
+    pub fn end_mount_namespace(&mut self) {
+        stop(&mut self.namespace);
     }
 }
 
