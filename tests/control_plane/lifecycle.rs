@@ -3,22 +3,6 @@
 
 use super::*;
 
-/// The condition `kind` of a status, as (status, message).
-fn condition_of(status: &Value, kind: &str) -> (String, String) {
-    status["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["type"] == kind)
-        .map(|c| {
-            (
-                c["status"].as_str().unwrap_or_default().to_string(),
-                c["message"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 #[ignore = "needs the control plane built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN); scripts/test.sh runs it"]
 fn a_moved_tag_drifts_across_two_nodes_until_spec_refresh_and_pin_runs_the_agreed_digest() {

@@ -502,3 +502,19 @@ impl Steering {
         }
     }
 }
+
+/// The condition `kind` of a status, as (status, message).
+fn condition_of(status: &Value, kind: &str) -> (String, String) {
+    status["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == kind)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_string(),
+                c["message"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .unwrap_or_default()
+}

@@ -23,6 +23,10 @@ use serde_json::{Value, json};
 /// Where `scripts/control-plane.sh` put the binaries, when it ran.
 pub const BIN_ENV: &str = "CORAL_CONTROL_PLANE_BIN";
 
+/// The API server's address for Pods, in a control plane with kubelets: on loopback of the
+/// tests' own network namespace, routed to from the pod networks (`tests/support/node.rs`).
+pub const POD_REACHABLE_ADDRESS: &str = "10.210.0.1";
+
 /// A component of the control plane, with what it was started with.
 struct Component {
     name: &'static str,
@@ -39,6 +43,8 @@ pub struct ControlPlane {
     /// The cluster's certificate authority: it signs the kubelets' client certificates.
     ca: CertifiedIssuer<'static, KeyPair>,
     pub url: String,
+    /// The API server's port.
+    pub port: u16,
     /// An admin (system:masters) kubeconfig.
     pub kubeconfig: PathBuf,
     pub startup: Duration,
@@ -109,6 +115,9 @@ impl ControlPlane {
     }
 
     fn start_with(bin: &Path, kubelets: bool) -> Self {
+        if kubelets {
+            assert_isolated();
+        }
         let started = Instant::now();
         let dir = tempfile::tempdir().unwrap();
         let path = |name: &str| dir.path().join(name);
@@ -124,6 +133,7 @@ impl ControlPlane {
         let serving_key = KeyPair::generate().unwrap();
         let serving = CertificateParams::new(vec![
             "127.0.0.1".to_string(),
+            POD_REACHABLE_ADDRESS.to_string(),
             "localhost".to_string(),
             "kubernetes.default.svc".to_string(),
         ])
@@ -145,6 +155,7 @@ impl ControlPlane {
         let mut plane = Self {
             processes: Vec::new(),
             url: url.clone(),
+            port: api_port,
             kubeconfig: path("admin.kubeconfig"),
             startup: Duration::ZERO,
             dir,
@@ -187,14 +198,38 @@ impl ControlPlane {
                 "--unsafe-no-fsync".into(),
             ],
         );
+        // With kubelets, Pods reach the API server too: it listens on every address of the
+        // tests' own network namespace and advertises one the Pods have a route to, and it
+        // calls webhooks at their Service's endpoints (no kube-proxy routes Service IPs).
+        let (bind, advertise) = if kubelets {
+            let output = Command::new("ip")
+                .args([
+                    "addr",
+                    "replace",
+                    &format!("{POD_REACHABLE_ADDRESS}/32"),
+                    "dev",
+                    "lo",
+                ])
+                .output()
+                .expect("ip runs");
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            ("0.0.0.0", POD_REACHABLE_ADDRESS)
+        } else {
+            ("127.0.0.1", "127.0.0.1")
+        };
         plane.spawn(
             "kube-apiserver",
             bin,
             &[
                 format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
                 format!("--secure-port={api_port}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
+                format!("--bind-address={bind}"),
+                format!("--advertise-address={advertise}"),
+                format!("--enable-aggregator-routing={kubelets}"),
                 format!("--tls-cert-file={}", arg("apiserver.crt")),
                 format!("--tls-private-key-file={}", arg("apiserver.key")),
                 format!("--client-ca-file={}", arg("ca.crt")),
@@ -456,6 +491,42 @@ impl ControlPlane {
             &spec.to_string(),
         ]);
     }
+}
+
+/// The network interfaces of this process's network namespace (from `/proc/net/dev`, which
+/// is per namespace; `/sys/class/net` shows the namespace that mounted `/sys`).
+pub fn interfaces() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/net/dev")
+        .unwrap()
+        .lines()
+        .skip(2)
+        .filter_map(|line| Some(line.split_once(':')?.0.trim().to_string()))
+        .collect()
+}
+
+/// Whether an interface is one a node made: its veth or bridge (`cn…`), or a pod's end of a
+/// veth the CNI bridge plugin made (`veth…`).
+fn ours(interface: &str) -> bool {
+    interface == "lo" || interface.starts_with("cn") || interface.starts_with("veth")
+}
+
+/// Panics unless this is a network namespace holding only loopback and node interfaces.
+pub fn assert_isolated() {
+    let foreign: Vec<String> = interfaces().into_iter().filter(|i| !ours(i)).collect();
+    assert!(
+        foreign.is_empty(),
+        "real nodes run only in a network namespace of their own, where nothing routes off the \
+         machine; this one has {foreign:?}. Run the tests as scripts/test.sh does: \
+         unshare --net sh -c 'ip link set lo up && exec cargo test --test control_plane -- --ignored'"
+    );
+    let loopback = Command::new("ip")
+        .args(["-o", "link", "show", "lo"])
+        .output()
+        .expect("ip runs");
+    assert!(
+        String::from_utf8_lossy(&loopback.stdout).contains(",UP"),
+        "loopback is down in this network namespace: ip link set lo up"
+    );
 }
 
 /// Kills a process, if there is one, and waits for it.

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::runtime::Containerd;
-use crate::support::control_plane::ControlPlane;
+use crate::support::control_plane::{ControlPlane, interfaces};
 
 /// What every node's directory, cgroup root and interfaces are named after.
 const PREFIX: &str = "coral-node-";
@@ -92,39 +92,6 @@ fn run_ok(program: &str, args: &[&str]) {
         "{program} {}: {}",
         args.join(" "),
         String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// The network interfaces of this process's network namespace (from `/proc/net/dev`, which
-/// is per namespace; `/sys/class/net` shows the namespace that mounted `/sys`).
-fn interfaces() -> Vec<String> {
-    std::fs::read_to_string("/proc/self/net/dev")
-        .unwrap()
-        .lines()
-        .skip(2)
-        .filter_map(|line| Some(line.split_once(':')?.0.trim().to_string()))
-        .collect()
-}
-
-/// Whether an interface is one a node made: its veth or bridge (`cn…`), or a pod's end of a
-/// veth the CNI bridge plugin made (`veth…`).
-fn ours(interface: &str) -> bool {
-    interface == "lo" || interface.starts_with("cn") || interface.starts_with("veth")
-}
-
-/// Panics unless this is a network namespace holding only loopback and node interfaces.
-pub fn assert_isolated() {
-    let foreign: Vec<String> = interfaces().into_iter().filter(|i| !ours(i)).collect();
-    assert!(
-        foreign.is_empty(),
-        "real nodes run only in a network namespace of their own, where nothing routes off the \
-         machine; this one has {foreign:?}. Run the tests as scripts/test.sh does: \
-         unshare --net sh -c 'ip link set lo up && exec cargo test --test control_plane -- --ignored'"
-    );
-    let loopback = run("ip", &["-o", "link", "show", "lo"]);
-    assert!(
-        String::from_utf8_lossy(&loopback.stdout).contains(",UP"),
-        "loopback is down in this network namespace: ip link set lo up"
     );
 }
 
@@ -219,7 +186,7 @@ impl Node {
         sandbox_image: &str,
         options: &NodeOptions,
     ) -> Self {
-        assert_isolated();
+        crate::support::control_plane::assert_isolated();
         let left = leftovers();
         assert!(
             left.is_empty(),
@@ -382,8 +349,13 @@ fn conflist(bridge: &str, n: u32) -> String {
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": format!("10.212.{n}.0/24")}]],
-                    // Pods reach each other and the nodes; nothing else has a route.
-                    "routes": [{"dst": "10.212.0.0/16"}, {"dst": "10.211.0.0/16"}],
+                    // Pods reach each other, the nodes and the API server; nothing else has
+                    // a route.
+                    "routes": [
+                        {"dst": "10.212.0.0/16"},
+                        {"dst": "10.211.0.0/16"},
+                        {"dst": format!("{}/32", crate::support::control_plane::POD_REACHABLE_ADDRESS)},
+                    ],
                 },
             },
             {"type": "portmap", "capabilities": {"portMappings": true}},
