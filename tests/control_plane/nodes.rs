@@ -546,3 +546,153 @@ fn the_helm_chart_runs_on_real_nodes() {
     install(&plane, for_real_nodes(&plane, objects, &image));
     wait_coral_ready(&plane, &namespace, 2, "the Helm chart");
 }
+
+/// A pull secret `name` in `namespace` for `registry`'s user.
+fn pull_secret(plane: &ControlPlane, namespace: &str, name: &str, registry: &runtime::Registry) {
+    use base64::Engine as _;
+    let config = runtime::docker_config(&registry.host(), "coral", "s3cret");
+    apply(
+        plane,
+        &json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+            "metadata": {"name": name, "namespace": namespace},
+            "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(config)},
+        }),
+    );
+}
+
+#[test]
+#[ignore = "needs the control plane and kubelet built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN), in a network namespace of its own; scripts/test.sh runs it"]
+fn a_private_image_coral_pulled_does_not_start_for_a_pod_without_its_credentials() {
+    let plane = node_control_plane();
+    let infra = runtime::Registry::start(None);
+    let sandbox = infra.push_pause("pause", "1");
+    let private = runtime::Registry::start(Some(("coral", "s3cret")));
+    let app = private.push_runnable("team-a/app", "1", "private");
+    // The kubelet checks a pod's own credentials before it starts an image it did not pull
+    // with them (KEP-2535), also one it did not pull itself.
+    let node = Node::start(
+        &plane,
+        &control_plane_binaries(),
+        "node-a",
+        &sandbox,
+        &NodeOptions {
+            labels: vec![("pool".into(), "a".into())],
+            config: json!({
+                "featureGates": {"KubeletEnsureSecretPulledImages": true},
+                "imagePullCredentialsVerificationPolicy": "AlwaysVerify",
+            }),
+        },
+    );
+    // node-b keeps the kubelet's default, NeverVerifyPreloadedImages: the image its runtime
+    // holds, which the kubelet did not pull, is not checked there.
+    let unchecked = real_node(&plane, "node-b", "a", &sandbox);
+    for namespace in ["team-a", "team-b"] {
+        plane.kubectl_ok(&["create", "namespace", namespace]);
+    }
+    pull_secret(&plane, "team-a", "regcred", &private);
+    apply(
+        &plane,
+        &json!({
+            "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
+            "metadata": {"name": "private", "namespace": "team-a"},
+            "spec": {
+                "images": [app], "imagePullSecrets": [{"name": "regcred"}],
+                "nodeSelector": {"matchLabels": {"pool": "a"}},
+            },
+        }),
+    );
+    let _controller = start_controller(&plane, "controller-0");
+    let kubeconfig = plane.service_account_kubeconfig("coral-system", "coral-agent");
+    let _agents = [
+        start_agent_process("node-a", &node.containerd, &kubeconfig, &[]),
+        start_agent_process("node-b", &unchecked.containerd, &kubeconfig, &[]),
+    ];
+    wait_until(
+        "the agents pulled the private image with team-a's secret",
+        Duration::from_secs(60),
+        || {
+            ["node-a", "node-b"].iter().all(|node| {
+                let labels: Value = serde_json::from_str(&plane.kubectl_ok(&[
+                    "get",
+                    "node",
+                    node,
+                    "-o",
+                    "jsonpath={.metadata.labels}",
+                ]))
+                .unwrap_or(Value::Null);
+                labels[label(&app)] == "available"
+            })
+        },
+    );
+
+    // team-b has no credentials and is not steered by Coral: forced onto the node that holds
+    // the image, its container is refused.
+    let pod = |namespace: &str, name: &str, node: &str, secrets: Value| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "nodeName": node, "imagePullSecrets": secrets,
+                "containers": [{"name": "c0", "image": app, "imagePullPolicy": "IfNotPresent"}],
+            },
+        })
+    };
+    apply(&plane, &pod("team-b", "app", "node-a", json!([])));
+    let mut refused = Value::Null;
+    wait_until(
+        "team-b's container refused the image",
+        Duration::from_secs(60),
+        || {
+            refused = self::pod(&plane, "team-b", "app");
+            matches!(
+                refused["status"]["containerStatuses"][0]["state"]["waiting"]["reason"].as_str(),
+                Some("ErrImagePull" | "ImagePullBackOff")
+            )
+        },
+    );
+    let events = events_of(&plane, "team-b", "app");
+    println!(
+        "team-b pod: phase {}, waiting {}, events {events:#?}",
+        refused["status"]["phase"],
+        refused["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+    );
+    assert_eq!(refused["status"]["phase"], "Pending", "{refused}");
+
+    // The control: team-a's own Pod, with the credentials, starts from the same image.
+    apply(
+        &plane,
+        &pod("team-a", "app", "node-a", json!([{"name": "regcred"}])),
+    );
+    let mut started = Value::Null;
+    wait_until(
+        "team-a's Pod Running and Ready",
+        Duration::from_secs(60),
+        || {
+            started = self::pod(&plane, "team-a", "app");
+            running_and_ready(&started)
+        },
+    );
+    println!(
+        "team-a pod: phase {}, events {:#?}",
+        started["status"]["phase"],
+        events_of(&plane, "team-a", "app")
+    );
+
+    // Why AlwaysVerify: on node-b, with the default policy, team-b's Pod starts from the image
+    // Coral pulled with team-a's credentials.
+    apply(&plane, &pod("team-b", "unchecked", "node-b", json!([])));
+    let mut unverified = Value::Null;
+    wait_until(
+        "team-b's Pod Running on node-b",
+        Duration::from_secs(60),
+        || {
+            unverified = self::pod(&plane, "team-b", "unchecked");
+            running_and_ready(&unverified)
+        },
+    );
+    println!(
+        "team-b pod on node-b (NeverVerifyPreloadedImages): phase {}",
+        unverified["status"]["phase"]
+    );
+}
