@@ -15,8 +15,8 @@
 //! beforehand in every hierarchy.
 //!
 //! **Mounts.** Each node's containerd and kubelet share a mount namespace of their own, with a
-//! private `/run` holding `/run/containerd/containerd.sock` (a link to that node's socket), so
-//! that a hostPath of that path, as Coral's agent DaemonSet has it, reaches the node's own
+//! private `/run` where containerd listens on `/run/containerd/containerd.sock`, so that a
+//! hostPath of `/run/containerd`, as Coral's agent DaemonSet has it, reaches the node's own
 //! runtime; what they mount for pods stays in that namespace.
 //!
 //! **Cleanup.** Dropping a node kills its kubelet, stops and removes its pods through the CRI,
@@ -267,7 +267,8 @@ impl Node {
             "cgroupRoot": cgroup_root,
             "cgroupsPerQOS": true,
             "enforceNodeAllocatable": [],
-            "containerRuntimeEndpoint": node.containerd.address(),
+            // The kubelet runs in its containerd's mount namespace.
+            "containerRuntimeEndpoint": format!("unix://{}", crate::runtime::NODE_SOCKET),
             "address": ip,
             "port": 10250,
             "readOnlyPort": 0,

@@ -37,6 +37,9 @@ fn stop(child: &mut Option<Child>) {
     }
 }
 
+/// Where a node's containerd listens, in its mount namespace.
+pub const NODE_SOCKET: &str = "/run/containerd/containerd.sock";
+
 /// A containerd with its CRI plugin, all state under a temp directory.
 pub struct Containerd {
     child: Option<Child>,
@@ -65,10 +68,12 @@ impl Containerd {
     /// pods get their network from the CNI configuration `conflist` with the machine's CNI
     /// plugins (`/usr/lib/cni`). It runs in a mount namespace of its own, which outlives its
     /// restarts (its kubelet joins it: [`Containerd::mount_namespace`]), with a `/run` of its
-    /// own where
-    /// `/run/containerd/containerd.sock` is its socket, as on a real node: a hostPath of that
-    /// path (Coral's agent DaemonSet) reaches each node's own runtime. What it and its
-    /// containers mount there goes with the namespace, when its last process ends.
+    /// own where it listens on `/run/containerd/containerd.sock`, as on a real node: a
+    /// hostPath of `/run/containerd` (Coral's agent DaemonSet) reaches each node's own
+    /// runtime, also after the runtime restarts and makes a new socket. From outside the
+    /// namespace the socket is reached through the holder's root ([`Containerd::socket`]).
+    /// What containerd and its containers mount goes with the namespace, when its last
+    /// process ends.
     pub fn start_for_node(dir: tempfile::TempDir, sandbox_image: &str, conflist: &str) -> Self {
         Self::start_in(dir, Some(sandbox_image), Some(conflist))
     }
@@ -84,6 +89,11 @@ impl Containerd {
         let sandbox = sandbox_image.map_or(String::new(), |i| {
             format!("sandbox_image = {i:?}\n  restrict_oom_score_adj = true")
         });
+        let address = if conflist.is_some() {
+            NODE_SOCKET.to_string()
+        } else {
+            format!("{d}/containerd.sock")
+        };
         // A node's pod network namespaces live under its state directory, not /run/netns.
         let netns = if conflist.is_some() {
             "\n  netns_mounts_under_state_dir = true"
@@ -118,7 +128,7 @@ state = "{d}/state"
   stats_collect_period = 1
   {sandbox}{netns}
 [grpc]
-  address = "{d}/containerd.sock"
+  address = "{address}"
 [plugins."io.containerd.grpc.v1.cri".containerd]
   snapshotter = "native"
 [plugins."io.containerd.grpc.v1.cri".cni]
@@ -133,26 +143,24 @@ state = "{d}/state"
         )
         .unwrap();
         let namespace = conflist.is_some().then(|| {
-            let socket = dir.path().join("containerd.sock");
-            // The holder is named after the node's directory, so that a leftover is found.
+            // The holder is named after containerd's directory, so that a leftover is found.
             let holder = Command::new("unshare")
                 .args(["--mount", "--propagation", "private", "--", "bash", "-c"])
                 .arg(concat!(
                     "mount -t tmpfs -o mode=755 coral-node-run /run && mkdir /run/containerd ",
-                    "&& ln -s \"$1\" /run/containerd/containerd.sock ",
                     "&& exec -a \"mount namespace of $1\" sleep infinity"
                 ))
                 .arg("bash")
-                .arg(&socket)
+                .arg(dir.path())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .spawn()
                 .expect("unshare runs");
-            let link = format!("/proc/{}/root/run/containerd/containerd.sock", holder.id());
+            let run = format!("/proc/{}/root/run/containerd", holder.id());
             wait_until(
                 "the node's mount namespace",
                 Duration::from_secs(10),
-                || std::fs::symlink_metadata(&link).is_ok(),
+                || std::path::Path::new(&run).is_dir(),
             );
             holder
         });
@@ -165,8 +173,12 @@ state = "{d}/state"
         containerd
     }
 
+    /// The CRI socket, as this process reaches it.
     pub fn socket(&self) -> PathBuf {
-        self.dir.path().join("containerd.sock")
+        match &self.namespace {
+            Some(holder) => PathBuf::from(format!("/proc/{}/root{NODE_SOCKET}", holder.id())),
+            None => self.dir.path().join("containerd.sock"),
+        }
     }
 
     /// The mount namespace a node's containerd runs in (`/proc/PID/ns/mnt` of the process
@@ -307,9 +319,20 @@ impl Containerd {
                 ))
             })
             .collect();
+        // A node's shims run in its mount namespace (their command line names the socket
+        // there, not the directory); the others name the directory.
+        let namespace = self.namespace.as_ref().map(|holder| holder.id());
+        let mount_ns = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+        let node_ns = namespace.and_then(mount_ns);
         let mut ours: Vec<u32> = processes
             .iter()
-            .filter(|(_, _, cmdline)| cmdline.contains("containerd-shim") && cmdline.contains(&dir))
+            .filter(|(pid, _, cmdline)| {
+                cmdline.contains("containerd-shim")
+                    && match &node_ns {
+                        Some(ns) => Some(*pid) != namespace && mount_ns(*pid).as_ref() == Some(ns),
+                        None => cmdline.contains(&dir),
+                    }
+            })
             .map(|(pid, _, _)| *pid)
             .collect();
         let mut i = 0;
