@@ -13,26 +13,14 @@ module=tools/buildkit
 version=$(awk '$1 == "github.com/moby/buildkit" {print $2; exit} $1 == "require" && $2 == "github.com/moby/buildkit" {print $3; exit}' "$module/go.mod")
 cache=${CORAL_BUILDKIT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/coral/buildkit}
 bin="$cache/buildkit-$version"
-if [ -x "$bin/buildkitd" ] && [ -x "$bin/buildctl" ]; then
-  echo "buildkit $version: cached" >&2
-  echo "$bin"
-  exit 0
-fi
-if ! command -v go >/dev/null 2>&1; then
-  echo "buildkit: Go is not installed; the image tests need it to build buildkitd and buildctl $version." >&2
-  echo "Install Go 1.26 or newer (https://go.dev/doc/install) and run this again." >&2
-  exit 3
-fi
-started=$(date +%s)
+. scripts/go-tool.sh
+go_tool_cached "buildkit $version" "$bin" "$bin" \
+  "the image tests need it to build buildkitd and buildctl $version" buildkitd buildctl
 . scripts/go-scratch-cache.sh
-mkdir -p "$bin.partial"
 (
   cd "$module"
   ldflags="-s -w -X github.com/moby/buildkit/version.Version=$version -X github.com/moby/buildkit/version.Revision=$version"
   GOFLAGS="${GOFLAGS:-} -buildvcs=false" CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" \
     -o "$bin.partial/" github.com/moby/buildkit/cmd/buildkitd github.com/moby/buildkit/cmd/buildctl
 )
-rm -rf "$bin"
-mv "$bin.partial" "$bin"
-echo "buildkit $version: built in $(( $(date +%s) - started )) s" >&2
-echo "$bin"
+go_tool_built "buildkit $version" "$bin" "$bin"

@@ -17,26 +17,14 @@ cache=${CORAL_CONTROL_PLANE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/coral/control
 bin="$cache/kubernetes-$kubernetes-etcd-$etcd"
 binaries=(etcd kube-apiserver kube-scheduler kube-controller-manager kubelet)
 
-cached=yes
-for binary in "${binaries[@]}"; do
-  [ -x "$bin/$binary" ] || cached=no
-done
-if [ "$cached" = yes ]; then
-  echo "control plane $kubernetes (etcd $etcd): cached" >&2
-  echo "$bin"
-  exit 0
-fi
-if ! command -v go >/dev/null 2>&1; then
-  echo "control plane: Go is not installed; the control-plane tests need it to build kube-apiserver, kube-scheduler, kube-controller-manager, etcd and the kubelet." >&2
-  echo "Install Go 1.26 or newer (https://go.dev/doc/install) and run this again." >&2
-  exit 3
-fi
+. scripts/go-tool.sh
+go_tool_cached "control plane $kubernetes (etcd $etcd)" "$bin" "$bin" \
+  "the control-plane tests need it to build kube-apiserver, kube-scheduler, kube-controller-manager, etcd and the kubelet" \
+  "${binaries[@]}"
 minor=${kubernetes#v1.}
 minor=${minor%%.*}
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$kubernetes -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
-started=$(date +%s)
 . scripts/go-scratch-cache.sh
-mkdir -p "$bin.partial"
 (
   cd "$module"
   GOFLAGS="${GOFLAGS:-} -buildvcs=false" go build -trimpath -ldflags "$ldflags" -o "$bin.partial/" \
@@ -46,7 +34,4 @@ mkdir -p "$bin.partial"
     k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kubelet
 )
-rm -rf "$bin"
-mv "$bin.partial" "$bin"
-echo "control plane $kubernetes (etcd $etcd): built in $(( $(date +%s) - started )) s" >&2
-echo "$bin"
+go_tool_built "control plane $kubernetes (etcd $etcd)" "$bin" "$bin"

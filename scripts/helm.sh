@@ -11,19 +11,9 @@ module=tools/helm
 version=$(awk '$1 == "helm.sh/helm/v3" {print $2; exit} $1 == "require" && $2 == "helm.sh/helm/v3" {print $3; exit}' "$module/go.mod")
 cache=${CORAL_HELM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/coral/helm}
 bin="$cache/helm-$version"
-if [ -x "$bin/helm" ]; then
-  echo "helm $version: cached" >&2
-  echo "$bin/helm"
-  exit 0
-fi
-if ! command -v go >/dev/null 2>&1; then
-  echo "helm: Go is not installed; the chart's tests need it to build helm $version." >&2
-  echo "Install Go 1.26 or newer (https://go.dev/doc/install) and run this again." >&2
-  exit 3
-fi
-started=$(date +%s)
+. scripts/go-tool.sh
+go_tool_cached "helm $version" "$bin" "$bin/helm" "the chart's tests need it to build helm $version" helm
 . scripts/go-scratch-cache.sh
-mkdir -p "$bin.partial"
 (
   cd "$module"
   # As Helm's own build does: the Kubernetes version it assumes without a cluster (helm
@@ -38,7 +28,4 @@ mkdir -p "$bin.partial"
   GOFLAGS="${GOFLAGS:-} -buildvcs=false" go build -trimpath -ldflags "$ldflags" \
     -o "$bin.partial/" helm.sh/helm/v3/cmd/helm
 )
-rm -rf "$bin"
-mv "$bin.partial" "$bin"
-echo "helm $version: built in $(( $(date +%s) - started )) s" >&2
-echo "$bin/helm"
+go_tool_built "helm $version" "$bin" "$bin/helm"

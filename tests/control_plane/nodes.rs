@@ -441,34 +441,66 @@ fn wait_coral_ready(plane: &ControlPlane, namespace: &str, replicas: u32, what: 
     }
 }
 
+/// Two real nodes (`pool=a`, `pool=b`) on a control plane for them, a registry on loopback
+/// holding the pause image and the Coral image built from the Dockerfile.
+struct CoralCluster {
+    nodes: [Node; 2],
+    plane: ControlPlane,
+    /// The Coral image's reference.
+    image: String,
+    registry: runtime::Registry,
+}
+
+impl CoralCluster {
+    fn start() -> Self {
+        let plane = ControlPlane::start_for_nodes(&control_plane_binaries());
+        let registry = runtime::Registry::start(None);
+        let sandbox = registry.push_pause("pause", "1");
+        let image = coral_image(&registry);
+        let nodes = [
+            real_node(&plane, "node-a", "a", &sandbox),
+            real_node(&plane, "node-b", "b", &sandbox),
+        ];
+        Self {
+            nodes,
+            plane,
+            image,
+            registry,
+        }
+    }
+
+    /// `kubectl apply -k deploy/` with the image, until every component is Ready; then the
+    /// namespace `shop`, opted in to Coral's injections.
+    fn install_deploy(&self) {
+        install(
+            &self.plane,
+            for_real_nodes(
+                &self.plane,
+                support::helm::kustomize("deploy/"),
+                &self.image,
+            ),
+        );
+        wait_coral_ready(&self.plane, "coral-system", 2, "deploy/");
+        self.plane.kubectl_ok(&["create", "namespace", "shop"]);
+        self.plane
+            .kubectl_ok(&["label", "namespace", "shop", "coral.dev/inject=enabled"]);
+    }
+}
+
 #[test]
 #[ignore = "needs the control plane and kubelet built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN) and BuildKit by scripts/buildkit.sh (CORAL_BUILDKIT_BIN), in a network namespace of its own; scripts/test.sh runs it"]
 fn deploy_runs_on_real_nodes_and_steers_a_pod_through_its_service() {
-    let plane = ControlPlane::start_for_nodes(&control_plane_binaries());
-    let registry = runtime::Registry::start(None);
-    let sandbox = registry.push_pause("pause", "1");
-    let image = coral_image(&registry);
+    let cluster = CoralCluster::start();
+    let plane = &cluster.plane;
     let mut source = runtime::Registry::start(None);
     let app = source.push_runnable("shop/app", "1", "the application");
-    let _nodes = [
-        real_node(&plane, "node-a", "a", &sandbox),
-        real_node(&plane, "node-b", "b", &sandbox),
-    ];
-
-    // kubectl apply -k deploy/, with the image just built.
-    install(
-        &plane,
-        for_real_nodes(&plane, support::helm::kustomize("deploy/"), &image),
-    );
-    wait_coral_ready(&plane, "coral-system", 2, "deploy/");
+    cluster.install_deploy();
 
     // The agent pod of node-a pulls an ImageSet's image through its hostPath CRI socket and
     // labels its Node with its projected token; the API server calls the webhook at its
     // Service's endpoints; the kubelet starts the steered Pod with nothing pulled.
-    plane.kubectl_ok(&["create", "namespace", "shop"]);
-    plane.kubectl_ok(&["label", "namespace", "shop", "coral.dev/inject=enabled"]);
     apply(
-        &plane,
+        plane,
         &json!({
             "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
             "metadata": {"name": "app", "namespace": "shop"},
@@ -476,7 +508,7 @@ fn deploy_runs_on_real_nodes_and_steers_a_pod_through_its_service() {
         }),
     );
     wait_until("the ImageSet Ready", Duration::from_secs(120), || {
-        condition_of(&image_set_status_of(&plane, "app"), "Ready").0 == "True"
+        condition_of(&image_set_status_of(plane, "app"), "Ready").0 == "True"
     });
     let probe = deployment("probe", &[app.as_str()], json!({}));
     wait_until(
@@ -491,22 +523,19 @@ fn deploy_runs_on_real_nodes_and_steers_a_pod_through_its_service() {
     source.stop();
     let mut workload = deployment("app", &[app.as_str()], json!({}));
     workload["spec"]["replicas"] = json!(1);
-    apply(&plane, &workload);
+    apply(plane, &workload);
     let mut started = Value::Null;
     wait_until(
         "the steered Pod Running and Ready",
         Duration::from_secs(120),
         || {
-            started = pods_of(&plane, "app")
-                .into_iter()
-                .next()
-                .unwrap_or_default();
+            started = pods_of(plane, "app").into_iter().next().unwrap_or_default();
             running_and_ready(&started)
         },
     );
     assert_eq!(started["spec"]["nodeName"], "node-a", "{started}");
     let name = started["metadata"]["name"].as_str().unwrap();
-    let events = events_of(&plane, "shop", name);
+    let events = events_of(plane, "shop", name);
     println!(
         "steered pod {name}: phase {}, events {events:#?}",
         started["status"]["phase"]
@@ -522,14 +551,8 @@ fn deploy_runs_on_real_nodes_and_steers_a_pod_through_its_service() {
 #[test]
 #[ignore = "needs the control plane and kubelet built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN), BuildKit by scripts/buildkit.sh (CORAL_BUILDKIT_BIN) and Helm by scripts/helm.sh (CORAL_HELM_BIN), in a network namespace of its own; scripts/test.sh runs it"]
 fn the_helm_chart_runs_on_real_nodes() {
-    let plane = ControlPlane::start_for_nodes(&control_plane_binaries());
-    let registry = runtime::Registry::start(None);
-    let sandbox = registry.push_pause("pause", "1");
-    let image = coral_image(&registry);
-    let _nodes = [
-        real_node(&plane, "node-a", "a", &sandbox),
-        real_node(&plane, "node-b", "b", &sandbox),
-    ];
+    let cluster = CoralCluster::start();
+    let (plane, image) = (&cluster.plane, &cluster.image);
     let (repository, tag) = image.rsplit_once(':').unwrap();
     let objects = support::helm::render(&[
         "--set",
@@ -543,8 +566,8 @@ fn the_helm_chart_runs_on_real_nodes() {
         .and_then(|o| o["metadata"]["name"].as_str())
         .expect("the chart makes its namespace")
         .to_string();
-    install(&plane, for_real_nodes(&plane, objects, &image));
-    wait_coral_ready(&plane, &namespace, 2, "the Helm chart");
+    install(plane, for_real_nodes(plane, objects, image));
+    wait_coral_ready(plane, &namespace, 2, "the Helm chart");
 }
 
 /// A pull secret `name` in `namespace` for `registry`'s user.
@@ -733,11 +756,8 @@ fn recorded(plane: &ControlPlane, node: &str, image: &str) -> (Value, Value, Val
 #[ignore = "needs the control plane and kubelet built by scripts/control-plane.sh (CORAL_CONTROL_PLANE_BIN) and BuildKit by scripts/buildkit.sh (CORAL_BUILDKIT_BIN), in a network namespace of its own; scripts/test.sh runs it"]
 fn coral_as_pods_loses_nothing_through_a_runtime_and_kubelet_crash_a_rollout_and_a_webhook_pod_deleted_under_load()
  {
-    let plane = ControlPlane::start_for_nodes(&control_plane_binaries());
-    let infra = runtime::Registry::start(None);
-    let sandbox = infra.push_pause("pause", "1");
-    let image = coral_image(&infra);
-    let next = infra.copy(&image, "coral", "next");
+    let mut cluster = CoralCluster::start();
+    let next = cluster.registry.copy(&cluster.image, "coral", "next");
     let source = runtime::Registry::start(None);
     let app = source.push_runnable("shop/app", "1", "the application");
     // Large enough (30 MB of random bytes) that the runtime is killed while it pulls.
@@ -747,17 +767,8 @@ fn coral_as_pods_loses_nothing_through_a_runtime_and_kubelet_crash_a_rollout_and
     }
     let big = source.push_bytes("shop/big", "1", &random);
     drop(random);
-    let mut nodes = [
-        real_node(&plane, "node-a", "a", &sandbox),
-        real_node(&plane, "node-b", "b", &sandbox),
-    ];
-    install(
-        &plane,
-        for_real_nodes(&plane, support::helm::kustomize("deploy/"), &image),
-    );
-    wait_coral_ready(&plane, "coral-system", 2, "deploy/");
-    plane.kubectl_ok(&["create", "namespace", "shop"]);
-    plane.kubectl_ok(&["label", "namespace", "shop", "coral.dev/inject=enabled"]);
+    cluster.install_deploy();
+    let (plane, nodes) = (&cluster.plane, &mut cluster.nodes);
     let image_set = |name: &str, image: &str| {
         json!({
             "apiVersion": "coral.dev/v1alpha1", "kind": "ImageSet",
@@ -765,27 +776,27 @@ fn coral_as_pods_loses_nothing_through_a_runtime_and_kubelet_crash_a_rollout_and
             "spec": {"images": [image], "nodeSelector": {"matchLabels": {"pool": "a"}}},
         })
     };
-    apply(&plane, &image_set("app", &app));
+    apply(plane, &image_set("app", &app));
     wait_until("the app ImageSet Ready", Duration::from_secs(120), || {
-        condition_of(&image_set_status_of(&plane, "app"), "Ready").0 == "True"
+        condition_of(&image_set_status_of(plane, "app"), "Ready").0 == "True"
     });
-    let before = recorded(&plane, "node-a", &app);
+    let before = recorded(plane, "node-a", &app);
     assert_eq!(before.0, "available", "{before:?}");
     let unchanged = |what: &str| {
-        let now = recorded(&plane, "node-a", &app);
+        let now = recorded(plane, "node-a", &app);
         assert_eq!(
             now, before,
             "after {what}: the app's record on node-a changed"
         );
         assert_eq!(
-            condition_of(&image_set_status_of(&plane, "app"), "Ready").0,
+            condition_of(&image_set_status_of(plane, "app"), "Ready").0,
             "True",
             "after {what}"
         );
     };
 
     // 1. node-a's containerd and kubelet die while its agent pod pulls the large image.
-    apply(&plane, &image_set("big", &big));
+    apply(plane, &image_set("big", &big));
     // The event: containerd's log says the pull started.
     let log = nodes[0].containerd.dir.path().join("containerd.log");
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
@@ -805,9 +816,9 @@ fn coral_as_pods_loses_nothing_through_a_runtime_and_kubelet_crash_a_rollout_and
         if finished { "" } else { "not " }
     );
     nodes[0].containerd.resume();
-    nodes[0].restart_kubelet(&plane);
+    nodes[0].restart_kubelet(plane);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while condition_of(&image_set_status_of(&plane, "big"), "Ready").0 != "True" {
+    while condition_of(&image_set_status_of(plane, "big"), "Ready").0 != "True" {
         if Instant::now() > deadline {
             let agent = plane.kubectl(&[
                 "logs",
@@ -820,7 +831,7 @@ fn coral_as_pods_loses_nothing_through_a_runtime_and_kubelet_crash_a_rollout_and
             ]);
             panic!(
                 "the large image is not available on node-a after the crash: {}\nNodeImage: {}\npods: {}\nagent logs: {}{}\nkubelet: {}",
-                image_set_status_of(&plane, "big"),
+                image_set_status_of(plane, "big"),
                 plane.kubectl_ok(&["get", "nodeimage", "node-a", "-o", "jsonpath={.status}"]),
                 plane.kubectl_ok(&["get", "pods", "-A", "-o", "wide"]),
                 String::from_utf8_lossy(&agent.stdout),
@@ -830,7 +841,7 @@ fn coral_as_pods_loses_nothing_through_a_runtime_and_kubelet_crash_a_rollout_and
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    wait_coral_ready(&plane, "coral-system", 2, "Coral after node-a's crash");
+    wait_coral_ready(plane, "coral-system", 2, "Coral after node-a's crash");
     unchanged("the crash");
 
     // 2. A rolling update of the agent DaemonSet to another image.
@@ -860,7 +871,7 @@ fn coral_as_pods_loses_nothing_through_a_runtime_and_kubelet_crash_a_rollout_and
     });
     println!("the agent DaemonSet rolled out to {next}");
     unchanged("the rollout");
-    assert_eq!(recorded(&plane, "node-a", &big).0, "available");
+    assert_eq!(recorded(plane, "node-a", &big).0, "available");
 
     // 3. failurePolicy Fail, and a webhook pod deleted while Pods are created: every Pod
     //    admitted was mutated; the others were refused, none went through unmutated.
@@ -926,7 +937,7 @@ fn coral_as_pods_loses_nothing_through_a_runtime_and_kubelet_crash_a_rollout_and
     );
     assert!(admitted > 0);
     wait_coral_ready(
-        &plane,
+        plane,
         "coral-system",
         2,
         "Coral after the webhook pod's deletion",

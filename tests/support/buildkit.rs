@@ -34,9 +34,11 @@ impl BuildKit {
             .tempdir()
             .unwrap();
         let mut config = format!(
-            "root = {root:?}\n[grpc]\n  address = [{address:?}]\n[worker.oci]\n  enabled = true\n  snapshotter = \"native\"\n  gc = false\n[worker.containerd]\n  enabled = false\n",
+            "root = {root:?}\n[grpc]\n  address = [{address:?}]\n[otel]\n  socketPath = {otel:?}\n[worker.oci]\n  enabled = true\n  snapshotter = \"native\"\n  gc = false\n[worker.containerd]\n  enabled = false\n",
             root = dir.path().join("root").display().to_string(),
             address = format!("unix://{}", dir.path().join("buildkitd.sock").display()),
+            // Its trace socket too, which would otherwise go to /run/buildkit.
+            otel = dir.path().join("otel-grpc.sock").display().to_string(),
         );
         for host in plain_http {
             config.push_str(&format!(

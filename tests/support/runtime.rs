@@ -156,11 +156,14 @@ state = "{d}/state"
                 .stdout(Stdio::null())
                 .spawn()
                 .expect("unshare runs");
-            let run = format!("/proc/{}/root/run/containerd", holder.id());
+            // Made once the holder runs under its new name: before, the namespace may not
+            // have its own /run yet, and a containerd started in it would listen on the
+            // machine's.
+            let cmdline = format!("/proc/{}/cmdline", holder.id());
             wait_until(
                 "the node's mount namespace",
                 Duration::from_secs(10),
-                || std::path::Path::new(&run).is_dir(),
+                || std::fs::read(&cmdline).is_ok_and(|c| c.starts_with(b"mount namespace of ")),
             );
             holder
         });
@@ -224,11 +227,29 @@ state = "{d}/state"
         self.child = Some(child);
         let socket = self.socket();
         let log = self.dir.path().join("containerd.log");
-        wait_until("containerd", Duration::from_secs(20), || {
-            std::os::unix::net::UnixStream::connect(&socket).is_ok()
-                && std::fs::read_to_string(&log)
-                    .is_ok_and(|text| text.contains("containerd successfully booted"))
-        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("containerd successfully booted")
+                && std::os::unix::net::UnixStream::connect(&socket).is_ok()
+            {
+                return;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
+                let lines: Vec<&str> = text.lines().collect();
+                panic!(
+                    "containerd not ready within 20 s ({}), socket {}:\n{}",
+                    exited.map_or("running".to_string(), |status| status.to_string()),
+                    socket.display(),
+                    lines[lines.len().saturating_sub(30)..].join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
