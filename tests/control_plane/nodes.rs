@@ -96,50 +96,97 @@ fn pod(plane: &ControlPlane, namespace: &str, name: &str) -> Value {
     serde_json::from_slice(&output.stdout).unwrap_or(Value::Null)
 }
 
-/// The Pods of `app` in `shop`.
-fn pods_of(plane: &ControlPlane, app: &str) -> Vec<Value> {
-    let output = plane.kubectl(&[
-        "get",
-        "pods",
-        "-n",
-        "shop",
-        "-l",
-        &format!("app={app}"),
-        "-o",
-        "json",
-    ]);
+/// The items of `kubectl get ARGS -o json` (none when it fails).
+fn items(plane: &ControlPlane, args: &[&str]) -> Vec<Value> {
+    let output = plane.kubectl(&[args, &["-o", "json"]].concat());
     serde_json::from_slice::<Value>(&output.stdout)
         .ok()
         .and_then(|list| list["items"].as_array().cloned())
         .unwrap_or_default()
 }
 
+/// The Pods of `app` in `shop`.
+fn pods_of(plane: &ControlPlane, app: &str) -> Vec<Value> {
+    items(
+        plane,
+        &["get", "pods", "-n", "shop", "-l", &format!("app={app}")],
+    )
+}
+
 /// `reason: message` of the Events of one object, oldest first.
 fn events_of(plane: &ControlPlane, namespace: &str, name: &str) -> Vec<String> {
-    let output = plane.kubectl(&[
+    let selector = format!("involvedObject.name={name}");
+    items(
+        plane,
+        &[
+            "get",
+            "events",
+            "-n",
+            namespace,
+            "--field-selector",
+            &selector,
+            "--sort-by=.lastTimestamp",
+        ],
+    )
+    .iter()
+    .map(|event| {
+        format!(
+            "{}: {}",
+            event["reason"].as_str().unwrap_or_default(),
+            event["message"].as_str().unwrap_or_default()
+        )
+    })
+    .collect()
+}
+
+/// A Node's labels.
+fn node_labels(plane: &ControlPlane, node: &str) -> Value {
+    serde_json::from_str(&plane.kubectl_ok(&[
         "get",
-        "events",
-        "-n",
-        namespace,
-        "--field-selector",
-        &format!("involvedObject.name={name}"),
-        "--sort-by=.lastTimestamp",
+        "node",
+        node,
         "-o",
-        "json",
-    ]);
-    serde_json::from_slice::<Value>(&output.stdout)
-        .ok()
-        .and_then(|list| list["items"].as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .map(|event| {
-            format!(
-                "{}: {}",
-                event["reason"].as_str().unwrap_or_default(),
-                event["message"].as_str().unwrap_or_default()
-            )
-        })
-        .collect()
+        "jsonpath={.metadata.labels}",
+    ]))
+    .unwrap_or(Value::Null)
+}
+
+/// Waits until the Pod `fetch` reads is Running and Ready; returns it.
+fn wait_running(what: &str, limit: Duration, mut fetch: impl FnMut() -> Value) -> Value {
+    let mut pod = Value::Null;
+    wait_until(what, limit, || {
+        pod = fetch();
+        running_and_ready(&pod)
+    });
+    pod
+}
+
+/// Applies a Deployment `app` of one replica of `image` in `shop` and waits until its Pod
+/// runs: steered to node-a, the only node holding the image, and started from what is there
+/// (nothing pulled). Returns the Pod and its Events, and prints them.
+fn start_steered(plane: &ControlPlane, app: &str, image: &str) -> (Value, Vec<String>) {
+    let mut workload = deployment(app, &[image], json!({}));
+    workload["spec"]["replicas"] = json!(1);
+    apply(plane, &workload);
+    let started = wait_running(
+        "the steered Pod Running and Ready",
+        Duration::from_secs(120),
+        || pods_of(plane, app).into_iter().next().unwrap_or_default(),
+    );
+    let name = started["metadata"]["name"].as_str().unwrap();
+    let events = events_of(plane, "shop", name);
+    println!(
+        "steered pod {name}: phase {}, events {events:#?}",
+        started["status"]["phase"]
+    );
+    assert_eq!(started["spec"]["nodeName"], "node-a", "{started}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("Pulled: ") && e.contains("already present on machine")),
+        "{events:?}"
+    );
+    (started, events)
 }
 
 /// Whether a Pod is Running with every container ready.
@@ -194,38 +241,12 @@ fn a_steered_pod_starts_from_the_image_the_agent_pulled_with_the_source_stopped(
                 && template["containers"][0]["imagePullPolicy"] == "Never"
         },
     );
-    let node_labels = |name: &str| {
-        let node: Value =
-            serde_json::from_str(&plane.kubectl_ok(&["get", "node", name, "-o", "json"])).unwrap();
-        node["metadata"]["labels"].clone()
-    };
-    assert_eq!(node_labels("node-a")[label(&app)], "available");
-    assert!(node_labels("node-b").get(label(&app)).is_none());
+    assert_eq!(node_labels(&plane, "node-a")[label(&app)], "available");
+    assert!(node_labels(&plane, "node-b").get(label(&app)).is_none());
 
     // Nothing can be pulled from outside now.
     source.stop();
-    let mut workload = deployment("app", &[app.as_str()], json!({}));
-    workload["spec"]["replicas"] = json!(1);
-    apply(&plane, &workload);
-    let mut started = Value::Null;
-    wait_until(
-        "the steered Pod Running and Ready",
-        Duration::from_secs(120),
-        || {
-            started = pods_of(&plane, "app")
-                .into_iter()
-                .next()
-                .unwrap_or_default();
-            running_and_ready(&started)
-        },
-    );
-    let name = started["metadata"]["name"].as_str().unwrap().to_string();
-    let events = events_of(&plane, "shop", &name);
-    println!(
-        "steered pod {name}: phase {}, events {events:#?}",
-        started["status"]["phase"]
-    );
-    assert_eq!(started["spec"]["nodeName"], "node-a", "{started}");
+    let (started, events) = start_steered(&plane, "app", &app);
     assert_eq!(
         started["spec"]["containers"][0]["imagePullPolicy"], "Never",
         "{started}"
@@ -233,12 +254,6 @@ fn a_steered_pod_starts_from_the_image_the_agent_pulled_with_the_source_stopped(
     assert!(
         started["status"]["containerStatuses"][0]["state"]["running"].is_object(),
         "{started}"
-    );
-    assert!(
-        events
-            .iter()
-            .any(|e| e.starts_with("Pulled: ") && e.contains("already present on machine")),
-        "{events:?}"
     );
     assert!(
         events.iter().any(|e| e.starts_with("Started: ")),
@@ -408,20 +423,8 @@ fn wait_coral_ready(plane: &ControlPlane, namespace: &str, replicas: u32, what: 
         started.elapsed().as_secs_f64()
     );
     for component in ["coral-agent", "coral-controller", "coral-webhook"] {
-        let output = plane.kubectl(&[
-            "get",
-            "pods",
-            "-n",
-            namespace,
-            "-l",
-            &format!("app.kubernetes.io/name={component}"),
-            "-o",
-            "json",
-        ]);
-        let pods = serde_json::from_slice::<Value>(&output.stdout)
-            .ok()
-            .and_then(|list| list["items"].as_array().cloned())
-            .unwrap_or_default();
+        let selector = format!("app.kubernetes.io/name={component}");
+        let pods = items(plane, &["get", "pods", "-n", namespace, "-l", &selector]);
         assert!(!pods.is_empty(), "{component}: {last}");
         for pod in pods {
             assert!(running_and_ready(&pod), "{pod}");
@@ -521,31 +524,7 @@ fn deploy_runs_on_real_nodes_and_steers_a_pod_through_its_service() {
         },
     );
     source.stop();
-    let mut workload = deployment("app", &[app.as_str()], json!({}));
-    workload["spec"]["replicas"] = json!(1);
-    apply(plane, &workload);
-    let mut started = Value::Null;
-    wait_until(
-        "the steered Pod Running and Ready",
-        Duration::from_secs(120),
-        || {
-            started = pods_of(plane, "app").into_iter().next().unwrap_or_default();
-            running_and_ready(&started)
-        },
-    );
-    assert_eq!(started["spec"]["nodeName"], "node-a", "{started}");
-    let name = started["metadata"]["name"].as_str().unwrap();
-    let events = events_of(plane, "shop", name);
-    println!(
-        "steered pod {name}: phase {}, events {events:#?}",
-        started["status"]["phase"]
-    );
-    assert!(
-        events
-            .iter()
-            .any(|e| e.starts_with("Pulled: ") && e.contains("already present on machine")),
-        "{events:?}"
-    );
+    start_steered(plane, "app", &app);
 }
 
 #[test]
@@ -635,17 +614,9 @@ fn a_private_image_coral_pulled_does_not_start_for_a_pod_without_its_credentials
         "the agents pulled the private image with team-a's secret",
         Duration::from_secs(60),
         || {
-            ["node-a", "node-b"].iter().all(|node| {
-                let labels: Value = serde_json::from_str(&plane.kubectl_ok(&[
-                    "get",
-                    "node",
-                    node,
-                    "-o",
-                    "jsonpath={.metadata.labels}",
-                ]))
-                .unwrap_or(Value::Null);
-                labels[label(&app)] == "available"
-            })
+            ["node-a", "node-b"]
+                .iter()
+                .all(|node| node_labels(&plane, node)[label(&app)] == "available")
         },
     );
 
@@ -687,14 +658,10 @@ fn a_private_image_coral_pulled_does_not_start_for_a_pod_without_its_credentials
         &plane,
         &pod("team-a", "app", "node-a", json!([{"name": "regcred"}])),
     );
-    let mut started = Value::Null;
-    wait_until(
+    let started = wait_running(
         "team-a's Pod Running and Ready",
         Duration::from_secs(60),
-        || {
-            started = self::pod(&plane, "team-a", "app");
-            running_and_ready(&started)
-        },
+        || self::pod(&plane, "team-a", "app"),
     );
     println!(
         "team-a pod: phase {}, events {:#?}",
@@ -705,14 +672,10 @@ fn a_private_image_coral_pulled_does_not_start_for_a_pod_without_its_credentials
     // Why AlwaysVerify: on node-b, with the default policy, team-b's Pod starts from the image
     // Coral pulled with team-a's credentials.
     apply(&plane, &pod("team-b", "unchecked", "node-b", json!([])));
-    let mut unverified = Value::Null;
-    wait_until(
+    let unverified = wait_running(
         "team-b's Pod Running on node-b",
         Duration::from_secs(60),
-        || {
-            unverified = self::pod(&plane, "team-b", "unchecked");
-            running_and_ready(&unverified)
-        },
+        || self::pod(&plane, "team-b", "unchecked"),
     );
     println!(
         "team-b pod on node-b (NeverVerifyPreloadedImages): phase {}",
@@ -723,14 +686,7 @@ fn a_private_image_coral_pulled_does_not_start_for_a_pod_without_its_credentials
 /// What Coral recorded of `image` on `node`: its label, and its NodeImage entry's state and
 /// digest.
 fn recorded(plane: &ControlPlane, node: &str, image: &str) -> (Value, Value, Value) {
-    let labels: Value = serde_json::from_str(&plane.kubectl_ok(&[
-        "get",
-        "node",
-        node,
-        "-o",
-        "jsonpath={.metadata.labels}",
-    ]))
-    .unwrap_or(Value::Null);
+    let labels = node_labels(plane, node);
     let output = plane.kubectl(&["get", "nodeimage", node, "-o", "json"]);
     let status = serde_json::from_slice::<Value>(&output.stdout)
         .map(|n| n["status"].clone())

@@ -1,7 +1,8 @@
 //! A real BuildKit for the tests: `buildkitd` with its runc worker and `buildctl`, built from
 //! their Go modules by `scripts/buildkit.sh` (the directory of the binaries in
 //! `CORAL_BUILDKIT_BIN`), run as root on a socket of its own in a temp directory, killed and
-//! waited for on drop with what it mounted. Nothing is pulled from the internet: the
+//! waited for on drop with what it mounted, only in the tests' own network namespace (as the real
+//! nodes: `tests/support/node.rs`). Nothing is pulled from the internet: the
 //! Dockerfiles it builds take their bases as build arguments, and the tests give it bases made
 //! on the machine, in registries on loopback.
 
@@ -29,6 +30,8 @@ impl BuildKit {
     /// Starts buildkitd, which speaks plain HTTP to the registries `plain_http` (`host:port`),
     /// and waits until its worker answers.
     pub fn start(bin: &Path, plain_http: &[&str]) -> Self {
+        // Like the nodes, only in a network namespace with no route off the machine.
+        crate::support::control_plane::assert_isolated();
         let dir = tempfile::Builder::new()
             .prefix("buildkit")
             .tempdir()
